@@ -1,0 +1,32 @@
+"""Annotated dependency aliases: routes declare what they need, the app state provides it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aredis
+from celery import Celery
+from fastapi import Depends, Request
+
+from api.service import CounterHolder
+from core.config import Settings
+from core.jobs import AsyncJobStore
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: aredis.Redis
+    store: AsyncJobStore
+    counter: CounterHolder
+    celery: Celery
+    started_at: int
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.inferq
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,101 @@
+"""Submission logic: validate against the served model, record the job, enqueue its id.
+
+Routes call this and only translate HTTP; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import anyio
+from celery import Celery
+
+from api.errors import APIError
+from core.config import Settings
+from core.jobs import AsyncJobStore
+from schemas.jobs import Job, JobError, JobStatus
+from schemas.openai import ChatCompletionRequest
+from workers.engine import PromptCounter, load_prompt_counter
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB = "inferq.run_job"  # tasks.jobs.RUN_JOB; not imported so the API stays light
+
+
+class CounterHolder:
+    """Loads the prompt counter (the model's template, no weights) off the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._task: asyncio.Task[PromptCounter] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            anyio.to_thread.run_sync(load_prompt_counter, self.settings)
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None and self._task.done() and self._task.exception() is None
+
+    async def get(self) -> PromptCounter:
+        if self._task is None:
+            self.start()
+        assert self._task is not None
+        return await asyncio.shield(self._task)
+
+
+async def prepare(
+    request: ChatCompletionRequest, settings: Settings, counter: PromptCounter
+) -> tuple[ChatCompletionRequest, int]:
+    """Refuse what the engine cannot do; fill in the effective `max_tokens`."""
+    facts = counter.facts
+    if request.model != facts.model_id:
+        raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
+                       f"'{facts.model_id}' (see GET /v1/models).", param="model", code="model_not_found")
+    if request.n > settings.max_n:
+        raise APIError(400, f"Invalid value for 'n': {request.n} is above the limit of {settings.max_n}.",
+                       param="n", code="invalid_value")
+    limit = request.token_limit
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if limit is not None and limit > settings.max_tokens_limit:
+        raise APIError(400, f"Invalid value for '{param}': {limit} is above the limit of "
+                       f"{settings.max_tokens_limit}.", param=param, code="invalid_value")
+    messages = [m.for_engine() for m in request.messages]
+    try:
+        prompt_tokens = await anyio.to_thread.run_sync(counter.count_prompt_tokens, messages)
+    except Exception as exc:  # the template refused the conversation
+        raise APIError(400, f"Invalid value for 'messages': {exc}", param="messages",
+                       code="invalid_value") from exc
+    room = facts.context_length - prompt_tokens
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {facts.context_length} tokens; "
+                       f"the messages use {prompt_tokens}.", param="messages", code="context_length_exceeded")
+    if limit is not None and limit > room:
+        raise APIError(400, f"This model's maximum context length is {facts.context_length} tokens; "
+                       f"the messages use {prompt_tokens} and '{param}' asks for {limit}.", param=param,
+                       code="context_length_exceeded")
+    effective = limit if limit is not None else min(settings.default_max_tokens, room)
+    prepared = request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
+    return prepared, prompt_tokens
+
+
+async def submit(
+    request: ChatCompletionRequest, queue: str, *, settings: Settings, store: AsyncJobStore,
+    counter: PromptCounter, celery: Celery,
+) -> Job:
+    prepared, prompt_tokens = await prepare(request, settings, counter)
+    job = await store.create(prepared, queue, prompt_tokens)
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: celery.send_task(RUN_JOB, args=[job.id], task_id=job.id, queue=queue)
+        )
+    except Exception as exc:
+        # Never leave a record that no message will ever run: fail it and say so.
+        logger.error("enqueue of %s failed: %s", job.id, exc)
+        await store.transition(job.id, JobStatus.FAILED, error=JobError(code="enqueue_failed", message=str(exc)))
+        raise APIError(503, "The queue is unavailable; the job was not accepted. Retry shortly.",
+                       type_="service_unavailable", code="queue_unavailable",
+                       headers={"Retry-After": "5"}) from exc
+    return job

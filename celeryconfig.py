@@ -1,0 +1,48 @@
+"""Celery configuration: plain lowercase settings, read from the one Settings object.
+
+Choices, each deliberate:
+- JSON only: a pickled message is refused (pickle from a broker is remote code execution).
+- acks_late + reject_on_worker_lost: a job is acknowledged after it ran; if the pool child
+  dies mid-job the message goes back to the queue instead of being lost.
+- prefetch 1: a prefork-1 worker holds one engine; prefetching more would park jobs on a
+  busy worker while another sits idle.
+- visibility_timeout above the job time limit: on Redis a message not acknowledged within
+  it is delivered again, so a long job must never outlive it.
+"""
+
+from kombu import Queue
+
+from core.config import get_settings
+
+_s = get_settings()
+
+broker_url = _s.redis_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout_s,
+    "socket_timeout": 30,
+    "socket_connect_timeout": 5,
+    "health_check_interval": 30,
+    # Queues listed first are served first (see worker -Q order in Settings.queues).
+    "queue_order_strategy": "priority",
+}
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+task_ignore_result = True  # the job record in Redis is the result store
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_prefetch_multiplier = 1
+worker_concurrency = 1
+worker_pool = "prefork"
+worker_proc_alive_timeout = _s.worker_proc_alive_timeout_s
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+task_time_limit = _s.job_time_limit_s
+worker_hijack_root_logger = False
+task_queues = [Queue(name) for name in _s.queues]
+task_default_queue = _s.queue_jobs
+task_create_missing_queues = False

@@ -1,0 +1,153 @@
+"""`inferq`: run the whole product on one machine.
+
+`inferq run` starts an embedded Valkey (unless a Redis URL is given), one Celery worker
+(prefork, concurrency 1) holding a warm engine, the API under uvicorn, and Flower, and
+stops them all on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from core.config import Settings
+from core.processes import (
+    Supervisor, api_argv, flower_argv, free_port, port_open, valkey_argv, wait_for, worker_argv,
+)
+
+logger = logging.getLogger("inferq")
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
+    p.add_argument("--model", help="local model directory (default: build and serve the tiny demo model)")
+    p.add_argument("--model-type", default="", help="ms-swift model_type, e.g. qwen2 (required for --model)")
+    p.add_argument("--template", default="", help="ms-swift template, e.g. qwen2_5 (required for --model)")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter directories to merge at load")
+    p.add_argument("--served-model-name", default="", help="the `model` id clients send")
+    p.add_argument("--engine", choices=["swift", "echo"], default=None)
+    p.add_argument("--redis-url", default=None, help="use this Redis/Valkey instead of the embedded one")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--max-batch-size", type=int, default=None)
+
+
+def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["INFERQ_REDIS_URL"] = redis_url
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # never initialise CUDA just to ask if it exists
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.engine:
+        env["INFERQ_ENGINE"] = args.engine
+    if args.model:
+        env["INFERQ_MODEL_PATH"] = str(Path(args.model).resolve())
+        env["INFERQ_MODEL_TYPE"] = args.model_type
+        env["INFERQ_TEMPLATE"] = args.template
+        env["INFERQ_ADAPTERS"] = json.dumps([str(Path(a).resolve()) for a in args.adapters])
+    if args.served_model_name:
+        env["INFERQ_SERVED_MODEL_NAME"] = args.served_model_name
+    if args.max_batch_size:
+        env["INFERQ_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    return env
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if args.model and (not args.model_type or not args.template):
+        logger.error("--model needs --model-type and --template (ms-swift will not guess them for a local dir)")
+        return 2
+    if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
+        from core.demo_model import build_demo_model
+
+        build_demo_model(settings.demo_model_dir)
+        logger.warning("No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
+                       settings.demo_model_dir)
+    sup = Supervisor()
+    stopping = False
+
+    def _on_signal(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        redis_url = args.redis_url or settings.redis_url
+        if not redis_url:
+            port = free_port()
+            valkey = sup.start("valkey", valkey_argv(port, settings.home / "valkey"))
+            wait_for(lambda: port_open(port), 15, "valkey", valkey)
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            logger.info("embedded Valkey on %s (AOF in %s)", redis_url, settings.home / "valkey")
+        env = build_env(args, settings, redis_url)
+        sup.start("worker", worker_argv(settings.queues), env=env)
+        sup.start("api", api_argv(args.host, args.port), env=env)
+        if not args.no_flower:
+            sup.start("flower", flower_argv(args.host, args.flower_port), env=env)
+        base = f"http://{args.host}:{args.port}"
+        _wait_ready(base, sup, lambda: stopping)
+        if not stopping:
+            logger.info("READY: API %s (docs %s/docs)%s. Ctrl-C stops everything.", base, base,
+                        "" if args.no_flower else f", Flower http://{args.host}:{args.flower_port}")
+        while not stopping:
+            dead = sup.exited()
+            if dead:
+                logger.error("%s exited (code %s); stopping the rest", *dead[0])
+                return 1
+            time.sleep(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        sup.stop_all()
+        logger.info("stopped")
+
+
+def _wait_ready(base: str, sup: Supervisor, stopping: object) -> None:
+    def ready() -> bool:
+        if sup.exited():
+            name, code = sup.exited()[0]
+            raise RuntimeError(f"{name} exited with code {code} during start-up")
+        if callable(stopping) and stopping():
+            return True
+        with urllib.request.urlopen(f"{base}/ready", timeout=2) as resp:
+            return bool(resp.status == 200)
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except RuntimeError:
+            raise
+        except Exception:  # noqa: S110 - still starting
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the stack did not become ready within 600s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _run_parser(sub)
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args)
+    parser.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The one settings object, read from the environment (prefix ``INFERQ_``).
+
+Why one object: the API, the Celery config, the worker child and the CLI must agree on
+the broker, the model and the limits; reading env in one place keeps them from drifting.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "inferq"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    # --- broker / state store -------------------------------------------------
+    #: Redis/Valkey URL. Empty means "not configured": `inferq run` then starts an
+    #: embedded Valkey and passes its URL on to every process it starts.
+    redis_url: str = Field(default="", validation_alias=AliasChoices("INFERQ_REDIS_URL", "REDIS_URL"))
+    #: Seconds a Redis call may take in the API before it answers 503 instead of hanging.
+    redis_timeout_s: float = 5.0
+    #: Seconds a finished (or queued) job record, its result and its stream are kept.
+    result_ttl_s: int = 24 * 3600
+
+    # --- model ------------------------------------------------------------------
+    #: `swift` serves a real ms-swift engine; `echo` answers with the prompt (plumbing
+    #: tests and the queue-floor benchmark only).
+    engine: Literal["swift", "echo"] = "swift"
+    #: Local model directory. Empty: the tiny random demo model is built and served.
+    model_path: str = ""
+    model_type: str = ""
+    template: str = ""
+    #: LoRA adapter directories merged into the served model at load time.
+    adapters: list[str] = Field(default_factory=list)
+    #: The `model` id clients send; defaults to the model directory's name.
+    served_model_name: str = ""
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device_map: str = "auto"
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    #: Where `inferq run` builds the demo model when no model is named.
+    home: Path = Field(default_factory=_default_home)
+
+    # --- request limits -----------------------------------------------------------
+    max_n: int = Field(default=8, ge=1, le=128)
+    #: Upper bound for `max_tokens`; also the default when a request gives none
+    #: (capped further by the context left after the prompt).
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    default_max_tokens: int = Field(default=512, ge=1)
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    # --- worker -------------------------------------------------------------------
+    #: Celery kills a pool child that has not signalled "alive" within this many
+    #: seconds of forking; model import + load + warm-up must fit, or every replacement
+    #: child is killed in a loop.
+    worker_proc_alive_timeout_s: float = 600.0
+    #: Hard per-job limit in seconds (a job past it is failed and the child recycled).
+    job_time_limit_s: int = 900
+    #: Seconds before an unacknowledged message is handed to another worker when its
+    #: worker vanished without rejecting it. Must exceed the job time limit, or a long
+    #: job that is still running is delivered twice.
+    visibility_timeout_s: int = 1200
+    heartbeat_interval_s: float = 2.0
+    warmup: bool = True
+
+    # --- queues -------------------------------------------------------------------
+    queue_interactive: str = "inferq.interactive"
+    queue_jobs: str = "inferq.jobs"
+    queue_batch: str = "inferq.batch"
+
+    @property
+    def queues(self) -> list[str]:
+        """In priority order: the worker drains earlier queues first."""
+        return [self.queue_interactive, self.queue_jobs, self.queue_batch]
+
+    @property
+    def model_id(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_path:
+            return Path(self.model_path).name or "model"
+        return "inferq-demo"
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.home / "demo-model"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,88 @@
+"""Build a tiny random-weight Qwen2 model with a real BPE tokenizer.
+
+Why: no model hub is reachable on CI or on a fresh machine, yet the product and its
+integration tests must exercise the real ms-swift engine end to end. A few-MB model
+built in about a second gives real tokenization, real `generate`, real usage counts
+(its text is gibberish, which the product says loudly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: ms-swift cannot guess these for a local directory, so the demo pins them.
+DEMO_MODEL_TYPE = "qwen2"
+DEMO_TEMPLATE = "qwen2_5"
+DEMO_MARKER = "inferq-demo.json"
+
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "system user assistant hello world the quick brown fox jumps over the lazy dog",
+    "Say something nice. Tell me a joke. What is two plus two? Write a poem about GPUs.",
+    "0 1 2 3 4 5 6 7 8 9 , . ! ? : ; - ( ) [ ] { } ' \" / \\ + = * & % $ # @",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+def is_demo_model(path: Path) -> bool:
+    return (path / DEMO_MARKER).exists()
+
+
+def build_demo_model(path: Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
+    """Write the model to `path` (idempotent: an existing build is reused)."""
+    if is_demo_model(path) and (path / "config.json").exists():
+        return path
+    # Heavy imports stay local: the API and the Celery parent import this module's
+    # constants without paying for torch.
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(path)
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=0.4,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(path)
+    (path / DEMO_MARKER).write_text(json.dumps({"note": "random weights, gibberish output"}))
+    logger.warning("built the DEMO model (random weights, gibberish output) at %s", path)
+    return path

@@ -1,0 +1,211 @@
+"""Job records in Redis and the state machine that guards them.
+
+Why Lua: a transition must read the current status and write the new one atomically,
+so that a redelivered task can never overwrite a finished result (idempotent result
+write) and a cancel racing a finish has exactly one winner. The same script appends the
+status event to the job's stream, so the stream's order always matches the record's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from core import keys
+from schemas.jobs import TRANSITIONS, Job, JobError, JobStatus
+from schemas.openai import ChatCompletion, ChatCompletionRequest
+
+#: Cap on a job's event stream; a generation longer than this in flushes is trimmed
+#: from the front (clients that fell that far behind get the final result instead).
+EVENTS_MAXLEN = 10_000
+
+_TRANSITION_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+local ok = false
+for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then ok = true end end
+if not ok then return {'conflict', cur} end
+local to = ARGV[1]
+redis.call('HSET', KEYS[1], 'status', to)
+for i = 6, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if to == 'running' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+elseif ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[#ARGV], '*', 'type', 'status', 'status', to,
+           'attempt', attempts)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {'ok', cur}
+"""
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+def _sources(to: JobStatus) -> str:
+    return ",".join(s.value for s, targets in TRANSITIONS.items() if to in targets)
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """`ok` false means the move was refused; `previous` says from what (or "" if missing)."""
+
+    ok: bool
+    previous: str
+    missing: bool = False
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A decoded record: the public job plus what only the worker needs."""
+
+    job: Job
+    request: ChatCompletionRequest
+    queue: str
+
+    @property
+    def status(self) -> JobStatus:
+        return self.job.status
+
+
+def encode_new(
+    job_id: str, request: ChatCompletionRequest, queue: str, now: float, prompt_tokens: int
+) -> dict[str, str]:
+    return {
+        "id": job_id,
+        "status": JobStatus.QUEUED.value,
+        "model": request.model,
+        "created_at": repr(now),
+        "attempts": "0",
+        "metadata": json.dumps(request.metadata or {}),
+        "request": request.model_dump_json(exclude_none=True),
+        "queue": queue,
+        "prompt_tokens": str(prompt_tokens),
+    }
+
+
+def decode(raw: dict[str, str]) -> JobRecord | None:
+    if not raw or "status" not in raw:
+        return None
+    job = Job(
+        id=raw["id"],
+        status=JobStatus(raw["status"]),
+        model=raw.get("model", ""),
+        created_at=float(raw["created_at"]),
+        started_at=float(raw["started_at"]) if raw.get("started_at") else None,
+        finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
+        attempts=int(raw.get("attempts", "0")),
+        metadata=json.loads(raw.get("metadata") or "{}"),
+        result=ChatCompletion.model_validate_json(raw["result"]) if raw.get("result") else None,
+        error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
+    )
+    request = ChatCompletionRequest.model_validate_json(raw["request"])
+    return JobRecord(job=job, request=request, queue=raw.get("queue", ""))
+
+
+def _transition_args(to: JobStatus, now: float, ttl: int, fields: dict[str, str]) -> list[str]:
+    args = [to.value, repr(now), str(ttl), _sources(to), "1" if to.terminal else "0"]
+    for k, v in fields.items():
+        args += [k, v]
+    return args
+
+
+def _queue_create(pipe: Any, job_id: str, fields: dict[str, str], ttl: int) -> None:
+    """Record and first status event in one MULTI; works on sync and async pipelines alike."""
+    pipe.hset(keys.job(job_id), mapping=fields)
+    pipe.expire(keys.job(job_id), ttl)
+    pipe.xadd(keys.job_events(job_id), {"type": "status", "status": "queued", "attempt": "0"},
+              maxlen=EVENTS_MAXLEN, approximate=True)
+    pipe.expire(keys.job_events(job_id), ttl)
+
+
+def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    if result is not None:
+        fields["result"] = result.model_dump_json()
+    if error is not None:
+        fields["error"] = error.model_dump_json()
+    return fields
+
+
+def _parse(reply: list[Any]) -> TransitionResult:
+    status, prev = (x.decode() if isinstance(x, bytes) else x for x in reply)
+    return TransitionResult(ok=status == "ok", previous=prev, missing=status == "missing")
+
+
+class JobStore:
+    """Blocking store, used by the worker child."""
+
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self.r = client
+        self.ttl = ttl
+        self._transition = client.register_script(_TRANSITION_LUA)
+
+    def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
+        job_id = new_job_id()
+        fields = encode_new(job_id, request, queue, time.time(), prompt_tokens)
+        pipe = self.r.pipeline(transaction=True)
+        _queue_create(pipe, job_id, fields, self.ttl)
+        pipe.execute()
+        return job_id
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return decode(self.r.hgetall(keys.job(job_id)))
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        result: ChatCompletion | None = None,
+        error: JobError | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> TransitionResult:
+        fields = {**_finish_fields(result, error), **(extra or {})}
+        args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
+        reply = self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args)
+        return _parse(reply)
+
+
+class AsyncJobStore:
+    """Non-blocking twin for the API; shares the encoding and the script above."""
+
+    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+        self.r = client
+        self.ttl = ttl
+        self._transition = client.register_script(_TRANSITION_LUA)
+
+    async def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> Job:
+        job_id = new_job_id()
+        fields = encode_new(job_id, request, queue, time.time(), prompt_tokens)
+        async with self.r.pipeline(transaction=True) as pipe:
+            _queue_create(pipe, job_id, fields, self.ttl)
+            await pipe.execute()
+        record = decode(fields)
+        assert record is not None
+        return record.job
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return decode(await self.r.hgetall(keys.job(job_id)))
+
+    async def delete(self, job_id: str) -> None:
+        await self.r.delete(keys.job(job_id), keys.job_events(job_id))
+
+    async def transition(
+        self, job_id: str, to: JobStatus, *, error: JobError | None = None
+    ) -> TransitionResult:
+        fields = _finish_fields(None, error)
+        args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
+        reply = await self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args)
+        return _parse(reply)

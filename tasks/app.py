@@ -1,0 +1,14 @@
+"""The Celery app. Importing it must stay cheap and torch-free: the worker parent,
+the API and Flower all import it."""
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from workers import lifecycle
+
+app = Celery("inferq")
+app.config_from_object("celeryconfig")
+app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
+
+worker_process_init.connect(lifecycle.init_child, weak=False)
+worker_process_shutdown.connect(lifecycle.shutdown_child, weak=False)

@@ -1,0 +1,128 @@
+"""The engine seam: what the queue code needs from a model, and nothing more.
+
+Why a seam of our own: the task and runner code must not import torch or ms-swift
+(the Celery parent imports them and must stay CUDA-free), and plumbing tests need a
+fake engine that behaves the same from the outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from core.config import Settings
+from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, is_demo_model
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Generation settings; requests with equal params can share one `generate` call."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    messages: list[dict[str, str]]
+    params: GenParams
+    #: Who asked (job id, choice index): for logs and, later, cancel checks.
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class GenResult:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the API and /v1/models need to know about the served model."""
+
+    model_id: str
+    context_length: int
+    demo: bool
+
+
+class Engine(Protocol):
+    facts: ModelFacts
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult | Exception]:
+        """One result per request, in order. A per-request failure is returned, not raised,
+        so one bad request cannot sink the others."""
+        ...
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+
+class PromptCounter(Protocol):
+    """Counts prompt tokens exactly as the engine will (template included)."""
+
+    facts: ModelFacts
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    model_type: str
+    template: str
+    adapters: list[str] = field(default_factory=list)
+    demo: bool = False
+
+
+def resolve_model(settings: Settings) -> ModelSpec:
+    """The model to serve: the one named in settings, else the demo model."""
+    if settings.model_path:
+        path = Path(settings.model_path)
+        return ModelSpec(
+            path=path,
+            model_type=settings.model_type,
+            template=settings.template,
+            adapters=list(settings.adapters),
+            demo=is_demo_model(path),
+        )
+    return ModelSpec(
+        path=settings.demo_model_dir, model_type=DEMO_MODEL_TYPE, template=DEMO_TEMPLATE, demo=True
+    )
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the first stop sequence, as OpenAI does (the engine keeps it)."""
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
+    if cut < 0:
+        return text, False
+    return text[:cut], True
+
+
+def load_engine(settings: Settings) -> Engine:
+    if settings.engine == "echo":
+        from workers.fake import EchoEngine
+
+        return EchoEngine(settings.model_id)
+    from workers.swift_backend import SwiftEngine
+
+    return SwiftEngine(resolve_model(settings), settings)
+
+
+def load_prompt_counter(settings: Settings) -> PromptCounter:
+    if settings.engine == "echo":
+        from workers.fake import EchoEngine
+
+        return EchoEngine(settings.model_id)
+    from workers.swift_backend import SwiftPromptCounter
+
+    return SwiftPromptCounter(resolve_model(settings), settings)

@@ -1,0 +1,38 @@
+"""A fake engine behind the real interface, for plumbing tests and the queue-floor bench.
+
+It answers at once with the last user message, so what remains measurable is the cost of
+the queue itself. Magic prompts trigger failure modes on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from workers.engine import GenRequest, GenResult, ModelFacts, truncate_at_stop
+
+#: A user message equal to this makes the request fail (engine error, worker survives).
+FAIL_TRIGGER = "__inferq_fail__"
+
+
+class EchoEngine:
+    def __init__(self, model_id: str, context_length: int = 4096) -> None:
+        self.facts = ModelFacts(model_id=model_id, context_length=context_length, demo=True)
+        self.calls: list[int] = []
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"].split()) + 2 for m in messages)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult | Exception]:
+        self.calls.append(len(requests))
+        out: list[GenResult | Exception] = []
+        for req in requests:
+            prompt = req.messages[-1]["content"]
+            if prompt == FAIL_TRIGGER:
+                out.append(RuntimeError("echo engine: failure requested by the prompt"))
+                continue
+            words = prompt.split()
+            n = min(len(words), req.params.max_tokens)
+            text, stopped = truncate_at_stop(" ".join(words[:n]), req.params.stop)
+            finish = "stop" if stopped or n == len(words) else "length"
+            out.append(GenResult(text, finish, self.count_prompt_tokens(req.messages), n))
+        return out

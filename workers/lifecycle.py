@@ -1,0 +1,117 @@
+"""Engine lifecycle inside a Celery pool child.
+
+Why here and not at import: the parent process forks the pool children and must never
+import torch/ms-swift or touch CUDA; each child loads its own engine once, on
+`worker_process_init`, warms it up, and then announces itself with a heartbeat key that
+`/ready` reads. Load time must stay below `worker_proc_alive_timeout` (raised in
+celeryconfig), or Celery kills every replacement child in a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+from core import keys
+from core.config import Settings, get_settings
+from core.jobs import JobStore
+from workers.engine import Engine, GenParams, GenRequest, load_engine
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """Everything a child keeps between jobs (arq's `ctx`, in effect)."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
+        )
+        self.store = JobStore(self.redis, settings.result_ttl_s)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.started_at = time.time()
+        self.jobs_done = 0
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.redis.delete(keys.worker(self.worker_id))
+        except redis.RedisError:
+            pass
+
+    def heartbeat(self) -> None:
+        facts = self.engine.facts
+        info: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "model": facts.model_id,
+            "context_length": facts.context_length,
+            "demo": facts.demo,
+            "started_at": self.started_at,
+            "jobs_done": self.jobs_done,
+            "at": time.time(),
+        }
+        ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
+        self.redis.set(keys.worker(self.worker_id), json.dumps(info), ex=ttl)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.heartbeat()
+            except redis.RedisError as exc:  # Redis down: keep beating, it comes back
+                logger.warning("heartbeat failed: %s", exc)
+
+
+_state: WorkerState | None = None
+
+
+def warm_up(engine: Engine) -> float:
+    """One tiny generation, so the first real job does not pay for lazy init."""
+    t0 = time.monotonic()
+    engine.generate([GenRequest(messages=[{"role": "user", "content": "hi"}], params=GenParams(max_tokens=2))])
+    return time.monotonic() - t0
+
+
+def init_child(**_: Any) -> None:
+    """`worker_process_init` handler: load, warm up, announce."""
+    global _state
+    settings = get_settings()
+    t0 = time.monotonic()
+    engine = load_engine(settings)
+    if settings.warmup:
+        logger.info("warm-up took %.2fs", warm_up(engine))
+    if engine.facts.demo:
+        logger.warning(
+            "SERVING THE DEMO MODEL %r: random weights, its output is gibberish. "
+            "Name a real model with `inferq run --model PATH`.",
+            engine.facts.model_id,
+        )
+    _state = WorkerState(settings, engine)
+    _state.heartbeat()
+    _state.start()
+    logger.info("worker child %s ready in %.1fs", _state.worker_id, time.monotonic() - t0)
+
+
+def shutdown_child(**_: Any) -> None:
+    if _state is not None:
+        _state.stop()
+
+
+def state() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("engine not loaded in this process (worker_process_init did not run)")
+    return _state

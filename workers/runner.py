@@ -1,0 +1,88 @@
+"""Running one job: the logic behind the Celery task, callable without Celery.
+
+Idempotence lives here: a job that is already terminal is skipped, and the final write
+goes through the state machine, which refuses to overwrite a finished job. A redelivered
+message therefore can never produce a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from core.jobs import JobStore
+from schemas.jobs import JobError, JobStatus
+from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from workers.engine import Engine, GenParams, GenRequest, GenResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: JobStatus | None
+    skipped: bool = False
+
+
+def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenParams:
+    return GenParams(
+        max_tokens=request.token_limit or default_max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=tuple(request.stop_list),
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+    )
+
+
+def gen_requests(job_id: str, request: ChatCompletionRequest, default_max_tokens: int) -> list[GenRequest]:
+    """`n` choices become `n` sibling requests: ms-swift's own `n` breaks its streaming path,
+    and siblings batch together anyway."""
+    messages = [m.for_engine() for m in request.messages]
+    params = gen_params(request, default_max_tokens)
+    return [GenRequest(messages=messages, params=params, tag=f"{job_id}#{i}") for i in range(request.n)]
+
+
+def build_completion(job_id: str, model: str, results: list[GenResult]) -> ChatCompletion:
+    choices = [
+        Choice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+        for i, r in enumerate(results)
+    ]
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return ChatCompletion(
+        id=f"chatcmpl-{job_id.removeprefix('job_')}",
+        created=int(time.time()),
+        model=model,
+        choices=choices,
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
+    )
+
+
+def run_job(job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512) -> RunOutcome:
+    record = store.get(job_id)
+    if record is None:
+        logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
+        return RunOutcome(None, skipped=True)
+    if record.status.terminal:
+        logger.info("job %s is already %s; skipping redelivered message", job_id, record.status)
+        return RunOutcome(record.status, skipped=True)
+    started = store.transition(job_id, JobStatus.RUNNING)
+    if not started.ok:
+        return RunOutcome(JobStatus(started.previous) if started.previous else None, skipped=True)
+
+    outs = engine.generate(gen_requests(job_id, record.request, default_max_tokens))
+    failures = [o for o in outs if isinstance(o, Exception)]
+    if failures:
+        error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
+        store.transition(job_id, JobStatus.FAILED, error=error)
+        return RunOutcome(JobStatus.FAILED)
+    results = [o for o in outs if isinstance(o, GenResult)]
+    completion = build_completion(job_id, record.request.model, results)
+    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion)
+    if not done.ok:
+        logger.info("job %s became %s while running; result discarded", job_id, done.previous)
+        return RunOutcome(JobStatus(done.previous), skipped=True)
+    return RunOutcome(JobStatus.SUCCEEDED)
