@@ -10,7 +10,7 @@ Choices, each deliberate:
   it is delivered again, so a long job must never outlive it.
 """
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from core.config import get_settings
 
@@ -43,6 +43,7 @@ task_send_sent_event = True
 task_track_started = True
 task_time_limit = _s.job_time_limit_s
 worker_hijack_root_logger = False
-task_queues = [Queue(name) for name in _s.queues]
+# One direct exchange per queue: a message sent to one lane lands in that lane only.
+task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in _s.queues]
 task_default_queue = _s.queue_jobs
 task_create_missing_queues = False

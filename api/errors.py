@@ -24,8 +24,14 @@ class APIError(Exception):
     """Raised by service code; turned into an OpenAI-style error response."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-        type_: str = "invalid_request_error", headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -54,9 +60,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, st
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
     if kind == "json_invalid":
-        return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None, "invalid_json"
+        return (
+            "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")),
+            None,
+            "invalid_json",
+        )
     if kind == "missing" and param == "body":
-        return "Request body is missing or is not JSON (send Content-Type: application/json)", None, "invalid_body"
+        return (
+            "Request body is missing or is not JSON (send Content-Type: application/json)",
+            None,
+            "invalid_body",
+        )
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"Invalid value for '{param}': {msg}", param, "invalid_value"
 
@@ -65,7 +79,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(
-            error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers
+            error_body(exc.message, exc.type, exc.param, exc.code),
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -82,9 +98,14 @@ def install(app: FastAPI) -> None:
     async def _redis_down(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         logger.warning("state store unavailable: %s", exc)
         return JSONResponse(
-            error_body("The job store is unavailable; retry shortly.", "service_unavailable", None,
-                       "store_unavailable"),
-            status_code=503, headers={"Retry-After": "5"},
+            error_body(
+                "The job store is unavailable; retry shortly.",
+                "service_unavailable",
+                None,
+                "store_unavailable",
+            ),
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

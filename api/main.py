@@ -25,29 +25,41 @@ logger = logging.getLogger("inferq.api")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if not settings.redis_url:
-        raise SystemExit("INFERQ_REDIS_URL (or REDIS_URL) is not set; `inferq run` starts an embedded Valkey.")
+        raise SystemExit(
+            "INFERQ_REDIS_URL (or REDIS_URL) is not set; `inferq run` starts an embedded Valkey."
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from tasks.app import app as celery_app  # torch-free; imported late to keep module import cheap
 
         client = aredis.Redis.from_url(
-            settings.redis_url, decode_responses=True,
-            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
         )
         counter = CounterHolder(settings)
         counter.start()
         app.state.inferq = AppState(
-            settings=settings, redis=client, store=AsyncJobStore(client, settings.result_ttl_s),
-            counter=counter, celery=celery_app, started_at=int(time.time()),
+            settings=settings,
+            redis=client,
+            store=AsyncJobStore(client, settings.result_ttl_s),
+            counter=counter,
+            celery=celery_app,
+            started_at=int(time.time()),
         )
         try:
             yield
         finally:
             await client.aclose()
 
-    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan,
-                  description="Queue-backed, OpenAI-compatible inference on ms-swift workers.")
+    app = FastAPI(
+        title="inferq",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Queue-backed, OpenAI-compatible inference on ms-swift workers.",
+    )
     errors.install(app)
 
     @app.middleware("http")
@@ -55,8 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
             return JSONResponse(
-                error_body(f"Request body of {length} bytes is over the limit of {settings.max_body_bytes}.",
-                           "invalid_request_error", None, "body_too_large"), status_code=413)
+                error_body(
+                    f"Request body of {length} bytes is over the limit of {settings.max_body_bytes}.",
+                    "invalid_request_error",
+                    None,
+                    "body_too_large",
+                ),
+                status_code=413,
+            )
         return await call_next(request)
 
     app.include_router(health.router)

@@ -52,38 +52,66 @@ async def prepare(
     """Refuse what the engine cannot do; fill in the effective `max_tokens`."""
     facts = counter.facts
     if request.model != facts.model_id:
-        raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
-                       f"'{facts.model_id}' (see GET /v1/models).", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{request.model}' does not exist; this server serves "
+            f"'{facts.model_id}' (see GET /v1/models).",
+            param="model",
+            code="model_not_found",
+        )
     if request.n > settings.max_n:
-        raise APIError(400, f"Invalid value for 'n': {request.n} is above the limit of {settings.max_n}.",
-                       param="n", code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for 'n': {request.n} is above the limit of {settings.max_n}.",
+            param="n",
+            code="invalid_value",
+        )
     limit = request.token_limit
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if limit is not None and limit > settings.max_tokens_limit:
-        raise APIError(400, f"Invalid value for '{param}': {limit} is above the limit of "
-                       f"{settings.max_tokens_limit}.", param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': {limit} is above the limit of {settings.max_tokens_limit}.",
+            param=param,
+            code="invalid_value",
+        )
     messages = [m.for_engine() for m in request.messages]
     try:
         prompt_tokens = await anyio.to_thread.run_sync(counter.count_prompt_tokens, messages)
     except Exception as exc:  # the template refused the conversation
-        raise APIError(400, f"Invalid value for 'messages': {exc}", param="messages",
-                       code="invalid_value") from exc
+        raise APIError(
+            400, f"Invalid value for 'messages': {exc}", param="messages", code="invalid_value"
+        ) from exc
     room = facts.context_length - prompt_tokens
     if room < 1:
-        raise APIError(400, f"This model's maximum context length is {facts.context_length} tokens; "
-                       f"the messages use {prompt_tokens}.", param="messages", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {facts.context_length} tokens; "
+            f"the messages use {prompt_tokens}.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if limit is not None and limit > room:
-        raise APIError(400, f"This model's maximum context length is {facts.context_length} tokens; "
-                       f"the messages use {prompt_tokens} and '{param}' asks for {limit}.", param=param,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {facts.context_length} tokens; "
+            f"the messages use {prompt_tokens} and '{param}' asks for {limit}.",
+            param=param,
+            code="context_length_exceeded",
+        )
     effective = limit if limit is not None else min(settings.default_max_tokens, room)
     prepared = request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
     return prepared, prompt_tokens
 
 
 async def submit(
-    request: ChatCompletionRequest, queue: str, *, settings: Settings, store: AsyncJobStore,
-    counter: PromptCounter, celery: Celery,
+    request: ChatCompletionRequest,
+    queue: str,
+    *,
+    settings: Settings,
+    store: AsyncJobStore,
+    counter: PromptCounter,
+    celery: Celery,
 ) -> Job:
     prepared, prompt_tokens = await prepare(request, settings, counter)
     job = await store.create(prepared, queue, prompt_tokens)
@@ -94,8 +122,14 @@ async def submit(
     except Exception as exc:
         # Never leave a record that no message will ever run: fail it and say so.
         logger.error("enqueue of %s failed: %s", job.id, exc)
-        await store.transition(job.id, JobStatus.FAILED, error=JobError(code="enqueue_failed", message=str(exc)))
-        raise APIError(503, "The queue is unavailable; the job was not accepted. Retry shortly.",
-                       type_="service_unavailable", code="queue_unavailable",
-                       headers={"Retry-After": "5"}) from exc
+        await store.transition(
+            job.id, JobStatus.FAILED, error=JobError(code="enqueue_failed", message=str(exc))
+        )
+        raise APIError(
+            503,
+            "The queue is unavailable; the job was not accepted. Retry shortly.",
+            type_="service_unavailable",
+            code="queue_unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
     return job

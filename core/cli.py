@@ -20,13 +20,20 @@ from types import FrameType
 
 from core.config import Settings
 from core.processes import (
-    Supervisor, api_argv, flower_argv, free_port, port_open, valkey_argv, wait_for, worker_argv,
+    Supervisor,
+    api_argv,
+    flower_argv,
+    free_port,
+    port_open,
+    valkey_argv,
+    wait_for,
+    worker_argv,
 )
 
 logger = logging.getLogger("inferq")
 
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
     p.add_argument("--model", help="local model directory (default: build and serve the tiny demo model)")
     p.add_argument("--model-type", default="", help="ms-swift model_type, e.g. qwen2 (required for --model)")
@@ -61,17 +68,28 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
     return env
 
 
+def _flower_env(env: dict[str, str], host: str) -> dict[str, str]:
+    # Flower's JSON API is off without auth; on loopback only this machine can reach it.
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    return env
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.model and (not args.model_type or not args.template):
-        logger.error("--model needs --model-type and --template (ms-swift will not guess them for a local dir)")
+        logger.error(
+            "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
+        )
         return 2
     if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
         from core.demo_model import build_demo_model
 
         build_demo_model(settings.demo_model_dir)
-        logger.warning("No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
-                       settings.demo_model_dir)
+        logger.warning(
+            "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
+            settings.demo_model_dir,
+        )
     sup = Supervisor()
     stopping = False
 
@@ -93,12 +111,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup.start("worker", worker_argv(settings.queues), env=env)
         sup.start("api", api_argv(args.host, args.port), env=env)
         if not args.no_flower:
-            sup.start("flower", flower_argv(args.host, args.flower_port), env=env)
+            sup.start("flower", flower_argv(args.host, args.flower_port), env=_flower_env(env, args.host))
         base = f"http://{args.host}:{args.port}"
         _wait_ready(base, sup, lambda: stopping)
         if not stopping:
-            logger.info("READY: API %s (docs %s/docs)%s. Ctrl-C stops everything.", base, base,
-                        "" if args.no_flower else f", Flower http://{args.host}:{args.flower_port}")
+            logger.info(
+                "READY: API %s (docs %s/docs)%s. Ctrl-C stops everything.",
+                base,
+                base,
+                "" if args.no_flower else f", Flower http://{args.host}:{args.flower_port}",
+            )
         while not stopping:
             dead = sup.exited()
             if dead:
@@ -131,7 +153,7 @@ def _wait_ready(base: str, sup: Supervisor, stopping: object) -> None:
                 return
         except RuntimeError:
             raise
-        except Exception:  # noqa: S110 - still starting
+        except Exception:
             pass
         time.sleep(0.5)
     raise TimeoutError("the stack did not become ready within 600s")

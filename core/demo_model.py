@@ -79,7 +79,6 @@ def build_demo_model(path: Path, *, seed: int = 0, vocab_size: int = 512) -> Pat
         bos_token_id=None,
         tie_word_embeddings=False,
         initializer_range=0.4,
-        torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)

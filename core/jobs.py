@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
@@ -125,8 +125,12 @@ def _queue_create(pipe: Any, job_id: str, fields: dict[str, str], ttl: int) -> N
     """Record and first status event in one MULTI; works on sync and async pipelines alike."""
     pipe.hset(keys.job(job_id), mapping=fields)
     pipe.expire(keys.job(job_id), ttl)
-    pipe.xadd(keys.job_events(job_id), {"type": "status", "status": "queued", "attempt": "0"},
-              maxlen=EVENTS_MAXLEN, approximate=True)
+    pipe.xadd(
+        keys.job_events(job_id),
+        {"type": "status", "status": "queued", "attempt": "0"},
+        maxlen=EVENTS_MAXLEN,
+        approximate=True,
+    )
     pipe.expire(keys.job_events(job_id), ttl)
 
 
@@ -161,7 +165,7 @@ class JobStore:
         return job_id
 
     def get(self, job_id: str) -> JobRecord | None:
-        return decode(self.r.hgetall(keys.job(job_id)))
+        return decode(cast(dict[str, str], self.r.hgetall(keys.job(job_id))))
 
     def transition(
         self,
@@ -197,7 +201,7 @@ class AsyncJobStore:
         return record.job
 
     async def get(self, job_id: str) -> JobRecord | None:
-        return decode(await self.r.hgetall(keys.job(job_id)))
+        return decode(cast(dict[str, str], await self.r.hgetall(keys.job(job_id))))
 
     async def delete(self, job_id: str) -> None:
         await self.r.delete(keys.job(job_id), keys.job_events(job_id))

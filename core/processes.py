@@ -7,6 +7,7 @@ tests start the same processes through the same functions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -36,33 +37,87 @@ def valkey_argv(port: int, data_dir: Path, *, appendonly: bool = True) -> list[s
     """An embedded Valkey: loopback only, AOF on so accepted jobs survive a restart."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
-        valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--appendonly", "yes" if appendonly else "no", "--save", "", "--daemonize", "no",
-        "--protected-mode", "yes", "--logfile", "",
+        valkey_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--logfile",
+        "",
     ]
 
 
 def worker_argv(queues: Sequence[str], *, name: str = "inferq@%h", loglevel: str = "INFO") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "--pool", "prefork",
-        "--concurrency", "1", "-Q", ",".join(queues), "-n", name, "-E", "--loglevel", loglevel,
-        "--without-mingle", "--without-gossip",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "-Q",
+        ",".join(queues),
+        "-n",
+        name,
+        "-E",
+        "--loglevel",
+        loglevel,
+        "--without-mingle",
+        "--without-gossip",
     ]
 
 
 def api_argv(host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", host,
-        "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--timeout-graceful-shutdown",
+        "5",
     ]
 
 
 def flower_argv(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--address={host}", f"--port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "flower",
+        f"--address={host}",
+        f"--port={port}",
+    ]
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-              interval: float = 0.1) -> None:
+def wait_for(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    interval: float = 0.1,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -70,7 +125,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subproc
         try:
             if check():
                 return
-        except Exception:  # noqa: S110 - not up yet
+        except Exception:
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
@@ -88,11 +143,21 @@ class Supervisor:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None, stdout: int | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: int | None = None,
+    ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            list(argv), env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-            stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None,
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
         )
         self.procs.append((name, proc))
         logger.info("started %s (pid %d)", name, proc.pid)
@@ -114,10 +179,8 @@ class Supervisor:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:

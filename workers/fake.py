@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workers.engine import GenRequest, GenResult, ModelFacts, truncate_at_stop
+from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, truncate_at_stop
 
 #: A user message equal to this makes the request fail (engine error, worker survives).
 FAIL_TRIGGER = "__inferq_fail__"
@@ -33,6 +33,6 @@ class EchoEngine:
             words = prompt.split()
             n = min(len(words), req.params.max_tokens)
             text, stopped = truncate_at_stop(" ".join(words[:n]), req.params.stop)
-            finish = "stop" if stopped or n == len(words) else "length"
+            finish: FinishReason = "stop" if stopped or n == len(words) else "length"
             out.append(GenResult(text, finish, self.count_prompt_tokens(req.messages), n))
         return out

@@ -9,6 +9,7 @@ celeryconfig), or Celery kills every replacement child in a loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,10 +49,8 @@ class WorkerState:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.redis.delete(keys.worker(self.worker_id))
-        except redis.RedisError:
-            pass
 
     def heartbeat(self) -> None:
         facts = self.engine.facts
@@ -82,7 +81,9 @@ _state: WorkerState | None = None
 def warm_up(engine: Engine) -> float:
     """One tiny generation, so the first real job does not pay for lazy init."""
     t0 = time.monotonic()
-    engine.generate([GenRequest(messages=[{"role": "user", "content": "hi"}], params=GenParams(max_tokens=2))])
+    engine.generate(
+        [GenRequest(messages=[{"role": "user", "content": "hi"}], params=GenParams(max_tokens=2))]
+    )
     return time.monotonic() - t0
 
 

@@ -19,14 +19,22 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from core.config import Settings
-from workers.engine import GenParams, GenRequest, GenResult, ModelFacts, ModelSpec, truncate_at_stop
+from workers.engine import (
+    FinishReason,
+    GenParams,
+    GenRequest,
+    GenResult,
+    ModelFacts,
+    ModelSpec,
+    truncate_at_stop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +58,8 @@ class PenaltyProcessor(LogitsProcessor):
         counts = torch.zeros_like(scores).scatter_add_(
             1, generated, torch.ones_like(generated, dtype=scores.dtype)
         )
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        penalised = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        return cast(torch.FloatTensor, penalised)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -87,7 +96,7 @@ class SwiftEngine:
         self._extras: list[LogitsProcessor] = []
         self._lock = threading.Lock()
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
-        self.engine.template.generate = self._generate  # type: ignore[method-assign]
+        self.engine.template.generate = self._generate
         logger.info("loaded %s in %.1fs (demo=%s)", spec.path, time.monotonic() - t0, spec.demo)
 
     def _generate(self, model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -150,7 +159,7 @@ class SwiftEngine:
             return out
         choice = out.choices[0]
         text, stopped = truncate_at_stop(choice.message.content or "", params.stop)
-        finish = "stop" if stopped or choice.finish_reason == "stop" else "length"
+        finish: FinishReason = "stop" if stopped or choice.finish_reason == "stop" else "length"
         return GenResult(text, finish, out.usage.prompt_tokens, out.usage.completion_tokens)
 
 

@@ -51,6 +51,11 @@ async def models(st: StateDep) -> ModelList:
     counter = await st.counter.get()
     facts = counter.facts
     owner = "inferq-DEMO (random weights: output is gibberish)" if facts.demo else "inferq"
-    card = ModelCard(id=facts.model_id, created=st.started_at, owned_by=owner, demo=facts.demo,
-                     context_length=facts.context_length)
+    card = ModelCard(
+        id=facts.model_id,
+        created=st.started_at,
+        owned_by=owner,
+        demo=facts.demo,
+        context_length=facts.context_length,
+    )
     return ModelList(data=[card])

@@ -1,0 +1,139 @@
+"""Real parts: a real Valkey (or the Redis named by INFERQ_TEST_REDIS_URL), real Celery
+worker processes running the real ms-swift engine on a tiny random model, the real API
+under uvicorn, and Flower."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
+from core.processes import (
+    Supervisor,
+    api_argv,
+    flower_argv,
+    free_port,
+    port_open,
+    valkey_argv,
+    wait_for,
+    worker_argv,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("INFERQ_TEST_REDIS_URL")
+    if external:
+        client = redis.Redis.from_url(external)
+        client.flushdb()
+        client.close()
+        yield external
+        return
+    sup = Supervisor()
+    port = free_port()
+    proc = sup.start(
+        "valkey", valkey_argv(port, tmp_path_factory.mktemp("valkey")), stdout=subprocess.DEVNULL
+    )
+    wait_for(lambda: port_open(port), 15, "valkey", proc)
+    yield f"redis://127.0.0.1:{port}/0"
+    sup.stop_all()
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
+
+
+@dataclass
+class Stack:
+    base_url: str
+    flower_url: str
+    redis_url: str
+    env: dict[str, str]
+    sup: Supervisor
+    log: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def wait_job(self, job_id: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    return job
+                time.sleep(0.05)
+        raise TimeoutError(f"job {job_id} not finished in {timeout}s")
+
+
+def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        INFERQ_REDIS_URL=redis_url,
+        INFERQ_MODEL_PATH=str(model),
+        INFERQ_MODEL_TYPE=DEMO_MODEL_TYPE,
+        INFERQ_TEMPLATE=DEMO_TEMPLATE,
+        INFERQ_SERVED_MODEL_NAME="tiny",
+        INFERQ_HOME=str(home),
+        INFERQ_HEARTBEAT_INTERVAL_S="0.5",
+        INFERQ_MAX_BATCH_SIZE="8",
+        PYTORCH_NVML_BASED_CUDA_CHECK="1",
+        TOKENIZERS_PARALLELISM="false",
+        FLOWER_UNAUTHENTICATED_API="true",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_ready(base_url: str, timeout: float = 120) -> None:
+    def ok() -> bool:
+        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
+
+    wait_for(ok, timeout, "stack /ready", interval=0.25)
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("home")
+    env = stack_env(redis_url, demo_model, home)
+    log = home / "stack.log"
+    sup = Supervisor()
+    api_port, flower_port = free_port(), free_port()
+    with log.open("wb") as fh:
+        sup.start(
+            "worker",
+            worker_argv(["inferq.interactive", "inferq.jobs", "inferq.batch"]),
+            env=env,
+            cwd=ROOT,
+            stdout=fh.fileno(),
+        )
+        sup.start("api", api_argv("127.0.0.1", api_port), env=env, cwd=ROOT, stdout=fh.fileno())
+        sup.start("flower", flower_argv("127.0.0.1", flower_port), env=env, cwd=ROOT, stdout=fh.fileno())
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_ready(base)
+    except Exception:
+        print(log.read_text()[-5000:])
+        sup.stop_all()
+        raise
+    yield Stack(base, f"http://127.0.0.1:{flower_port}", redis_url, env, sup, log)
+    sup.stop_all()

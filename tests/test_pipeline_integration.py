@@ -1,0 +1,227 @@
+"""End to end: the real API, a real Celery worker with the real ms-swift engine on the tiny
+model, a real Valkey/Redis. Content is checked against plain `transformers` greedy decoding
+of the same weights, token counts against the tokenizer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core import keys
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # qwen2_5 default
+
+
+def _body(content: str, **kw: object) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+
+
+def _prompt(content: str) -> str:
+    return (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model: Path):
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+
+    def greedy(content: str, max_new_tokens: int) -> tuple[str, int, int]:
+        ids = tok(_prompt(content), return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        return str(tok.decode(new, skip_special_tokens=True)), ids.shape[1], len(new)
+
+    return greedy
+
+
+def _submit(c: httpx.Client, body: dict) -> dict:
+    resp = c.post("/v1/jobs", json=body)
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["object"] == "job" and job["status"] == "queued" and job["id"].startswith("job_")
+    return job
+
+
+def test_jobs_match_reference_decoding(stack: Stack, reference) -> None:
+    prompts = ["hello world", "Tell me a joke", "What is two plus two?", "Write a poem about GPUs " * 3]
+    with stack.client() as c:
+        jobs = [
+            _submit(c, _body(p, temperature=0, max_tokens=24, metadata={"i": str(i)}))
+            for i, p in enumerate(prompts)
+        ]
+    for i, (job, prompt) in enumerate(zip(jobs, prompts, strict=True)):
+        done = stack.wait_job(job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["metadata"] == {"i": str(i)}
+        assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+        result = done["result"]
+        assert result["object"] == "chat.completion" and result["model"] == "tiny"
+        text, prompt_tokens, completion_tokens = reference(prompt, 24)
+        choice = result["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": text}
+        assert choice["finish_reason"] == ("length" if completion_tokens == 24 else "stop")
+        assert result["usage"] == {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+
+def test_n_choices_and_seed(stack: Stack) -> None:
+    with stack.client() as c:
+        a = _submit(c, _body("seeded", temperature=1.0, seed=7, n=3, max_tokens=12))
+        b = _submit(c, _body("seeded", temperature=1.0, seed=7, n=3, max_tokens=12))
+        other = _submit(c, _body("seeded", temperature=1.0, seed=8, n=3, max_tokens=12))
+    ra, rb, ro = (stack.wait_job(j["id"])["result"] for j in (a, b, other))
+    texts = [ch["message"]["content"] for ch in ra["choices"]]
+    assert [ch["index"] for ch in ra["choices"]] == [0, 1, 2]
+    assert texts == [ch["message"]["content"] for ch in rb["choices"]]  # same seed, same text
+    assert texts != [ch["message"]["content"] for ch in ro["choices"]]
+    assert len(set(texts)) > 1  # the n samples differ from each other
+    full = sum(1 for ch in ra["choices"] if ch["finish_reason"] == "length")
+    assert full * 12 <= ra["usage"]["completion_tokens"] <= 3 * 12  # summed over the n choices
+
+
+def test_stop_sequence_is_honoured(stack: Stack, reference) -> None:
+    text, _, _ = reference("stop here", 24)
+    stop = text[5:8]
+    assert stop and stop in text
+    with stack.client() as c:
+        job = _submit(c, _body("stop here", temperature=0, max_tokens=24, stop=[stop]))
+    result = stack.wait_job(job["id"])["result"]
+    assert result["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_penalties_change_greedy_output(stack: Stack) -> None:
+    with stack.client() as c:
+        plain = _submit(c, _body("repeat repeat", temperature=0, max_tokens=32))
+        pen = _submit(
+            c,
+            _body("repeat repeat", temperature=0, max_tokens=32, frequency_penalty=2.0, presence_penalty=2.0),
+        )
+    a = stack.wait_job(plain["id"])["result"]["choices"][0]["message"]["content"]
+    b = stack.wait_job(pen["id"])["result"]["choices"][0]["message"]["content"]
+    assert a != b
+
+
+def _queue_depth(r: redis.Redis) -> int:
+    return sum(int(r.llen(q)) for q in ("inferq.interactive", "inferq.jobs", "inferq.batch"))
+
+
+def _job_keys(r: redis.Redis) -> int:
+    return sum(1 for _ in r.scan_iter(match=keys.job("*"), count=1000))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (_body("x", model="nope"), 404, "model"),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        (_body("x", max_tokens=0), 400, "max_tokens"),
+        (_body("x", max_tokens=10**6), 400, "max_tokens"),
+        (_body("x", n=0), 400, "n"),
+        (_body("x", n=1000), 400, "n"),
+        (_body("x", temperature=-1), 400, "temperature"),
+        (_body("hello " * 3000), 400, "messages"),
+        (_body("hello " * 1000, max_tokens=1500), 400, "max_tokens"),
+        (_body("x", tools=[{"type": "function"}]), 400, "tools"),
+        (_body("x", stream=True), 400, "stream"),
+        (_body("x", metadata={f"k{i}": "v" for i in range(17)}), 400, "metadata"),
+        (_body("x", presence_penalty="high"), 400, "presence_penalty"),
+    ],
+)
+def test_invalid_bodies_are_refused_and_never_enqueued(
+    stack: Stack, r: redis.Redis, body: dict, status: int, param: str
+) -> None:
+    before = _job_keys(r)
+    with stack.client() as c:
+        resp = c.post("/v1/jobs", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and param.split("[")[0] in err["message"] and err["type"]
+    assert _job_keys(r) == before
+    assert _queue_depth(r) == 0
+
+
+def test_malformed_json_and_unknown_job(stack: Stack) -> None:
+    with stack.client() as c:
+        bad = c.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+        missing = c.get("/v1/jobs/job_doesnotexist")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_health_ready_models(stack: Stack) -> None:
+    with stack.client() as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        ready = c.get("/ready").json()
+        assert ready["status"] == "ready" and ready["redis"] and ready["workers"][0]["model"] == "tiny"
+        models = c.get("/v1/models").json()
+    card = models["data"][0]
+    assert card["id"] == "tiny" and card["demo"] is True and "gibberish" in card["owned_by"]
+    assert card["context_length"] == 2048
+
+
+def test_flower_shows_job_tasks(stack: Stack) -> None:
+    with stack.client() as c:
+        job = _submit(c, _body("flower", max_tokens=4))
+    stack.wait_job(job["id"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{stack.flower_url}/api/tasks", timeout=5).json()
+        if job["id"] in tasks and tasks[job["id"]]["state"] == "SUCCESS":
+            break
+        time.sleep(0.5)
+    task = tasks[job["id"]]
+    assert task["name"] == "inferq.run_job" and job["id"] in task["args"]
+    workers = httpx.get(f"{stack.flower_url}/api/workers?refresh=1", timeout=10).json()
+    assert any(name.startswith("inferq@") for name in workers)
+
+
+def test_worker_child_killed_is_replaced_and_jobs_still_run(stack: Stack, r: redis.Redis) -> None:
+    with stack.client() as c:
+        old = c.get("/ready").json()["workers"]
+        pid = old[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        r.delete(keys.worker(old[0]["worker_id"]))
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            ready = c.get("/ready")
+            if ready.status_code == 200 and ready.json()["workers"][0]["pid"] != pid:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError("no replacement pool child became ready")
+        job = _submit(c, _body("after restart", max_tokens=4))
+    assert stack.wait_job(job["id"])["status"] == "succeeded"
+
+
+def test_worker_parent_never_loads_torch(stack: Stack) -> None:
+    with stack.client() as c:
+        child = c.get("/ready").json()["workers"][0]["pid"]
+    parent = int(Path(f"/proc/{child}/stat").read_text().split(")")[1].split()[1])
+    assert "libtorch" in Path(f"/proc/{child}/maps").read_text()  # the probe can see torch
+    assert "libtorch" not in Path(f"/proc/{parent}/maps").read_text()

@@ -1,0 +1,57 @@
+import pytest
+from pydantic import ValidationError
+
+from schemas.jobs import TERMINAL, TRANSITIONS, JobStatus
+from schemas.openai import ChatCompletionRequest
+from workers.engine import truncate_at_stop
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_minimal_request_defaults() -> None:
+    req = ChatCompletionRequest.model_validate(BASE)
+    assert req.n == 1 and req.stop_list == [] and req.token_limit is None
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"tools": []}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+    ],
+)
+def test_bad_requests_name_the_field(patch: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({**BASE, **patch})
+    assert field in str(info.value)
+
+
+def test_developer_role_and_text_parts_reach_engine_as_text() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {**BASE, "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]}]}
+    )
+    assert req.messages[0].for_engine() == {"role": "system", "content": "be brief"}
+
+
+def test_state_machine_terminal_states_are_final() -> None:
+    for status in TERMINAL:
+        assert TRANSITIONS[status] == frozenset()
+    assert JobStatus.RUNNING in TRANSITIONS[JobStatus.RUNNING]  # redelivery after a crash
+    assert JobStatus.SUCCEEDED not in TRANSITIONS[JobStatus.QUEUED]
+
+
+def test_truncate_at_stop_cuts_at_earliest() -> None:
+    assert truncate_at_stop("abc STOP def END", ["END", "STOP"]) == ("abc ", True)
+    assert truncate_at_stop("abc", ["x"]) == ("abc", False)
