@@ -1,0 +1,16 @@
+FROM python:3.11-slim
+# TORCH_SPEC picks the torch build: a CUDA wheel for GPU workers (e.g. "torch==2.13.0"
+# from the CUDA index), the CPU build for API-only images.
+ARG TORCH_SPEC=torch==2.13.0
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+RUN pip install "${TORCH_SPEC}"
+COPY pyproject.toml README.md celeryconfig.py ./
+COPY api api
+COPY core core
+COPY schemas schemas
+COPY tasks tasks
+COPY workers workers
+RUN pip install .
+RUN useradd --create-home inferq
+USER inferq

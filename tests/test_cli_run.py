@@ -1,0 +1,69 @@
+"""`inferq run` as a newcomer uses it: embedded Valkey, demo model, worker, API, Flower; a job
+goes through; Ctrl-C stops everything and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.processes import free_port
+from tests.conftest import ROOT, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+def _procs_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "inferq-home"
+    api_port, flower_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
+    env.update(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--flower-port", str(flower_port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_ready(base, timeout=180)
+        models = httpx.get(f"{base}/v1/models").json()["data"][0]
+        assert models["id"] == "inferq-demo" and models["demo"] is True
+        job = httpx.post(f"{base}/v1/jobs", json={
+            "model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+        }).json()
+        deadline = time.monotonic() + 60
+        while (status := httpx.get(f"{base}/v1/jobs/{job['id']}").json()["status"]) not in (
+            "succeeded", "failed"
+        ) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == "succeeded"
+        assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 200
+        assert (home / "demo-model" / "config.json").exists()
+        assert len(_procs_with(f"INFERQ_HOME={home}")) >= 4  # valkey, worker parent+child, api, flower
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        log.close()
+    text = (tmp_path / "run.log").read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert "DEMO" in text and "gibberish" in text.lower()
+    assert _procs_with(f"INFERQ_HOME={home}") == []
