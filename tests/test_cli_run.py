@@ -40,19 +40,28 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     log = (tmp_path / "run.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--flower-port", str(flower_port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{api_port}"
     try:
         wait_ready(base, timeout=180)
         models = httpx.get(f"{base}/v1/models").json()["data"][0]
         assert models["id"] == "inferq-demo" and models["demo"] is True
-        job = httpx.post(f"{base}/v1/jobs", json={
-            "model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-        }).json()
+        job = httpx.post(
+            f"{base}/v1/jobs",
+            json={
+                "model": "inferq-demo",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8,
+            },
+        ).json()
         deadline = time.monotonic() + 60
         while (status := httpx.get(f"{base}/v1/jobs/{job['id']}").json()["status"]) not in (
-            "succeeded", "failed"
+            "succeeded",
+            "failed",
         ) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert status == "succeeded"
