@@ -32,18 +32,34 @@ local ok = false
 for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then ok = true end end
 if not ok then return {'conflict', cur} end
 local to = ARGV[1]
+local maxlen = ARGV[#ARGV]
 redis.call('HSET', KEYS[1], 'status', to)
-for i = 6, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local payload = {}
+for i = 6, #ARGV - 1, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  payload[ARGV[i]] = ARGV[i + 1]
+end
 if to == 'running' then
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  if attempt > 1 then
+    -- a redelivery: subscribers drop the partial text of the attempt that died
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', tostring(attempt))
+  end
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[#ARGV], '*', 'type', 'status', 'status', to,
-           'attempt', attempts)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'status', 'status', to, 'attempt', attempts)
+if to == 'succeeded' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'done', 'result', payload['result'] or '')
+elseif to == 'failed' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'error', payload['error'] or '')
+elseif to == 'cancelled' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'cancelled',
+             'result', payload['result'] or '')
+end
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {'ok', cur}
 """
@@ -203,8 +219,9 @@ class AsyncJobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         return decode(cast(dict[str, str], await self.r.hgetall(keys.job(job_id))))
 
-    async def delete(self, job_id: str) -> None:
-        await self.r.delete(keys.job(job_id), keys.job_events(job_id))
+    async def request_cancel(self, job_id: str) -> None:
+        """Raise the flag the worker's stopping criterion polls."""
+        await self.r.set(keys.cancel(job_id), "1", ex=self.ttl)
 
     async def transition(
         self, job_id: str, to: JobStatus, *, error: JobError | None = None

@@ -12,6 +12,9 @@ RUN_JOB = "inferq.run_job"
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str | None:
     st = lifecycle.state()
-    outcome = runner.run_job(job_id, st.store, st.engine, get_settings().default_max_tokens)
+    settings = get_settings()
+    # Batch lines skip token streaming: nobody watches them, and the non-streaming path is faster.
+    stream = run_job.request.delivery_info.get("routing_key") != settings.queue_batch
+    outcome = runner.run_job(job_id, st.store, st.engine, settings.default_max_tokens, stream=stream)
     st.jobs_done += 1
     return outcome.status.value if outcome.status else None

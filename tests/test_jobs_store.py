@@ -18,7 +18,12 @@ def _req(text: str = "one two three", **kw: object) -> ChatCompletionRequest:
 
 def _statuses(r: redis.Redis, job_id: str) -> list[str]:
     events: list[tuple[str, dict[str, str]]] = r.xrange(keys.job_events(job_id))  # type: ignore[assignment]
-    return [fields["status"] for _, fields in events]
+    return [fields["status"] for _, fields in events if fields["type"] == "status"]
+
+
+def _types(r: redis.Redis, job_id: str) -> list[str]:
+    events: list[tuple[str, dict[str, str]]] = r.xrange(keys.job_events(job_id))  # type: ignore[assignment]
+    return [fields["type"] for _, fields in events]
 
 
 def test_create_sets_ttl_and_first_event(r: redis.Redis) -> None:
@@ -46,6 +51,8 @@ def test_transitions_follow_the_machine(r: redis.Redis) -> None:
     assert rec.job.attempts == 2 and rec.job.error is not None and rec.job.error.code == "x"
     assert rec.job.started_at and rec.job.finished_at and rec.job.finished_at >= rec.job.started_at
     assert _statuses(r, job_id) == ["queued", "running", "running", "failed"]
+    # a redelivery announces itself with `reset`; a failure ends with an `error` event
+    assert _types(r, job_id) == ["status", "status", "reset", "status", "status", "error"]
 
 
 def test_missing_job_is_reported(r: redis.Redis) -> None:

@@ -56,12 +56,30 @@ class ModelFacts:
     demo: bool
 
 
+class TokenSink(Protocol):
+    """Where a streaming `generate` reports; request i is `requests[i]`."""
+
+    def on_delta(self, i: int, text: str) -> None: ...
+
+    def on_reset(self, i: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def should_stop(self, i: int) -> bool:
+        """True once request i was cancelled: generation for it stops within a step."""
+        ...
+
+
 class Engine(Protocol):
     facts: ModelFacts
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult | Exception]:
+    def generate(
+        self, requests: Sequence[GenRequest], sink: TokenSink | None = None
+    ) -> list[GenResult | Exception]:
         """One result per request, in order. A per-request failure is returned, not raised,
-        so one bad request cannot sink the others."""
+        so one bad request cannot sink the others. With a sink, text deltas stream to it
+        as they are generated (real engine streaming) and their concatenation equals the
+        result's text."""
         ...
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, truncate_at_stop
+from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, TokenSink
+from workers.streaming import StopFilter
 
 #: A user message equal to this makes the request fail (engine error, worker survives).
 FAIL_TRIGGER = "__inferq_fail__"
@@ -22,17 +23,29 @@ class EchoEngine:
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return sum(len(m["content"].split()) + 2 for m in messages)
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult | Exception]:
+    def generate(
+        self, requests: Sequence[GenRequest], sink: TokenSink | None = None
+    ) -> list[GenResult | Exception]:
         self.calls.append(len(requests))
         out: list[GenResult | Exception] = []
-        for req in requests:
+        for i, req in enumerate(requests):
             prompt = req.messages[-1]["content"]
             if prompt == FAIL_TRIGGER:
                 out.append(RuntimeError("echo engine: failure requested by the prompt"))
                 continue
             words = prompt.split()
             n = min(len(words), req.params.max_tokens)
-            text, stopped = truncate_at_stop(" ".join(words[:n]), req.params.stop)
-            finish: FinishReason = "stop" if stopped or n == len(words) else "length"
-            out.append(GenResult(text, finish, self.count_prompt_tokens(req.messages), n))
+            filt = StopFilter(req.params.stop)
+            for k, word in enumerate(words[:n]):
+                if sink is not None and sink.should_stop(i):
+                    break
+                delta = filt.feed(word if k == 0 else " " + word)
+                if sink is not None:
+                    sink.on_delta(i, delta)
+            tail = filt.finish()
+            if sink is not None:
+                sink.on_delta(i, tail)
+                sink.flush()
+            finish: FinishReason = "stop" if filt.stopped or n == len(words) else "length"
+            out.append(GenResult(filt.text, finish, self.count_prompt_tokens(req.messages), n))
         return out

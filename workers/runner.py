@@ -11,10 +11,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from core import keys
 from core.jobs import JobStore
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from workers.engine import Engine, GenParams, GenRequest, GenResult
+from workers.streaming import StreamSink, Target
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,11 @@ def build_completion(job_id: str, model: str, results: list[GenResult]) -> ChatC
     )
 
 
-def run_job(job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512) -> RunOutcome:
+def run_job(
+    job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512, *, stream: bool = True
+) -> RunOutcome:
+    """Run one job. With `stream`, token deltas go to the job's Redis Stream as the engine
+    produces them (and a cancel flag stops generation within a step)."""
     record = store.get(job_id)
     if record is None:
         logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
@@ -73,7 +79,17 @@ def run_job(job_id: str, store: JobStore, engine: Engine, default_max_tokens: in
     if not started.ok:
         return RunOutcome(JobStatus(started.previous) if started.previous else None, skipped=True)
 
-    outs = engine.generate(gen_requests(job_id, record.request, default_max_tokens))
+    requests = gen_requests(job_id, record.request, default_max_tokens)
+    attempt = record.job.attempts + 1  # the RUNNING transition just counted this attempt
+    targets = [Target(job_id, i, attempt) for i in range(len(requests))]
+    sink = StreamSink(store.r, targets, store.ttl)
+    outs = engine.generate(requests, sink if stream else None)
+    if sink.cancelled(job_id) or (not stream and store.r.exists(keys.cancel(job_id))):
+        partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
+        store.transition(
+            job_id, JobStatus.CANCELLED, result=build_completion(job_id, record.request.model, partial)
+        )
+        return RunOutcome(JobStatus.CANCELLED)
     failures = [o for o in outs if isinstance(o, Exception)]
     if failures:
         error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")

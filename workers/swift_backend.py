@@ -23,7 +23,8 @@ from typing import Any, cast
 
 import torch
 from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from core.config import Settings
 from workers.engine import (
@@ -33,8 +34,10 @@ from workers.engine import (
     GenResult,
     ModelFacts,
     ModelSpec,
+    TokenSink,
     truncate_at_stop,
 )
+from workers.streaming import StopFilter
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,68 @@ def _device_map(name: str) -> str:
     return name
 
 
+class RowStopper(StoppingCriteria):
+    """Stops the rows whose request was cancelled, inside HF `generate`: breaking out of
+    ms-swift's stream does not stop generation, a stopping criterion does."""
+
+    def __init__(self, sink: TokenSink) -> None:
+        self.sink = sink
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        rows = [self.sink.should_stop(i) for i in range(input_ids.shape[0])]
+        return cast(torch.BoolTensor, torch.tensor(rows, dtype=torch.bool, device=input_ids.device))
+
+
+class DeltaStreamer(BaseStreamer):
+    """Streams text deltas from inside HF `generate`, token by token as they are sampled.
+
+    Why not ms-swift's own stream (`RequestConfig(stream=True)`): in 4.6 it runs generate in
+    a second thread that hangs forever if generate raises, and its whitespace heuristic
+    (`_align_blank_suffix`) changes the text, so streamed text and the final result differ.
+    Here generate runs in the caller's thread (an exception simply propagates), deltas are
+    decoded exactly as the final text is, and `settle` reconciles the tail so that the
+    concatenated deltas always equal the final content.
+    """
+
+    def __init__(self, template: Any, sink: TokenSink, stops: Sequence[str], rows: int) -> None:
+        self.template = template
+        self.pad_id = template.tokenizer.pad_token_id
+        self.sink = sink
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.emitted = [""] * rows
+        self.filters = [StopFilter(stops) for _ in range(rows)]
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # HF first hands over the prompt
+            self._prompt_seen = True
+            return
+        tokens = value.view(-1).tolist()
+        for row, tok in enumerate(tokens[: len(self.ids)]):
+            if tok == self.pad_id:
+                continue
+            self.ids[row].append(tok)
+            text = self.template.decode_generate_ids(self.ids[row])
+            seen = self.filters[row].text + self.filters[row].buf
+            if text.endswith("\ufffd") or not text.startswith(seen):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            delta = self.filters[row].feed(text[len(seen) :])
+            self.sink.on_delta(row, delta)
+            self.emitted[row] += delta
+
+    def end(self) -> None:
+        self.sink.flush()
+
+    def settle(self, row: int, final: str) -> None:
+        """Send what the final text has beyond the deltas; restart the row if they diverged."""
+        if final.startswith(self.emitted[row]):
+            self.sink.on_delta(row, final[len(self.emitted[row]) :])
+        else:
+            self.sink.on_reset(row)
+            self.sink.on_delta(row, final)
+        self.emitted[row] = final
+
+
 class SwiftEngine:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.max_batch_size = settings.max_batch_size
@@ -93,23 +158,34 @@ class SwiftEngine:
             demo=spec.demo,
         )
         # Per-call extras the wrapped `generate` reads; one call runs at a time per child.
-        self._extras: list[LogitsProcessor] = []
+        self._procs: list[LogitsProcessor] = []
+        self._stoppers: list[StoppingCriteria] = []
+        self._streamer: DeltaStreamer | None = None
         self._lock = threading.Lock()
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
         self.engine.template.generate = self._generate
         logger.info("loaded %s in %.1fs (demo=%s)", spec.path, time.monotonic() - t0, spec.demo)
 
     def _generate(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._extras:
+        """Wraps HF generate to add our processors, stopping criteria and token streamer."""
+        if self._procs:
             procs = kwargs.get("logits_processor") or LogitsProcessorList()
-            procs.extend(self._extras)
+            procs.extend(self._procs)
             kwargs["logits_processor"] = procs
+        if self._stoppers:
+            crit = kwargs.get("stopping_criteria") or StoppingCriteriaList()
+            crit.extend(self._stoppers)
+            kwargs["stopping_criteria"] = crit
+        if self._streamer is not None:
+            kwargs["streamer"] = self._streamer
         return self._orig_generate(model, *args, **kwargs)
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.engine.template.encode(InferRequest(messages=messages))["input_ids"])
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult | Exception]:
+    def generate(
+        self, requests: Sequence[GenRequest], sink: TokenSink | None = None
+    ) -> list[GenResult | Exception]:
         results: list[GenResult | Exception | None] = [None] * len(requests)
         groups: dict[GenParams, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -118,22 +194,31 @@ class SwiftEngine:
             for params, idxs in groups.items():
                 for start in range(0, len(idxs), self.max_batch_size):
                     chunk = idxs[start : start + self.max_batch_size]
-                    outs = self._run_isolated([requests[i] for i in chunk], params)
+                    outs = self._run_isolated(requests, chunk, params, sink)
                     for i, out in zip(chunk, outs, strict=True):
                         results[i] = out
         return [r if r is not None else RuntimeError("no result") for r in results]
 
-    def _run_isolated(self, reqs: list[GenRequest], params: GenParams) -> list[GenResult | Exception]:
+    def _run_isolated(
+        self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
+    ) -> list[GenResult | Exception]:
         try:
-            return self._run(reqs, params)
+            return self._run(requests, idxs, params, sink)
         except Exception as exc:
-            if len(reqs) == 1:
-                logger.warning("request %s failed: %s", reqs[0].tag, exc)
+            if len(idxs) == 1:
+                logger.warning("request %s failed: %s", requests[idxs[0]].tag, exc)
                 return [exc]
-            logger.warning("batch of %d failed (%s); retrying one by one", len(reqs), exc)
-            return [self._run_isolated([r], params)[0] for r in reqs]
+            logger.warning("batch of %d failed (%s); retrying one by one", len(idxs), exc)
+            out: list[GenResult | Exception] = []
+            for i in idxs:
+                if sink is not None:
+                    sink.on_reset(i)
+                out += self._run_isolated(requests, [i], params, sink)
+            return out
 
-    def _run(self, reqs: list[GenRequest], params: GenParams) -> list[GenResult | Exception]:
+    def _run(
+        self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
+    ) -> list[GenResult | Exception]:
         config = RequestConfig(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -142,16 +227,34 @@ class SwiftEngine:
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        self._extras = []
+        self._procs = []
         if params.presence_penalty or params.frequency_penalty:
-            self._extras = [PenaltyProcessor(params.presence_penalty, params.frequency_penalty)]
+            self._procs = [PenaltyProcessor(params.presence_penalty, params.frequency_penalty)]
+        self._stoppers = [RowStopper(_SubSink(sink, idxs))] if sink is not None else []
+        infer_requests = [InferRequest(messages=requests[i].messages) for i in idxs]
         try:
-            outs = self.engine.infer(
-                [InferRequest(messages=r.messages) for r in reqs], config, use_tqdm=False
-            )
+            if sink is None:
+                outs = self.engine.infer(infer_requests, config, use_tqdm=False)
+                return [self._to_result(out, params) for out in outs]
+            return self._stream(infer_requests, config, params, _SubSink(sink, idxs))
         finally:
-            self._extras = []
-        return [self._to_result(out, params) for out in outs]
+            self._procs, self._stoppers = [], []
+
+    def _stream(
+        self, infer_requests: list[InferRequest], config: RequestConfig, params: GenParams, sink: TokenSink
+    ) -> list[GenResult | Exception]:
+        streamer = DeltaStreamer(self.engine.template, sink, params.stop, len(infer_requests))
+        self._streamer = streamer
+        try:
+            outs = self.engine.infer(infer_requests, config, use_tqdm=False)
+        finally:
+            self._streamer = None
+        results = [self._to_result(out, params) for out in outs]
+        for row, res in enumerate(results):
+            if isinstance(res, GenResult):
+                streamer.settle(row, res.text)
+        sink.flush()
+        return results
 
     @staticmethod
     def _to_result(out: Any, params: GenParams) -> GenResult | Exception:
@@ -161,6 +264,25 @@ class SwiftEngine:
         text, stopped = truncate_at_stop(choice.message.content or "", params.stop)
         finish: FinishReason = "stop" if stopped or choice.finish_reason == "stop" else "length"
         return GenResult(text, finish, out.usage.prompt_tokens, out.usage.completion_tokens)
+
+
+class _SubSink:
+    """A chunk's view of the call's sink: row r of this `generate` is request idxs[r]."""
+
+    def __init__(self, sink: TokenSink, idxs: list[int]) -> None:
+        self.sink, self.idxs = sink, idxs
+
+    def on_delta(self, i: int, text: str) -> None:
+        self.sink.on_delta(self.idxs[i], text)
+
+    def on_reset(self, i: int) -> None:
+        self.sink.on_reset(self.idxs[i])
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def should_stop(self, i: int) -> bool:
+        return self.sink.should_stop(self.idxs[i])
 
 
 class SwiftPromptCounter:

@@ -1,0 +1,144 @@
+"""Token deltas from the engine to a job's Redis Stream, and cancel flags back.
+
+Why coalesce: a fast engine produces a token per row every few ms; one XADD per token
+per job would make Redis round trips the bottleneck. Why flush on time since the last
+flush (not since the first buffered token): a slow engine's token then goes out at once
+instead of waiting for the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from core import keys
+from core.jobs import EVENTS_MAXLEN
+
+
+class StopFilter:
+    """Holds back text that may be the start of a stop sequence, and cuts at one.
+
+    OpenAI leaves the stop sequence out of the output; the engine emits it. Filtering the
+    deltas (not only the final text) keeps "concatenated deltas == final content" true.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.text = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += delta
+        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        if hits:
+            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
+        else:
+            hold = max(
+                (k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0
+            )
+            cut = len(self.buf) - hold
+            out, self.buf = self.buf[:cut], self.buf[cut:]
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        out = "" if self.stopped else self.buf
+        self.buf = ""
+        self.text += out
+        return out
+
+
+@dataclass
+class Target:
+    """Where request i of a `generate` call reports: a job and its choice index."""
+
+    job_id: str
+    index: int
+    attempt: int = 1
+
+
+@dataclass
+class StreamSink:
+    """Receives deltas from the engine (one thread) and writes them to job streams."""
+
+    client: redis.Redis
+    targets: list[Target]
+    ttl: int
+    flush_interval_s: float = 0.02
+    flush_chars: int = 512
+    cancel_poll_s: float = 0.1
+    _pending: dict[int, list[str]] = field(default_factory=dict)
+    _pending_chars: int = 0
+    _last_flush: float = 0.0
+    _cancelled: set[str] = field(default_factory=set)
+    _last_poll: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_delta(self, i: int, text: str) -> None:
+        if not text:
+            return
+        self._pending.setdefault(i, []).append(text)
+        self._pending_chars += len(text)
+        now = time.monotonic()
+        if now - self._last_flush >= self.flush_interval_s or self._pending_chars >= self.flush_chars:
+            self.flush()
+
+    def on_reset(self, i: int) -> None:
+        """The request is being run again (its batch failed): clients drop its partial text."""
+        self._pending.pop(i, None)
+        t = self.targets[i]
+        self._xadd_many([(t.job_id, {"type": "reset", "index": str(t.index), "attempt": str(t.attempt)})])
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        entries = []
+        for i, parts in self._pending.items():
+            t = self.targets[i]
+            entries.append(
+                (
+                    t.job_id,
+                    {
+                        "type": "token",
+                        "index": str(t.index),
+                        "text": "".join(parts),
+                        "attempt": str(t.attempt),
+                    },
+                )
+            )
+        self._pending.clear()
+        self._pending_chars = 0
+        self._xadd_many(entries)
+
+    def _xadd_many(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, fields in entries:
+            pipe.xadd(keys.job_events(job_id), fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.expire(keys.job_events(job_id), self.ttl)
+        pipe.execute()
+
+    def should_stop(self, i: int) -> bool:
+        """Called from the generation thread on every step; polls Redis at most every 100 ms."""
+        now = time.monotonic()
+        if now - self._last_poll >= self.cancel_poll_s and self._lock.acquire(blocking=False):
+            try:
+                self._last_poll = now
+                ids = sorted({t.job_id for t in self.targets})
+                flags = self.client.mget([keys.cancel(j) for j in ids])
+                self._cancelled = {j for j, f in zip(ids, flags, strict=True) if f}
+            except redis.RedisError:
+                pass  # keep generating; a cancel is retried on the next poll
+            finally:
+                self._lock.release()
+        return self.targets[i].job_id in self._cancelled
+
+    def cancelled(self, job_id: str) -> bool:
+        return job_id in self._cancelled
