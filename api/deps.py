@@ -18,6 +18,8 @@ from core.jobs import AsyncJobStore
 class AppState:
     settings: Settings
     redis: aredis.Redis
+    #: for blocking XREADs: its socket timeout must outlast the block
+    stream_redis: aredis.Redis
     store: AsyncJobStore
     counter: CounterHolder
     celery: Celery

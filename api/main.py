@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api import errors
 from api.deps import AppState
-from api.routes import health, jobs
+from api.routes import chat, health, jobs
 from api.service import CounterHolder
 from core.config import Settings, get_settings
 from core.jobs import AsyncJobStore
@@ -39,11 +39,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        stream_client = aredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=settings.sse_block_s + 10,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
         counter = CounterHolder(settings)
         counter.start()
         app.state.inferq = AppState(
             settings=settings,
             redis=client,
+            stream_redis=stream_client,
             store=AsyncJobStore(client, settings.result_ttl_s),
             counter=counter,
             celery=celery_app,
@@ -53,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await client.aclose()
+            await stream_client.aclose()
 
     app = FastAPI(
         title="inferq",
@@ -79,4 +87,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(chat.router)
     return app

@@ -133,3 +133,33 @@ async def submit(
             headers={"Retry-After": "5"},
         ) from exc
     return job
+
+
+async def cancel(store: AsyncJobStore, job_id: str) -> Job:
+    """Queued: cancelled at once and never runs. Running: the worker's stopping criterion
+    sees the flag within a step and ends the job `cancelled`. Finished: 409."""
+    record = await store.get(job_id)
+    if record is None:
+        raise not_found(job_id)
+    if record.status.terminal:
+        raise APIError(
+            409,
+            f"Job '{job_id}' already finished ({record.status.value}); nothing to cancel.",
+            param="job_id",
+            code="job_finished",
+        )
+    await store.request_cancel(job_id)
+    if record.status is JobStatus.QUEUED:
+        await store.transition(job_id, JobStatus.CANCELLED)
+    fresh = await store.get(job_id)
+    return fresh.job if fresh else record.job
+
+
+def not_found(job_id: str) -> APIError:
+    return APIError(
+        404,
+        f"No job with id '{job_id}' (unknown, or expired after its TTL).",
+        param="job_id",
+        code="job_not_found",
+        type_="not_found_error",
+    )

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = 5.0
     #: Seconds a finished (or queued) job record, its result and its stream are kept.
     result_ttl_s: int = 24 * 3600
+    #: Longest XREAD BLOCK of an SSE reader; an idle stream gets a keep-alive this often.
+    sse_block_s: float = 15.0
 
     # --- model ------------------------------------------------------------------
     #: `swift` serves a real ms-swift engine; `echo` answers with the prompt (plumbing

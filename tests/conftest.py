@@ -58,7 +58,18 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
+    """The demo model, made to never emit EOS or <|endoftext|> (via its generation_config, which both
+    ms-swift and plain transformers honour): every generation runs to `max_tokens` or a
+    stop sequence, so cancel and streaming tests have long generations to work with."""
+    path = build_demo_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(path)
+    # <|endoftext|> (pad) is a template stop word too
+    GenerationConfig(
+        suppress_tokens=[tok.eos_token_id, tok.pad_token_id], eos_token_id=tok.eos_token_id
+    ).save_pretrained(path)
+    return path
 
 
 @dataclass

@@ -1,14 +1,18 @@
-"""POST /v1/jobs and GET /v1/jobs/{id}: the asynchronous job API."""
+"""The asynchronous job API: submit, poll, follow live, cancel."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api import service
 from api.deps import StateDep
 from api.errors import APIError
+from api.streams import read_events
 from schemas.jobs import Job
 from schemas.openai import ChatCompletionRequest, ErrorResponse
 
@@ -44,11 +48,44 @@ async def create_job(body: ChatCompletionRequest, st: StateDep) -> Job:
 async def get_job(job_id: str, st: StateDep) -> Job:
     record = await st.store.get(job_id)
     if record is None:
-        raise APIError(
-            404,
-            f"No job with id '{job_id}' (unknown, or expired after its TTL).",
-            param="job_id",
-            code="job_not_found",
-            type_="not_found_error",
-        )
+        raise service.not_found(job_id)
     return record.job
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+async def cancel_job(job_id: str, st: StateDep) -> Job:
+    return await service.cancel(st.store, job_id)
+
+
+@router.get("/{job_id}/events", responses=_ERRORS, response_class=EventSourceResponse)
+async def job_events(
+    job_id: str, request: Request, st: StateDep, last_event_id: str | None = Header(default=None)
+) -> EventSourceResponse:
+    """SSE: `status`, `token`, `reset` events, then one of `done`, `error`, `cancelled`.
+    Each event's id is its Redis Stream entry id; reconnect with `Last-Event-ID` to resume."""
+    if await st.store.get(job_id) is None:
+        raise service.not_found(job_id)
+    start = last_event_id or "0-0"
+    if not _valid_stream_id(start):
+        raise APIError(
+            400,
+            f"Invalid Last-Event-ID '{start}': expected a stream id like 1700000000000-0.",
+            param="Last-Event-ID",
+            code="invalid_value",
+        )
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        block_ms = int(st.settings.sse_block_s * 1000)
+        async for event in read_events(st.stream_redis, job_id, start, block_ms):
+            if event is None:
+                if await request.is_disconnected():
+                    return
+                continue
+            yield ServerSentEvent(data=json.dumps(event.data()), event=event.type, id=event.id)
+
+    return EventSourceResponse(events(), ping=int(st.settings.sse_block_s), send_timeout=30)
+
+
+def _valid_stream_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and (seq == "" or seq.isdigit())

@@ -1,0 +1,23 @@
+"""POST /v1/chat/completions: OpenAI-compatible, backed by the queue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from api import chat
+from api.deps import StateDep
+from api.routes.jobs import _ERRORS
+from schemas.openai import ChatCompletion, ChatCompletionRequest
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+
+
+@router.post("/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, st: StateDep
+) -> ChatCompletion | StreamingResponse:
+    job = await chat.submit(st, body)
+    if body.stream:
+        return chat.streaming_response(st, job, body, request)
+    return await chat.complete(st, job, request)
