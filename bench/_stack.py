@@ -1,0 +1,56 @@
+"""Start the real stack (Valkey, worker, API) on free ports for a benchmark run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
+from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+
+
+@contextmanager
+def stack(**env_extra: str) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """Yields (api base URL, model dir, env)."""
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
+        home = Path(tmp)
+        model = build_demo_model(home / "model")
+        sup = Supervisor()
+        try:
+            port = free_port()
+            proc = sup.start("valkey", valkey_argv(port, home / "valkey"), stdout=subprocess.DEVNULL)
+            wait_for(lambda: port_open(port), 15, "valkey", proc)
+            env = dict(os.environ)
+            env.update(
+                INFERQ_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+                INFERQ_MODEL_PATH=str(model),
+                INFERQ_MODEL_TYPE=DEMO_MODEL_TYPE,
+                INFERQ_TEMPLATE=DEMO_TEMPLATE,
+                INFERQ_SERVED_MODEL_NAME="tiny",
+                INFERQ_HOME=str(home),
+                PYTORCH_NVML_BASED_CUDA_CHECK="1",
+                TOKENIZERS_PARALLELISM="false",
+                **env_extra,
+            )
+            log = (home / "stack.log").open("wb")
+            sup.start(
+                "worker", worker_argv(QUEUES, loglevel="WARNING"), env=env, cwd=ROOT, stdout=log.fileno()
+            )
+            api_port = free_port()
+            sup.start("api", api_argv("127.0.0.1", api_port), env=env, cwd=ROOT, stdout=log.fileno())
+            base = f"http://127.0.0.1:{api_port}"
+            wait_for(
+                lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 180, "stack", interval=0.25
+            )
+            yield base, model, env
+        finally:
+            sup.stop_all()
