@@ -57,7 +57,7 @@ def delivery_latencies(base: str, streams: int, max_tokens: int) -> list[float]:
 
 
 def ttft_queue(base: str, n: int, max_tokens: int) -> list[float]:
-    out = []
+    out: list[float] = []
     client = httpx.Client(timeout=60)  # one client: creating one costs ~100 ms (TLS context)
     for i in range(n):
         body = {

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     #: job that is still running is delivered twice.
     visibility_timeout_s: int = 1200
     heartbeat_interval_s: float = 2.0
+    #: A generation with no step for this long is hung (ms-swift/CUDA can deadlock): the
+    #: watchdog fails its jobs with `engine_stalled` and restarts the pool child.
+    stall_timeout_s: float = 120.0
     warmup: bool = True
 
     # --- queues -------------------------------------------------------------------

@@ -15,6 +15,10 @@ def run_job(job_id: str) -> str | None:
     settings = get_settings()
     # Batch lines skip token streaming: nobody watches them, and the non-streaming path is faster.
     stream = run_job.request.delivery_info.get("routing_key") != settings.queue_batch
-    outcome = runner.run_job(job_id, st.store, st.engine, settings.default_max_tokens, stream=stream)
+    st.current = [job_id]
+    try:
+        outcome = runner.run_job(job_id, st.store, st.engine, settings.default_max_tokens, stream=stream)
+    finally:
+        st.current = []
     st.jobs_done += 1
     return outcome.status.value if outcome.status else None

@@ -122,10 +122,7 @@ def wait_ready(base_url: str, timeout: float = 120) -> None:
     wait_for(ok, timeout, "stack /ready", interval=0.25)
 
 
-@pytest.fixture(scope="session")
-def stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("home")
-    env = stack_env(redis_url, demo_model, home)
+def start_stack(env: dict[str, str], home: Path) -> Stack:
     log = home / "stack.log"
     sup = Supervisor()
     api_port, flower_port = free_port(), free_port()
@@ -146,5 +143,32 @@ def stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFac
         print(log.read_text()[-5000:])
         sup.stop_all()
         raise
-    yield Stack(base, f"http://127.0.0.1:{flower_port}", redis_url, env, sup, log)
-    sup.stop_all()
+    return Stack(base, f"http://127.0.0.1:{flower_port}", env["INFERQ_REDIS_URL"], env, sup, log)
+
+
+def with_db(url: str, db: int) -> str:
+    """The same server, another database: a second stack whose queues and keys stay apart."""
+    base, _, last = url.rpartition("/")
+    return f"{base}/{db}" if last.isdigit() else f"{url.rstrip('/')}/{db}"
+
+
+@pytest.fixture(scope="session")
+def echo_stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + worker running the fake echo engine (with its failure triggers), in its own db."""
+    url = with_db(redis_url, 14)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    home = tmp_path_factory.mktemp("echo-home")
+    env = stack_env(url, demo_model, home, INFERQ_ENGINE="echo", INFERQ_STALL_TIMEOUT_S="2")
+    st = start_stack(env, home)
+    yield st
+    st.sup.stop_all()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("home")
+    st = start_stack(stack_env(redis_url, demo_model, home), home)
+    yield st
+    st.sup.stop_all()

@@ -84,6 +84,11 @@ class Engine(Protocol):
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
 
+    def progress(self) -> float | None:
+        """`time.monotonic()` of the last generation step while a `generate` runs, None when
+        idle: the worker's watchdog reads it to tell a long generation from a hung one."""
+        ...
+
 
 class PromptCounter(Protocol):
     """Counts prompt tokens exactly as the engine will (template included)."""

@@ -6,6 +6,7 @@ the queue itself. Magic prompts trigger failure modes on purpose.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, TokenSink
@@ -13,12 +14,18 @@ from workers.streaming import StopFilter
 
 #: A user message equal to this makes the request fail (engine error, worker survives).
 FAIL_TRIGGER = "__inferq_fail__"
+#: A user message equal to this hangs generation forever (what the stall watchdog is for).
+STALL_TRIGGER = "__inferq_stall__"
 
 
 class EchoEngine:
     def __init__(self, model_id: str, context_length: int = 4096) -> None:
         self.facts = ModelFacts(model_id=model_id, context_length=context_length, demo=True)
         self.calls: list[int] = []
+        self._progress: float | None = None
+
+    def progress(self) -> float | None:
+        return self._progress
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return sum(len(m["content"].split()) + 2 for m in messages)
@@ -27,9 +34,20 @@ class EchoEngine:
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None
     ) -> list[GenResult | Exception]:
         self.calls.append(len(requests))
+        self._progress = time.monotonic()
+        try:
+            return self._generate(requests, sink)
+        finally:
+            self._progress = None
+
+    def _generate(
+        self, requests: Sequence[GenRequest], sink: TokenSink | None
+    ) -> list[GenResult | Exception]:
         out: list[GenResult | Exception] = []
         for i, req in enumerate(requests):
             prompt = req.messages[-1]["content"]
+            while prompt == STALL_TRIGGER:
+                time.sleep(1)  # no progress is ever reported
             if prompt == FAIL_TRIGGER:
                 out.append(RuntimeError("echo engine: failure requested by the prompt"))
                 continue
@@ -39,6 +57,7 @@ class EchoEngine:
             for k, word in enumerate(words[:n]):
                 if sink is not None and sink.should_stop(i):
                     break
+                self._progress = time.monotonic()
                 delta = filt.feed(word if k == 0 else " " + word)
                 if sink is not None:
                     sink.on_delta(i, delta)

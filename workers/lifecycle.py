@@ -23,6 +23,7 @@ import redis
 from core import keys
 from core.config import Settings, get_settings
 from core.jobs import JobStore
+from schemas.jobs import JobError, JobStatus
 from workers.engine import Engine, GenParams, GenRequest, load_engine
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,44 @@ class WorkerState:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.started_at = time.time()
         self.jobs_done = 0
+        #: the jobs whose generation is running now (the watchdog fails them if it hangs)
+        self.current: list[str] = []
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
+        self._watchdog = threading.Thread(target=self._watchdog_loop, name="inferq-watchdog", daemon=True)
 
     def start(self) -> None:
         self._beat.start()
+        self._watchdog.start()
+
+    def stalled(self) -> bool:
+        last = self.engine.progress()
+        return last is not None and time.monotonic() - last > self.settings.stall_timeout_s
+
+    def _watchdog_loop(self) -> None:
+        period = min(1.0, self.settings.stall_timeout_s / 4)
+        while not self._stop.wait(period):
+            if not self.stalled():
+                continue
+            jobs = list(self.current)
+            logger.error(
+                "generation made no progress for %.0fs; failing %s and restarting this child",
+                self.settings.stall_timeout_s,
+                jobs,
+            )
+            error = JobError(
+                code="engine_stalled",
+                message=f"generation made no progress for {self.settings.stall_timeout_s:.0f}s",
+            )
+            for job_id in jobs:
+                try:
+                    self.store.transition(job_id, JobStatus.FAILED, error=error)
+                except redis.RedisError as exc:
+                    logger.error("could not fail %s: %s", job_id, exc)
+            # A hung generate cannot be interrupted from Python: replace the process. The
+            # parent forks a fresh child; the requeued message finds its job failed and is skipped.
+            self.stop()
+            os._exit(70)
 
     def stop(self) -> None:
         self._stop.set()

@@ -139,6 +139,19 @@ class DeltaStreamer(BaseStreamer):
         self.emitted[row] = final
 
 
+class ProgressBeat(StoppingCriteria):
+    """Never stops anything; records that a generation step happened (for the watchdog)."""
+
+    def __init__(self, engine: SwiftEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        self.engine._progress = time.monotonic()
+        return cast(
+            torch.BoolTensor, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        )
+
+
 class SwiftEngine:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.max_batch_size = settings.max_batch_size
@@ -161,6 +174,7 @@ class SwiftEngine:
         self._procs: list[LogitsProcessor] = []
         self._stoppers: list[StoppingCriteria] = []
         self._streamer: DeltaStreamer | None = None
+        self._progress: float | None = None
         self._lock = threading.Lock()
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
         self.engine.template.generate = self._generate
@@ -172,16 +186,18 @@ class SwiftEngine:
             procs = kwargs.get("logits_processor") or LogitsProcessorList()
             procs.extend(self._procs)
             kwargs["logits_processor"] = procs
-        if self._stoppers:
-            crit = kwargs.get("stopping_criteria") or StoppingCriteriaList()
-            crit.extend(self._stoppers)
-            kwargs["stopping_criteria"] = crit
+        crit = kwargs.get("stopping_criteria") or StoppingCriteriaList()
+        crit.extend([*self._stoppers, ProgressBeat(self)])
+        kwargs["stopping_criteria"] = crit
         if self._streamer is not None:
             kwargs["streamer"] = self._streamer
         return self._orig_generate(model, *args, **kwargs)
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.engine.template.encode(InferRequest(messages=messages))["input_ids"])
+
+    def progress(self) -> float | None:
+        return self._progress
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None
@@ -191,13 +207,26 @@ class SwiftEngine:
         for i, req in enumerate(requests):
             groups[req.params].append(i)
         with self._lock:
-            for params, idxs in groups.items():
-                for start in range(0, len(idxs), self.max_batch_size):
-                    chunk = idxs[start : start + self.max_batch_size]
-                    outs = self._run_isolated(requests, chunk, params, sink)
-                    for i, out in zip(chunk, outs, strict=True):
-                        results[i] = out
+            self._progress = time.monotonic()
+            try:
+                self._generate_groups(requests, groups, results, sink)
+            finally:
+                self._progress = None
         return [r if r is not None else RuntimeError("no result") for r in results]
+
+    def _generate_groups(
+        self,
+        requests: Sequence[GenRequest],
+        groups: dict[GenParams, list[int]],
+        results: list[GenResult | Exception | None],
+        sink: TokenSink | None,
+    ) -> None:
+        for params, idxs in groups.items():
+            for start in range(0, len(idxs), self.max_batch_size):
+                chunk = idxs[start : start + self.max_batch_size]
+                outs = self._run_isolated(requests, chunk, params, sink)
+                for i, out in zip(chunk, outs, strict=True):
+                    results[i] = out
 
     def _run_isolated(
         self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
