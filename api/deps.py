@@ -9,9 +9,11 @@ import redis.asyncio as aredis
 from celery import Celery
 from fastapi import Depends, Request
 
+from api.batches import BatchService
 from api.service import CounterHolder
 from core.config import Settings
 from core.jobs import AsyncJobStore
+from core.storage import Storage
 
 
 @dataclass
@@ -24,6 +26,8 @@ class AppState:
     counter: CounterHolder
     celery: Celery
     started_at: int
+    storage: Storage
+    batches: BatchService
 
 
 def get_state(request: Request) -> AppState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,11 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from api import errors
+from api.batches import BatchService
 from api.deps import AppState
-from api.routes import chat, health, jobs
+from api.routes import batches as batch_routes
+from api.routes import chat, files, health, jobs
 from api.service import CounterHolder
 from core.config import Settings, get_settings
 from core.jobs import AsyncJobStore
+from core.storage import LocalStorage
 from schemas.openai import error_body
 
 logger = logging.getLogger("inferq.api")
@@ -47,18 +51,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         counter = CounterHolder(settings)
         counter.start()
+        storage = LocalStorage(settings.files_path)
+        store = AsyncJobStore(client, settings.result_ttl_s)
+        batches = BatchService(client, store, storage, settings, celery_app, counter)
         app.state.inferq = AppState(
             settings=settings,
             redis=client,
             stream_redis=stream_client,
-            store=AsyncJobStore(client, settings.result_ttl_s),
+            store=store,
+            storage=storage,
+            batches=batches,
             counter=counter,
             celery=celery_app,
             started_at=int(time.time()),
         )
+        resumer = asyncio.get_running_loop().create_task(batches.resume_all())
         try:
             yield
         finally:
+            resumer.cancel()
+            await batches.stop()
             await client.aclose()
             await stream_client.aclose()
 
@@ -88,4 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(chat.router)
+    app.include_router(files.router)
+    app.include_router(batch_routes.router)
     return app

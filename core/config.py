@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=512, ge=1)
     max_body_bytes: int = 4 * 1024 * 1024
 
+    # --- files and batches ---------------------------------------------------------
+    #: Local directory for uploaded, output and error files (the API writes, workers never do).
+    files_dir: Path | None = None
+    file_ttl_s: int = 30 * 24 * 3600
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_file_lines: int = 50_000
+    #: Lines of one batch allowed in the queue at once: enough to keep workers' batches
+    #: full, never the whole file (a 50k-line batch must not flood the broker).
+    batch_window: int = 256
+    batch_dispatch_chunk: int = 128
+
     # --- worker -------------------------------------------------------------------
     #: Celery kills a pool child that has not signalled "alive" within this many
     #: seconds of forking; model import + load + warm-up must fit, or every replacement
@@ -92,6 +103,10 @@ class Settings(BaseSettings):
         if self.model_path:
             return Path(self.model_path).name or "model"
         return "inferq-demo"
+
+    @property
+    def files_path(self) -> Path:
+        return self.files_dir or self.home / "files"
 
     @property
     def demo_model_dir(self) -> Path:

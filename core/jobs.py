@@ -36,7 +36,7 @@ local maxlen = ARGV[#ARGV]
 redis.call('HSET', KEYS[1], 'status', to)
 local payload = {}
 for i = 6, #ARGV - 1, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if string.sub(ARGV[i], 1, 1) ~= '_' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   payload[ARGV[i]] = ARGV[i + 1]
 end
 if to == 'running' then
@@ -61,6 +61,17 @@ elseif to == 'cancelled' then
              'result', payload['result'] or '')
 end
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+if payload['_line'] and #KEYS >= 5 then
+  -- a batch line: its output/error line and the batch counters move with the job, atomically
+  local list = KEYS[4]
+  if payload['_list'] == 'out' then list = KEYS[3] end
+  redis.call('RPUSH', list, payload['_line'])
+  redis.call('EXPIRE', list, payload['_ttl'])
+  redis.call('HINCRBY', KEYS[5], 'done_lines', 1)
+  if payload['_count'] ~= '' then redis.call('HINCRBY', KEYS[5], payload['_count'], 1) end
+  redis.call('HINCRBY', KEYS[5], 'input_tokens', payload['_in'] or 0)
+  redis.call('HINCRBY', KEYS[5], 'output_tokens', payload['_out'] or 0)
+end
 return {'ok', cur}
 """
 
@@ -89,10 +100,38 @@ class JobRecord:
     job: Job
     request: ChatCompletionRequest
     queue: str
+    batch_id: str = ""
+    custom_id: str = ""
 
     @property
     def status(self) -> JobStatus:
         return self.job.status
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """What a batch job writes when it ends: one line of the output or error file."""
+
+    batch_id: str
+    line: str
+    to_output: bool
+    counter: str  # "completed", "failed" or "" (cancelled/expired lines count in neither)
+    ttl: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "_line": self.line,
+            "_list": "out" if self.to_output else "err",
+            "_count": self.counter,
+            "_ttl": str(self.ttl),
+            "_in": str(self.input_tokens),
+            "_out": str(self.output_tokens),
+        }
+
+    def keys(self) -> list[str]:
+        return [keys.batch_output(self.batch_id), keys.batch_errors(self.batch_id), keys.batch(self.batch_id)]
 
 
 def encode_new(
@@ -127,7 +166,13 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
     )
     request = ChatCompletionRequest.model_validate_json(raw["request"])
-    return JobRecord(job=job, request=request, queue=raw.get("queue", ""))
+    return JobRecord(
+        job=job,
+        request=request,
+        queue=raw.get("queue", ""),
+        batch_id=raw.get("batch_id", ""),
+        custom_id=raw.get("custom_id", ""),
+    )
 
 
 def _transition_args(to: JobStatus, now: float, ttl: int, fields: dict[str, str]) -> list[str]:
@@ -190,11 +235,12 @@ class JobStore:
         *,
         result: ChatCompletion | None = None,
         error: JobError | None = None,
-        extra: dict[str, str] | None = None,
+        batch_line: BatchLine | None = None,
     ) -> TransitionResult:
-        fields = {**_finish_fields(result, error), **(extra or {})}
+        fields = {**_finish_fields(result, error), **(batch_line.fields() if batch_line else {})}
         args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        reply = self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args)
+        job_keys = [keys.job(job_id), keys.job_events(job_id), *(batch_line.keys() if batch_line else [])]
+        reply = self._transition(keys=job_keys, args=args)
         return _parse(reply)
 
 
@@ -224,9 +270,32 @@ class AsyncJobStore:
         await self.r.set(keys.cancel(job_id), "1", ex=self.ttl)
 
     async def transition(
-        self, job_id: str, to: JobStatus, *, error: JobError | None = None
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        error: JobError | None = None,
+        batch_line: BatchLine | None = None,
     ) -> TransitionResult:
-        fields = _finish_fields(None, error)
+        fields = {**_finish_fields(None, error), **(batch_line.fields() if batch_line else {})}
         args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        reply = await self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args)
+        job_keys = [keys.job(job_id), keys.job_events(job_id), *(batch_line.keys() if batch_line else [])]
+        reply = await self._transition(keys=job_keys, args=args)
         return _parse(reply)
+
+    async def create_batch_jobs(
+        self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]], queue: str
+    ) -> None:
+        """Records for batch lines under deterministic ids; ids that already exist (a
+        dispatcher that restarted mid-chunk) are kept as they are."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id, *_ in jobs:
+                pipe.exists(keys.job(job_id))
+            present = await pipe.execute()
+        now = time.time()
+        async with self.r.pipeline(transaction=True) as pipe:
+            for (job_id, request, prompt_tokens, extra), exists in zip(jobs, present, strict=True):
+                if not exists:
+                    fields = {**encode_new(job_id, request, queue, now, prompt_tokens), **extra}
+                    _queue_create(pipe, job_id, fields, self.ttl)
+            await pipe.execute()

@@ -35,3 +35,46 @@ def cancel(job_id: str) -> str:
 def stats() -> str:
     """Hash of counters (jobs run, batches, tokens). TTL: refreshed on every write."""
     return f"{PREFIX}stats"
+
+
+def file(file_id: str) -> str:
+    """Hash: a file's metadata (bytes live in storage). TTL: file_ttl_s."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: a batch object, its counters and its dispatch cursor. TTL: batch_ttl."""
+    return f"{PREFIX}batch:{batch_id}"
+
+
+def batch_output(batch_id: str) -> str:
+    """List: output-file lines as they finish (durable before the file exists). TTL: batch_ttl."""
+    return f"{PREFIX}batch:{batch_id}:out"
+
+
+def batch_errors(batch_id: str) -> str:
+    """List: error-file lines as they happen. TTL: batch_ttl."""
+    return f"{PREFIX}batch:{batch_id}:err"
+
+
+def batch_custom_ids(batch_id: str) -> str:
+    """Set: custom_ids seen, to refuse duplicates across a dispatcher restart. TTL: batch_ttl."""
+    return f"{PREFIX}batch:{batch_id}:ids"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List: job ids dispatched for the batch (for cancel/expiry). TTL: batch_ttl."""
+    return f"{PREFIX}batch:{batch_id}:jobs"
+
+
+def batch_lock(batch_id: str) -> str:
+    """String: the API process dispatching this batch. TTL: a few seconds, renewed."""
+    return f"{PREFIX}batch:{batch_id}:lock"
+
+
+#: Set of batch ids whose dispatch is not finished (resumed on API start). TTL: refreshed.
+ACTIVE_BATCHES = f"{PREFIX}batches:active"
+#: Sorted set of all batch ids by creation time (for listing). TTL: refreshed.
+BATCH_INDEX = f"{PREFIX}batches:index"
+#: Sorted set of file ids by creation time (for listing). TTL: refreshed.
+FILE_INDEX = f"{PREFIX}files:index"

@@ -23,7 +23,8 @@ import redis
 from core import keys
 from core.config import Settings, get_settings
 from core.jobs import JobStore
-from schemas.jobs import JobError, JobStatus
+from schemas.jobs import JobError
+from workers import runner
 from workers.engine import Engine, GenParams, GenRequest, load_engine
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class WorkerState:
             )
             for job_id in jobs:
                 try:
-                    self.store.transition(job_id, JobStatus.FAILED, error=error)
+                    runner.fail(self.store, job_id, error)
                 except redis.RedisError as exc:
                     logger.error("could not fail %s: %s", job_id, exc)
             # A hung generate cannot be interrupted from Python: replace the process. The

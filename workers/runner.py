@@ -11,8 +11,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from core import keys
-from core.jobs import JobStore
+from core import batch_lines, keys
+from core.jobs import BatchLine, JobRecord, JobStore
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from workers.engine import Engine, GenParams, GenRequest, GenResult
@@ -63,6 +63,40 @@ def build_completion(job_id: str, model: str, results: list[GenResult]) -> ChatC
     )
 
 
+def _batch_line(
+    record: JobRecord,
+    ttl: int,
+    *,
+    completion: ChatCompletion | None = None,
+    error: JobError | None = None,
+) -> BatchLine | None:
+    """The output/error-file line a batch job writes together with its final status
+    (no completion and no error: the job was cancelled)."""
+    if not record.batch_id:
+        return None
+    job_id, custom_id = record.job.id, record.custom_id
+    if completion is not None:
+        u = completion.usage
+        text = batch_lines.success(custom_id, job_id, completion.model_dump())
+        return BatchLine(record.batch_id, text, True, "completed", ttl, u.prompt_tokens, u.completion_tokens)
+    if error is not None:
+        text = batch_lines.request_failure(custom_id, job_id, 500, error.message, error.code, "server_error")
+        return BatchLine(record.batch_id, text, False, "failed", ttl)
+    text = batch_lines.not_run(
+        custom_id, "batch_cancelled", "The batch was cancelled before this request finished."
+    )
+    return BatchLine(record.batch_id, text, False, "", ttl)
+
+
+def fail(store: JobStore, job_id: str, error: JobError) -> None:
+    """Fail a job from outside its run (the watchdog), writing its batch line if it has one."""
+    record = store.get(job_id)
+    if record is not None:
+        store.transition(
+            job_id, JobStatus.FAILED, error=error, batch_line=_batch_line(record, store.ttl, error=error)
+        )
+
+
 def run_job(
     job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512, *, stream: bool = True
 ) -> RunOutcome:
@@ -84,20 +118,23 @@ def run_job(
     targets = [Target(job_id, i, attempt) for i in range(len(requests))]
     sink = StreamSink(store.r, targets, store.ttl)
     outs = engine.generate(requests, sink if stream else None)
+    model = record.request.model
     if sink.cancelled(job_id) or (not stream and store.r.exists(keys.cancel(job_id))):
         partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
+        result = build_completion(job_id, model, partial)
         store.transition(
-            job_id, JobStatus.CANCELLED, result=build_completion(job_id, record.request.model, partial)
+            job_id, JobStatus.CANCELLED, result=result, batch_line=_batch_line(record, store.ttl)
         )
         return RunOutcome(JobStatus.CANCELLED)
     failures = [o for o in outs if isinstance(o, Exception)]
     if failures:
         error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
-        store.transition(job_id, JobStatus.FAILED, error=error)
+        line = _batch_line(record, store.ttl, error=error)
+        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line)
         return RunOutcome(JobStatus.FAILED)
-    results = [o for o in outs if isinstance(o, GenResult)]
-    completion = build_completion(job_id, record.request.model, results)
-    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion)
+    completion = build_completion(job_id, model, [o for o in outs if isinstance(o, GenResult)])
+    line = _batch_line(record, store.ttl, completion=completion)
+    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line)
     if not done.ok:
         logger.info("job %s became %s while running; result discarded", job_id, done.previous)
         return RunOutcome(JobStatus(done.previous), skipped=True)

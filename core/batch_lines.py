@@ -1,0 +1,37 @@
+"""Lines of OpenAI batch output and error files, built in one place for worker and API."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+
+def _line(custom_id: str | None, response: dict[str, Any] | None, error: dict[str, str] | None) -> str:
+    return json.dumps(
+        {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response, "error": error},
+        ensure_ascii=False,
+    )
+
+
+def success(custom_id: str, job_id: str, completion: dict[str, Any]) -> str:
+    return _line(custom_id, {"status_code": 200, "request_id": job_id, "body": completion}, None)
+
+
+def request_failure(
+    custom_id: str | None,
+    job_id: str | None,
+    status_code: int,
+    message: str,
+    code: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+) -> str:
+    """A request-level failure: the response OpenAI would have sent (4xx/5xx with an error body)."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return _line(custom_id, {"status_code": status_code, "request_id": job_id, "body": body}, None)
+
+
+def not_run(custom_id: str | None, code: str, message: str) -> str:
+    """A line that never ran to completion: cancelled or expired."""
+    return _line(custom_id, None, {"code": code, "message": message})
