@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from core import batch_cli
 from core.config import Settings
 from core.processes import (
     Supervisor,
@@ -161,12 +162,16 @@ def _wait_ready(base: str, sup: Supervisor, stopping: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
+    batch_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "batch":
+        return batch_cli.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

@@ -1,0 +1,128 @@
+"""`inferq batch ...`: submit a JSONL file, follow it with a progress bar, fetch the output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="submit and follow OpenAI-format JSONL batches")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="inferq API base URL")
+    bsub = p.add_subparsers(dest="batch_cmd", required=True)
+    s = bsub.add_parser("submit", help="upload FILE and create a batch")
+    s.add_argument("file", type=Path)
+    s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    s.add_argument("--output", type=Path, help="with --wait: write the output file here")
+    s.add_argument("--errors", type=Path, help="with --wait: write the error file here")
+    for name in ("status", "cancel"):
+        c = bsub.add_parser(name, help=f"{name} a batch")
+        c.add_argument("batch_id")
+
+
+def _check(resp: httpx.Response) -> dict[str, Any]:
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text
+        raise SystemExit(f"error {resp.status_code}: {message}")
+    return dict(resp.json())
+
+
+def _summary(b: dict[str, Any]) -> str:
+    c = b["request_counts"]
+    return (
+        f"{b['id']}  {b['status']}  done {c['completed']}  failed {c['failed']}  total {c['total']}"
+        f"  output {b.get('output_file_id') or '-'}  errors {b.get('error_file_id') or '-'}"
+    )
+
+
+def follow(client: httpx.Client, batch_id: str, console: Console) -> dict[str, Any]:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[rate]:.1f} lines/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    start = time.monotonic()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("validating", total=None, failed=0, rate=0.0)
+        while True:
+            b = _check(client.get(f"/v1/batches/{batch_id}"))
+            c = b["request_counts"]
+            done = c["completed"] + c["failed"]
+            rate = done / max(time.monotonic() - start, 1e-6)
+            progress.update(
+                task,
+                description=b["status"],
+                total=c["total"] or None,
+                completed=done,
+                failed=c["failed"],
+                rate=rate,
+            )
+            if b["status"] in TERMINAL:
+                return b
+            time.sleep(0.5)
+
+
+def _download(client: httpx.Client, file_id: str | None, path: Path | None) -> None:
+    if not file_id or not path:
+        return
+    with client.stream("GET", f"/v1/files/{file_id}/content") as resp, path.open("wb") as fh:
+        for chunk in resp.iter_bytes():
+            fh.write(chunk)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        if args.batch_cmd == "submit":
+            with args.file.open("rb") as fh:
+                f = _check(
+                    client.post("/v1/files", files={"file": (args.file.name, fh)}, data={"purpose": "batch"})
+                )
+            b = _check(
+                client.post(
+                    "/v1/batches",
+                    json={
+                        "input_file_id": f["id"],
+                        "endpoint": "/v1/chat/completions",
+                        "completion_window": "24h",
+                    },
+                )
+            )
+            console.print(f"batch {b['id']} created from {f['id']} ({f['bytes']} bytes)")
+            if args.wait:
+                b = follow(client, b["id"], console)
+                _download(client, b.get("output_file_id"), args.output)
+                _download(client, b.get("error_file_id"), args.errors)
+            sys.stdout.write(json.dumps(b) + "\n")
+            return 0 if b["status"] in ("completed", "validating", "in_progress") else 1
+        if args.batch_cmd == "status":
+            b = _check(client.get(f"/v1/batches/{args.batch_id}"))
+        else:
+            b = _check(client.post(f"/v1/batches/{args.batch_id}/cancel"))
+        console.print(_summary(b))
+        sys.stdout.write(json.dumps(b) + "\n")
+        return 0
