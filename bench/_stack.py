@@ -19,8 +19,8 @@ QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
 
 
 @contextmanager
-def stack(**env_extra: str) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    """Yields (api base URL, model dir, env)."""
+def stack(**env_extra: str) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
+    """Yields (api base URL, model dir, env, supervisor)."""
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
         home = Path(tmp)
         model = build_demo_model(home / "model")
@@ -51,6 +51,6 @@ def stack(**env_extra: str) -> Iterator[tuple[str, Path, dict[str, str]]]:
             wait_for(
                 lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 180, "stack", interval=0.25
             )
-            yield base, model, env
+            yield base, model, env, sup
         finally:
             sup.stop_all()

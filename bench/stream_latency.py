@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
-    with stack() as (base, model, _):
+    with stack() as (base, model, _, _sup):
         lat = delivery_latencies(base, args.streams, args.max_tokens)
         queue = ttft_queue(base, args.requests, args.max_tokens)
         direct = ttft_direct(str(model), args.requests, args.max_tokens)
