@@ -325,6 +325,7 @@ class BatchService:
         if jobs:
             await self.store.create_batch_jobs(jobs, self.settings.queue_batch)
             await anyio.to_thread.run_sync(self._send, [j[0] for j in jobs])
+            await self.store.mark_ready(self.settings.queue_batch, [j[0] for j in jobs])
         async with self.r.pipeline(transaction=True) as pipe:
             for _no, _custom_id, line in bad:
                 pipe.rpush(keys.batch_errors(batch_id), line)

@@ -132,6 +132,7 @@ async def submit(
             code="queue_unavailable",
             headers={"Retry-After": "5"},
         ) from exc
+    await store.mark_ready(queue, [job.id])
     return job
 
 

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     #: job that is still running is delivered twice.
     visibility_timeout_s: int = 1200
     heartbeat_interval_s: float = 2.0
+    #: A running job's lease: renewed by its worker's heartbeat; once it lapses (the worker
+    #: died) the reaper sends the job again. Bounds recovery after a crash.
+    lease_s: float = 15.0
+    #: How often a worker looks for lapsed leases.
+    reap_interval_s: float = 2.0
+    #: Micro-batching: how long a worker waits for more jobs when its batch is not full.
+    batch_collect_ms: float = 5.0
     #: A generation with no step for this long is hung (ms-swift/CUDA can deadlock): the
     #: watchdog fails its jobs with `engine_stalled` and restarts the pool child.
     stall_timeout_s: float = 120.0

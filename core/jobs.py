@@ -32,6 +32,11 @@ local ok = false
 for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then ok = true end end
 if not ok then return {'conflict', cur} end
 local to = ARGV[1]
+if to == 'running' and cur == 'running' then
+  -- a running job with a live lease is being run by a live worker: do not run it twice
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if lease > tonumber(ARGV[2]) then return {'leased', cur} end
+end
 local maxlen = ARGV[#ARGV]
 redis.call('HSET', KEYS[1], 'status', to)
 local payload = {}
@@ -42,12 +47,16 @@ end
 if to == 'running' then
   local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  local lease_until = tonumber(ARGV[2]) + tonumber(payload['_lease'] or '30')
+  redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until))
+  redis.call('ZADD', KEYS[3], lease_until, string.sub(KEYS[1], string.len('inferq:job:') + 1))
   if attempt > 1 then
     -- a redelivery: subscribers drop the partial text of the attempt that died
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', tostring(attempt))
   end
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  redis.call('ZREM', KEYS[3], string.sub(KEYS[1], string.len('inferq:job:') + 1))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
@@ -61,16 +70,16 @@ elseif to == 'cancelled' then
              'result', payload['result'] or '')
 end
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-if payload['_line'] and #KEYS >= 5 then
+if payload['_line'] and #KEYS >= 6 then
   -- a batch line: its output/error line and the batch counters move with the job, atomically
-  local list = KEYS[4]
-  if payload['_list'] == 'out' then list = KEYS[3] end
+  local list = KEYS[5]
+  if payload['_list'] == 'out' then list = KEYS[4] end
   redis.call('RPUSH', list, payload['_line'])
   redis.call('EXPIRE', list, payload['_ttl'])
-  redis.call('HINCRBY', KEYS[5], 'done_lines', 1)
-  if payload['_count'] ~= '' then redis.call('HINCRBY', KEYS[5], payload['_count'], 1) end
-  redis.call('HINCRBY', KEYS[5], 'input_tokens', payload['_in'] or 0)
-  redis.call('HINCRBY', KEYS[5], 'output_tokens', payload['_out'] or 0)
+  redis.call('HINCRBY', KEYS[6], 'done_lines', 1)
+  if payload['_count'] ~= '' then redis.call('HINCRBY', KEYS[6], payload['_count'], 1) end
+  redis.call('HINCRBY', KEYS[6], 'input_tokens', payload['_in'] or 0)
+  redis.call('HINCRBY', KEYS[6], 'output_tokens', payload['_out'] or 0)
 end
 return {'ok', cur}
 """
@@ -91,6 +100,8 @@ class TransitionResult:
     ok: bool
     previous: str
     missing: bool = False
+    #: refused because a live worker holds the job's lease
+    leased: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,9 @@ def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dic
 
 def _parse(reply: list[Any]) -> TransitionResult:
     status, prev = (x.decode() if isinstance(x, bytes) else x for x in reply)
-    return TransitionResult(ok=status == "ok", previous=prev, missing=status == "missing")
+    return TransitionResult(
+        ok=status == "ok", previous=prev, missing=status == "missing", leased=status == "leased"
+    )
 
 
 class JobStore:
@@ -236,12 +249,39 @@ class JobStore:
         result: ChatCompletion | None = None,
         error: JobError | None = None,
         batch_line: BatchLine | None = None,
+        lease_s: float | None = None,
+        extra: dict[str, str] | None = None,
     ) -> TransitionResult:
-        fields = {**_finish_fields(result, error), **(batch_line.fields() if batch_line else {})}
+        fields = {
+            **_finish_fields(result, error),
+            **(batch_line.fields() if batch_line else {}),
+            **(extra or {}),
+        }
+        if lease_s is not None:
+            fields["_lease"] = repr(lease_s)
         args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        job_keys = [keys.job(job_id), keys.job_events(job_id), *(batch_line.keys() if batch_line else [])]
+        job_keys = [
+            keys.job(job_id),
+            keys.job_events(job_id),
+            keys.LEASES,
+            *(batch_line.keys() if batch_line else []),
+        ]
         reply = self._transition(keys=job_keys, args=args)
         return _parse(reply)
+
+    def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
+        """Called by a live worker's heartbeat for the jobs it is running."""
+        if not job_ids:
+            return
+        until = time.time() + lease_s
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zadd(keys.LEASES, {job_id: until}, xx=True)
+            pipe.hset(keys.job(job_id), "lease_until", repr(until))
+        pipe.execute()
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        return cast(list[str], self.r.zrangebyscore(keys.LEASES, "-inf", time.time(), start=0, num=limit))
 
 
 class AsyncJobStore:
@@ -265,6 +305,14 @@ class AsyncJobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         return decode(cast(dict[str, str], await self.r.hgetall(keys.job(job_id))))
 
+    async def mark_ready(self, queue: str, job_ids: list[str]) -> None:
+        """Lets a worker that is about to run a batch pull these jobs in (micro-batching)."""
+        if job_ids:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.rpush(keys.ready(queue), *job_ids)
+                pipe.expire(keys.ready(queue), self.ttl)
+                await pipe.execute()
+
     async def request_cancel(self, job_id: str) -> None:
         """Raise the flag the worker's stopping criterion polls."""
         await self.r.set(keys.cancel(job_id), "1", ex=self.ttl)
@@ -279,7 +327,12 @@ class AsyncJobStore:
     ) -> TransitionResult:
         fields = {**_finish_fields(None, error), **(batch_line.fields() if batch_line else {})}
         args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        job_keys = [keys.job(job_id), keys.job_events(job_id), *(batch_line.keys() if batch_line else [])]
+        job_keys = [
+            keys.job(job_id),
+            keys.job_events(job_id),
+            keys.LEASES,
+            *(batch_line.keys() if batch_line else []),
+        ]
         reply = await self._transition(keys=job_keys, args=args)
         return _parse(reply)
 

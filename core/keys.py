@@ -78,3 +78,14 @@ ACTIVE_BATCHES = f"{PREFIX}batches:active"
 BATCH_INDEX = f"{PREFIX}batches:index"
 #: Sorted set of file ids by creation time (for listing). TTL: refreshed.
 FILE_INDEX = f"{PREFIX}files:index"
+
+
+def ready(queue: str) -> str:
+    """List: ids of jobs enqueued on a lane, for a worker to pull more jobs into the batch it
+    is about to run (micro-batching). Stale ids are harmless. TTL: result_ttl_s."""
+    return f"{PREFIX}ready:{queue}"
+
+
+#: Sorted set job id -> lease deadline of running jobs; the reaper re-sends jobs whose
+#: worker stopped renewing. Members are removed when the job ends.
+LEASES = f"{PREFIX}leases"

@@ -12,13 +12,27 @@ RUN_JOB = "inferq.run_job"
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str | None:
     st = lifecycle.state()
-    settings = get_settings()
-    # Batch lines skip token streaming: nobody watches them, and the non-streaming path is faster.
-    stream = run_job.request.delivery_info.get("routing_key") != settings.queue_batch
-    st.current = [job_id]
+    s = get_settings()
+    opts = runner.RunOptions(
+        default_max_tokens=s.default_max_tokens,
+        max_batch_size=s.max_batch_size,
+        lease_s=s.lease_s,
+        lanes=tuple(s.queues),
+        collect_s=s.batch_collect_ms / 1000,
+        quiet_lane=s.queue_batch,  # batch lines: nobody watches their tokens
+        running=st.current,
+    )
     try:
-        outcome = runner.run_job(job_id, st.store, st.engine, settings.default_max_tokens, stream=stream)
+        outcomes = runner.run_batch(job_id, st.store, st.engine, opts)
     finally:
-        st.current = []
-    st.jobs_done += 1
-    return outcome.status.value if outcome.status else None
+        st.current.clear()
+    st.jobs_done += sum(1 for o in outcomes if not o.skipped)
+    first = outcomes[0].status
+    return first.value if first else None
+
+
+def _resend(job_id: str, queue: str) -> None:
+    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue)
+
+
+lifecycle.set_resender(_resend)

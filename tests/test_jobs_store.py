@@ -1,5 +1,7 @@
 """The job record and state machine on a real Valkey/Redis, and the runner with the fake engine."""
 
+import time
+
 import redis
 
 from core import keys
@@ -40,12 +42,18 @@ def test_transitions_follow_the_machine(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     job_id = store.create(_req(), "q", 5)
     assert not store.transition(job_id, JobStatus.SUCCEEDED).ok  # queued -> succeeded is not a move
-    assert store.transition(job_id, JobStatus.RUNNING).ok
-    assert store.transition(job_id, JobStatus.RUNNING).ok  # redelivery
+    assert store.transition(job_id, JobStatus.RUNNING, lease_s=0.2).ok
+    held = store.transition(job_id, JobStatus.RUNNING)  # a live worker holds the lease
+    assert not held.ok and held.leased
+    assert r.zscore(keys.LEASES, job_id) is not None
+    time.sleep(0.25)
+    assert store.expired_leases() == [job_id]
+    assert store.transition(job_id, JobStatus.RUNNING).ok  # redelivery after the lease ran out
     done = store.transition(job_id, JobStatus.FAILED, error=JobError(code="x", message="boom"))
     assert done.ok and done.previous == "running"
     again = store.transition(job_id, JobStatus.SUCCEEDED)
     assert not again.ok and again.previous == "failed"
+    assert r.zscore(keys.LEASES, job_id) is None  # a finished job holds no lease
     rec = store.get(job_id)
     assert rec is not None
     assert rec.job.attempts == 2 and rec.job.error is not None and rec.job.error.code == "x"

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -103,14 +104,42 @@ class WorkerState:
         self.redis.set(keys.worker(self.worker_id), json.dumps(info), ex=ttl)
 
     def _heartbeat_loop(self) -> None:
+        last_reap = 0.0
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 self.heartbeat()
+                self.store.renew_leases(list(self.current), self.settings.lease_s)
+                if time.monotonic() - last_reap >= self.settings.reap_interval_s:
+                    last_reap = time.monotonic()
+                    self.reap()
             except redis.RedisError as exc:  # Redis down: keep beating, it comes back
                 logger.warning("heartbeat failed: %s", exc)
 
+    def reap(self) -> int:
+        """Send again the running jobs whose worker stopped renewing their lease (it died).
+        Their old message, if it is ever redelivered, finds the job finished and is skipped."""
+        sent = 0
+        for job_id in self.store.expired_leases():
+            record = self.store.get(job_id)
+            if record is None or record.status.terminal:
+                self.redis.zrem(keys.LEASES, job_id)
+                continue
+            logger.warning("lease of running job %s lapsed (its worker died); sending it again", job_id)
+            self.redis.zadd(keys.LEASES, {job_id: time.time() + self.settings.lease_s})
+            if _resend is not None:
+                _resend(job_id, record.queue)
+                sent += 1
+        return sent
+
 
 _state: WorkerState | None = None
+#: How to enqueue a job again (set by the tasks module, which owns the Celery app).
+_resend: Callable[[str, str], None] | None = None
+
+
+def set_resender(fn: Callable[[str, str], None]) -> None:
+    global _resend
+    _resend = fn
 
 
 def warm_up(engine: Engine) -> float:

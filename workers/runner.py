@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from core import batch_lines, keys
 from core.jobs import BatchLine, JobRecord, JobStore
@@ -97,45 +98,151 @@ def fail(store: JobStore, job_id: str, error: JobError) -> None:
         )
 
 
-def run_job(
-    job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512, *, stream: bool = True
-) -> RunOutcome:
-    """Run one job. With `stream`, token deltas go to the job's Redis Stream as the engine
-    produces them (and a cancel flag stops generation within a step)."""
+@dataclass(frozen=True)
+class RunOptions:
+    default_max_tokens: int = 512
+    #: rows (requests, counting `n`) one `generate` call may take
+    max_batch_size: int = 1
+    #: seconds a running job's lease lasts without renewal (the heartbeat renews it)
+    lease_s: float = 30.0
+    #: lanes to pull more jobs from, in priority order (their `ready` lists)
+    lanes: tuple[str, ...] = ()
+    #: how long to wait for more jobs when the batch is not full (a shallow queue)
+    collect_s: float = 0.0
+    #: jobs from this lane do not publish token events (nobody watches batch lines)
+    quiet_lane: str = ""
+    #: filled with the ids of the jobs being run, for the caller's lease renewal
+    running: list[str] | None = None
+
+
+def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     record = store.get(job_id)
     if record is None:
         logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
-        return RunOutcome(None, skipped=True)
+        return None
     if record.status.terminal:
-        logger.info("job %s is already %s; skipping redelivered message", job_id, record.status)
-        return RunOutcome(record.status, skipped=True)
-    started = store.transition(job_id, JobStatus.RUNNING)
-    if not started.ok:
-        return RunOutcome(JobStatus(started.previous) if started.previous else None, skipped=True)
+        logger.info("job %s is already %s; skipping its message", job_id, record.status)
+        return None
+    started = store.transition(job_id, JobStatus.RUNNING, lease_s=opts.lease_s)
+    if started.leased:
+        logger.info("job %s is being run by a live worker; skipping this delivery", job_id)
+    return record if started.ok else None
 
-    requests = gen_requests(job_id, record.request, default_max_tokens)
-    attempt = record.job.attempts + 1  # the RUNNING transition just counted this attempt
-    targets = [Target(job_id, i, attempt) for i in range(len(requests))]
+
+def _claim_more(store: JobStore, first: JobRecord, opts: RunOptions, rows: int) -> list[JobRecord]:
+    """Pull queued jobs that can share `first`'s generate call, up to `max_batch_size` rows.
+
+    Their own Celery messages stay in the queue: when they arrive later, the job is already
+    finished and the message is skipped, so each job still has its own task in Flower."""
+    params = gen_params(first.request, opts.default_max_tokens)
+    claimed: list[JobRecord] = []
+    if params.seed is not None:
+        return claimed  # a seeded request runs alone: its text must not depend on its batch-mates
+    seen = {first.job.id}
+    deadline = time.monotonic() + opts.collect_s
+    for attempt in range(2):
+        for lane in opts.lanes:
+            if rows >= opts.max_batch_size:
+                break
+            ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), opts.max_batch_size - rows)) or []
+            putback: list[str] = []
+            for job_id in ids:
+                if job_id in seen:
+                    continue
+                seen.add(job_id)
+                rec = store.get(job_id)
+                if rec is None or rec.status is not JobStatus.QUEUED:
+                    continue
+                fits = rows + rec.request.n <= opts.max_batch_size
+                if not fits or gen_params(rec.request, opts.default_max_tokens) != params:
+                    putback.append(job_id)  # another batch will take it
+                    continue
+                if store.transition(job_id, JobStatus.RUNNING, lease_s=opts.lease_s).ok:
+                    claimed.append(rec)
+                    rows += rec.request.n
+            if putback:
+                store.r.lpush(keys.ready(lane), *reversed(putback))
+        wait = deadline - time.monotonic()
+        if rows >= opts.max_batch_size or wait <= 0 or attempt:
+            break
+        time.sleep(wait)  # a shallow queue: give more jobs a moment to arrive, once
+    return claimed
+
+
+def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
+    """Run the job of this message together with compatible queued jobs, in one `generate`.
+    Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
+    rows within a step; each job ends on its own (one failing request fails alone)."""
+    first = _start(store, job_id, opts)
+    if first is None:
+        return [RunOutcome(None, skipped=True)]
+    records = [first, *_claim_more(store, first, opts, first.request.n)]
+    if opts.running is not None:
+        opts.running[:] = [rec.job.id for rec in records]
+    requests: list[GenRequest] = []
+    targets: list[Target] = []
+    spans: list[tuple[JobRecord, int, int]] = []
+    for rec in records:
+        reqs = gen_requests(rec.job.id, rec.request, opts.default_max_tokens)
+        attempt = rec.job.attempts + 1  # the RUNNING transition just counted this attempt
+        spans.append((rec, len(requests), len(requests) + len(reqs)))
+        requests += reqs
+        publish = rec.queue != opts.quiet_lane
+        targets += [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
     sink = StreamSink(store.r, targets, store.ttl)
-    outs = engine.generate(requests, sink if stream else None)
-    model = record.request.model
-    if sink.cancelled(job_id) or (not stream and store.r.exists(keys.cancel(job_id))):
+    try:
+        outs = engine.generate(requests, sink)
+    except Exception as exc:  # the engine broke as a whole: every job of the call fails
+        logger.exception("generate failed for %d jobs", len(records))
+        outs = [exc] * len(requests)
+    _count_batch(store, len(requests))
+    extra = {"batch_rows": str(len(requests))}
+    return [_finish(store, rec, outs[a:b], sink, extra) for rec, a, b in spans]
+
+
+def _count_batch(store: JobStore, rows: int) -> None:
+    pipe = store.r.pipeline(transaction=False)
+    pipe.hincrby(keys.stats(), "batches", 1)
+    pipe.hincrby(keys.stats(), "batch_rows", rows)
+    pipe.expire(keys.stats(), store.ttl)
+    pipe.execute()
+
+
+def _finish(
+    store: JobStore,
+    record: JobRecord,
+    outs: list[GenResult | Exception],
+    sink: StreamSink,
+    extra: dict[str, str],
+) -> RunOutcome:
+    job_id, model = record.job.id, record.request.model
+    if sink.cancelled(job_id) or store.r.exists(keys.cancel(job_id)):
         partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
         result = build_completion(job_id, model, partial)
-        store.transition(
-            job_id, JobStatus.CANCELLED, result=result, batch_line=_batch_line(record, store.ttl)
-        )
+        line = _batch_line(record, store.ttl)
+        store.transition(job_id, JobStatus.CANCELLED, result=result, batch_line=line, extra=extra)
         return RunOutcome(JobStatus.CANCELLED)
     failures = [o for o in outs if isinstance(o, Exception)]
     if failures:
         error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
         line = _batch_line(record, store.ttl, error=error)
-        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line)
+        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
         return RunOutcome(JobStatus.FAILED)
     completion = build_completion(job_id, model, [o for o in outs if isinstance(o, GenResult)])
     line = _batch_line(record, store.ttl, completion=completion)
-    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line)
+    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line, extra=extra)
     if not done.ok:
         logger.info("job %s became %s while running; result discarded", job_id, done.previous)
         return RunOutcome(JobStatus(done.previous), skipped=True)
     return RunOutcome(JobStatus.SUCCEEDED)
+
+
+def run_job(
+    job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512, *, stream: bool = True
+) -> RunOutcome:
+    """One job alone (no micro-batching); `stream=False` publishes no token events."""
+    opts = RunOptions(default_max_tokens=default_max_tokens, quiet_lane="" if stream else "*")
+    record = store.get(job_id)
+    if record is not None and not stream:
+        opts = RunOptions(default_max_tokens=default_max_tokens, quiet_lane=record.queue)
+    return run_batch(job_id, store, engine, opts)[0]

@@ -62,6 +62,8 @@ class Target:
     job_id: str
     index: int
     attempt: int = 1
+    #: False for jobs nobody watches (batch lines): their tokens are not written
+    publish: bool = True
 
 
 @dataclass
@@ -82,7 +84,7 @@ class StreamSink:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_delta(self, i: int, text: str) -> None:
-        if not text:
+        if not text or not self.targets[i].publish:
             return
         self._pending.setdefault(i, []).append(text)
         self._pending_chars += len(text)
@@ -93,6 +95,8 @@ class StreamSink:
     def on_reset(self, i: int) -> None:
         """The request is being run again (its batch failed): clients drop its partial text."""
         self._pending.pop(i, None)
+        if not self.targets[i].publish:
+            return
         t = self.targets[i]
         self._xadd_many([(t.job_id, {"type": "reset", "index": str(t.index), "attempt": str(t.attempt)})])
 
