@@ -172,6 +172,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         started_at=float(raw["started_at"]) if raw.get("started_at") else None,
         finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
         attempts=int(raw.get("attempts", "0")),
+        batch_size=int(raw["batch_rows"]) if raw.get("batch_rows") else None,
         metadata=json.loads(raw.get("metadata") or "{}"),
         result=ChatCompletion.model_validate_json(raw["result"]) if raw.get("result") else None,
         error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,

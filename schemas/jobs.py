@@ -57,6 +57,8 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    #: Our extension: how many requests shared the engine call that ran this job.
+    batch_size: int | None = None
     metadata: dict[str, str] = {}
     result: ChatCompletion | None = None
     error: JobError | None = None

@@ -16,6 +16,8 @@ from workers.streaming import StopFilter
 FAIL_TRIGGER = "__inferq_fail__"
 #: A user message equal to this hangs generation forever (what the stall watchdog is for).
 STALL_TRIGGER = "__inferq_stall__"
+#: A user message equal to this takes one second (while making progress): a busy worker.
+SLOW_TRIGGER = "__inferq_slow__"
 
 
 class EchoEngine:
@@ -48,6 +50,9 @@ class EchoEngine:
             prompt = req.messages[-1]["content"]
             while prompt == STALL_TRIGGER:
                 time.sleep(1)  # no progress is ever reported
+            for _ in range(10 if prompt == SLOW_TRIGGER else 0):
+                time.sleep(0.1)
+                self._progress = time.monotonic()
             if prompt == FAIL_TRIGGER:
                 out.append(RuntimeError("echo engine: failure requested by the prompt"))
                 continue

@@ -1,0 +1,105 @@
+"""Micro-batching on a real worker: a backlog runs in batches > 1 whose results equal the
+same requests run alone; a poisoned request fails alone; killing the pool child mid-batch
+ends with every job succeeded exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+
+from core import keys
+from tests.conftest import Stack
+from tests.sse import read_job_events
+from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
+
+pytestmark = pytest.mark.integration
+
+
+def _submit(stack: Stack, content: str, **kw: object) -> str:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+    resp = httpx.post(f"{stack.base_url}/v1/jobs", json=body, timeout=30)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def _block_worker(stack: Stack) -> str:
+    """A long job keeps the worker busy so that what follows piles up as a backlog."""
+    job = _submit(stack, "hold the worker", max_tokens=600, temperature=0.9)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return job
+
+
+def test_backlog_runs_in_batches_with_the_same_results_as_alone(stack: Stack) -> None:
+    prompts = [f"batch me {i} " + "x " * i for i in range(6)]
+    alone = []
+    for p in prompts:  # one at a time: each runs alone
+        alone.append(stack.wait_job(_submit(stack, p, max_tokens=20, temperature=0)))
+    assert all(j["batch_size"] == 1 for j in alone)
+    _block_worker(stack)
+    together = [_submit(stack, p, max_tokens=20, temperature=0) for p in prompts]
+    done = [stack.wait_job(j) for j in together]
+    assert max(j["batch_size"] for j in done) > 1
+    for a, b in zip(alone, done, strict=True):
+        assert b["status"] == "succeeded"
+        assert (
+            b["result"]["choices"][0]["message"]["content"] == a["result"]["choices"][0]["message"]["content"]
+        )
+        assert b["result"]["usage"] == a["result"]["usage"]
+
+
+def test_jobs_of_a_batch_stream_concurrently(stack: Stack) -> None:
+    _block_worker(stack)
+    jobs = [_submit(stack, f"concurrent {i}", max_tokens=200, temperature=0.7) for i in range(4)]
+    for j in jobs:
+        stack.wait_job(j)
+    streams = {j: read_job_events(stack.base_url, j) for j in jobs}
+    sizes = [httpx.get(f"{stack.base_url}/v1/jobs/{j}").json()["batch_size"] for j in jobs]
+    assert sizes == [4, 4, 4, 4]
+    first_token = {
+        j: next(int(e.id.split("-")[0]) for e in ev if e.event == "token") for j, ev in streams.items()
+    }
+    first_done = min(int(ev[-1].id.split("-")[0]) for ev in streams.values())
+    assert max(first_token.values()) < first_done  # every first token before any job ends
+
+
+def test_poisoned_request_fails_alone(echo_stack: Stack) -> None:
+    blocker = _submit(echo_stack, SLOW_TRIGGER)  # keeps the worker busy while the others queue up
+    time.sleep(0.2)
+    jobs = [_submit(echo_stack, FAIL_TRIGGER if i == 2 else f"ok {i}") for i in range(5)]
+    results = [echo_stack.wait_job(j) for j in jobs]
+    echo_stack.wait_job(blocker)
+    assert [r["status"] for r in results] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
+    assert results[2]["error"]["code"] == "engine_error"
+    assert results[2]["batch_size"] == 5 and all(r["batch_size"] == 5 for r in results)  # it shared a batch
+
+
+def test_kill_pool_child_mid_batch_every_job_succeeds_once(stack: Stack, r: redis.Redis) -> None:
+    _block_worker(stack)
+    jobs = [_submit(stack, f"survive {i}", max_tokens=500, temperature=0.8) for i in range(6)]
+    deadline = time.monotonic() + 60
+    while True:  # wait for the backlog's batch to be running
+        states = [httpx.get(f"{stack.base_url}/v1/jobs/{j}").json()["status"] for j in jobs]
+        if states.count("running") >= 2:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    worker = httpx.get(f"{stack.base_url}/ready").json()["workers"][0]
+    os.kill(worker["pid"], signal.SIGKILL)
+    r.delete(keys.worker(worker["worker_id"]))
+    t0 = time.monotonic()
+    done = [stack.wait_job(j, timeout=120) for j in jobs]
+    recovery = time.monotonic() - t0
+    assert all(d["status"] == "succeeded" for d in done), [d["status"] for d in done]
+    assert any(d["attempts"] == 2 for d in done)
+    for j in jobs:
+        events = read_job_events(stack.base_url, j)
+        assert [e.event for e in events].count("done") == 1
+    assert recovery < 90
