@@ -19,11 +19,12 @@ QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
 
 
 @contextmanager
-def stack(**env_extra: str) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
+def stack(workers: int = 1, **env_extra: str) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
     """Yields (api base URL, model dir, env, supervisor)."""
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
         home = Path(tmp)
-        model = build_demo_model(home / "model")
+        # outside the temp dir: the direct-engine half of a benchmark loads it after the stack stops
+        model = build_demo_model(Path.home() / ".cache" / "inferq" / "bench-model")
         sup = Supervisor()
         try:
             port = free_port()

@@ -167,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     batch_cli.add_parser(sub)
+    bench = sub.add_parser("bench", help="run the benchmark suite (bench/), or render its report")
+    bench.add_argument("which", nargs="?", default="all")
     args = parser.parse_args(argv)
+    if args.cmd == "bench":
+        from bench.suite import main as bench_main
+
+        return bench_main([args.which])
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "batch":
