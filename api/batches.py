@@ -421,7 +421,8 @@ class BatchService:
                 param=f"body.{exc.param}" if exc.param else None,
             )
         job_id = f"job_{batch_id.removeprefix('batch_')[:20]}l{no}"
-        return job_id, prepared, prompt_tokens, {"batch_id": batch_id, "custom_id": custom_id}
+        limits = service.job_limits(prepared, self.settings, expires=False)  # the batch window governs expiry
+        return job_id, prepared, prompt_tokens, {"batch_id": batch_id, "custom_id": custom_id, **limits}
 
     def _send(self, job_ids: list[str]) -> None:
         with self.celery.producer_or_acquire() as producer:

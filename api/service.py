@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import anyio
 from celery import Celery
@@ -99,9 +100,29 @@ async def prepare(
             param=param,
             code="context_length_exceeded",
         )
+    opts = request.inferq
+    if opts and opts.timeout_s and opts.timeout_s > settings.max_job_timeout_s:
+        raise APIError(
+            400,
+            f"Invalid value for 'inferq.timeout_s': {opts.timeout_s} is above the server's limit "
+            f"of {settings.max_job_timeout_s} seconds.",
+            param="inferq.timeout_s",
+            code="invalid_value",
+        )
     effective = limit if limit is not None else min(settings.default_max_tokens, room)
     prepared = request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
     return prepared, prompt_tokens
+
+
+def job_limits(request: ChatCompletionRequest, settings: Settings, expires: bool = True) -> dict[str, str]:
+    """Record fields for the job's time limit and queue expiry."""
+    opts = request.inferq
+    timeout = (opts.timeout_s if opts and opts.timeout_s else None) or settings.job_timeout_s
+    out = {"timeout_s": repr(timeout)}
+    if expires:
+        after = (opts.expires_after_s if opts and opts.expires_after_s else None) or settings.queue_expiry_s
+        out["expires_at"] = repr(time.time() + after)
+    return out
 
 
 async def submit(
@@ -114,7 +135,7 @@ async def submit(
     celery: Celery,
 ) -> Job:
     prepared, prompt_tokens = await prepare(request, settings, counter)
-    job = await store.create(prepared, queue, prompt_tokens)
+    job = await store.create(prepared, queue, prompt_tokens, job_limits(prepared, settings))
     try:
         await anyio.to_thread.run_sync(
             lambda: celery.send_task(RUN_JOB, args=[job.id], task_id=job.id, queue=queue)

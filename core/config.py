@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     batch_window: int = 256
     batch_dispatch_chunk: int = 128
 
+    # --- limits per job -------------------------------------------------------------
+    #: A job whose worker process died this many times is failed (`worker_crashed`)
+    #: instead of being run again: a poison request must not take the worker down forever.
+    max_attempts: int = Field(default=3, ge=1)
+    #: Generation time limit per job (the stopping criterion ends it: `failed`, `timeout`);
+    #: a request may ask for less, or more up to `max_job_timeout_s`.
+    job_timeout_s: float = 600.0
+    max_job_timeout_s: float = 3600.0
+    #: A job still queued after this long ends `expired` without running.
+    queue_expiry_s: float = 24 * 3600.0
+    #: Echo engine only (tests): a batch larger than this raises an out-of-memory error.
+    echo_oom_above: int = 0
+
     # --- worker -------------------------------------------------------------------
     #: Celery kills a pool child that has not signalled "alive" within this many
     #: seconds of forking; model import + load + warm-up must fit, or every replacement

@@ -113,6 +113,10 @@ class JobRecord:
     queue: str
     batch_id: str = ""
     custom_id: str = ""
+    #: time.time() until which a live worker holds the job (0: none)
+    lease_until: float = 0.0
+    #: generation time limit, seconds
+    timeout_s: float | None = None
 
     @property
     def status(self) -> JobStatus:
@@ -169,6 +173,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         status=JobStatus(raw["status"]),
         model=raw.get("model", ""),
         created_at=float(raw["created_at"]),
+        expires_at=float(raw["expires_at"]) if raw.get("expires_at") else None,
         started_at=float(raw["started_at"]) if raw.get("started_at") else None,
         finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
         attempts=int(raw.get("attempts", "0")),
@@ -184,6 +189,8 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         queue=raw.get("queue", ""),
         batch_id=raw.get("batch_id", ""),
         custom_id=raw.get("custom_id", ""),
+        lease_until=float(raw.get("lease_until") or 0),
+        timeout_s=float(raw["timeout_s"]) if raw.get("timeout_s") else None,
     )
 
 
@@ -293,9 +300,15 @@ class AsyncJobStore:
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION_LUA)
 
-    async def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> Job:
+    async def create(
+        self,
+        request: ChatCompletionRequest,
+        queue: str,
+        prompt_tokens: int,
+        extra: dict[str, str] | None = None,
+    ) -> Job:
         job_id = new_job_id()
-        fields = encode_new(job_id, request, queue, time.time(), prompt_tokens)
+        fields = {**encode_new(job_id, request, queue, time.time(), prompt_tokens), **(extra or {})}
         async with self.r.pipeline(transaction=True) as pipe:
             _queue_create(pipe, job_id, fields, self.ttl)
             await pipe.execute()

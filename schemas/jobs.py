@@ -21,23 +21,28 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     #: stopped at the client's request
     CANCELLED = "cancelled"
+    #: waited in the queue past its expiry; never ran
+    EXPIRED = "expired"
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
 
 #: Allowed moves of the state machine. RUNNING -> RUNNING is a redelivery after a crash.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+    ),
     JobStatus.RUNNING: frozenset(
         {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
     ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
+    JobStatus.EXPIRED: frozenset(),
 }
 
 
@@ -54,6 +59,8 @@ class Job(BaseModel):
     status: JobStatus
     model: str
     created_at: float
+    #: a job still queued at this time ends `expired` without running
+    expires_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0

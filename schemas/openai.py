@@ -49,6 +49,15 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class InferqOptions(StrictModel):
+    """Our extension, under its own key so it never collides with an OpenAI field."""
+
+    #: generation time limit for this request (capped by the server's INFERQ_MAX_JOB_TIMEOUT_S)
+    timeout_s: float | None = Field(default=None, gt=0)
+    #: a job still queued after this many seconds ends `expired` without running
+    expires_after_s: float | None = Field(default=None, gt=0)
+
+
 class ResponseFormat(StrictModel):
     type: Literal["text"]
 
@@ -75,6 +84,7 @@ class ChatCompletionRequest(StrictModel):
     response_format: ResponseFormat | None = None
     user: str | None = Field(default=None, max_length=256)
     metadata: Metadata | None = None
+    inferq: InferqOptions | None = None
     # Honoured only at their "off" value; anything else is refused by name below.
     logprobs: bool | None = None
     parallel_tool_calls: bool | None = None

@@ -21,6 +21,8 @@ def run_job(job_id: str) -> str | None:
         collect_s=s.batch_collect_ms / 1000,
         quiet_lane=s.queue_batch,  # batch lines: nobody watches their tokens
         running=st.current,
+        max_attempts=s.max_attempts,
+        timeout_s=s.job_timeout_s,
     )
     try:
         outcomes = runner.run_batch(job_id, st.store, st.engine, opts)

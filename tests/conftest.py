@@ -89,7 +89,7 @@ class Stack:
         with self.client() as c:
             while time.monotonic() < deadline:
                 job = c.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in ("succeeded", "failed", "cancelled"):
+                if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
                     return job
                 time.sleep(0.05)
         raise TimeoutError(f"job {job_id} not finished in {timeout}s")
@@ -161,7 +161,9 @@ def echo_stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPa
     client.flushdb()
     client.close()
     home = tmp_path_factory.mktemp("echo-home")
-    env = stack_env(url, demo_model, home, INFERQ_ENGINE="echo", INFERQ_STALL_TIMEOUT_S="2")
+    env = stack_env(
+        url, demo_model, home, INFERQ_ENGINE="echo", INFERQ_STALL_TIMEOUT_S="2", INFERQ_ECHO_OOM_ABOVE="3"
+    )
     st = start_stack(env, home)
     yield st
     st.sup.stop_all()

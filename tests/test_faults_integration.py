@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import redis
 from core import keys
 from tests.conftest import Stack
 from tests.sse import final_text, iter_sse, read_job_events
-from workers.fake import FAIL_TRIGGER, STALL_TRIGGER
+from workers.fake import CRASH_TRIGGER, FAIL_TRIGGER, SLOW_TRIGGER, STALL_TRIGGER
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +82,51 @@ def test_child_killed_mid_stream_is_redelivered_with_reset(stack: Stack, r: redi
     job = httpx.get(f"{stack.base_url}/v1/jobs/{job_id}").json()
     assert job["attempts"] == 2 and job["status"] == "succeeded"
     assert read_job_events(stack.base_url, job_id)[-1].data == result  # replay agrees
+
+
+def test_poison_job_is_retried_then_failed_and_the_queue_moves_on(echo_stack: Stack) -> None:
+    poison = _submit(echo_stack, CRASH_TRIGGER)
+    behind = [_submit(echo_stack, f"behind the poison {i}") for i in range(3)]
+    done = echo_stack.wait_job(poison, timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_crashed"
+    assert done["attempts"] == 3  # INFERQ_MAX_ATTEMPTS
+    assert all(echo_stack.wait_job(j, timeout=60)["status"] == "succeeded" for j in behind)
+
+
+def test_time_limit_fails_the_job_and_frees_the_worker(echo_stack: Stack) -> None:
+    slow = _submit(echo_stack, SLOW_TRIGGER, inferq={"timeout_s": 0.3})
+    after = _submit(echo_stack, "next in line")
+    done = echo_stack.wait_job(slow)
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout"
+    assert echo_stack.wait_job(after)["status"] == "succeeded"
+    too_long = httpx.post(
+        f"{echo_stack.base_url}/v1/jobs",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "inferq": {"timeout_s": 10**6},
+        },
+    )
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "inferq.timeout_s"
+
+
+def test_jobs_queued_past_their_expiry_never_run(echo_stack: Stack) -> None:
+    blocker = _submit(echo_stack, SLOW_TRIGGER)
+    time.sleep(0.2)
+    stale = _submit(echo_stack, "too late", inferq={"expires_after_s": 0.3})
+    echo_stack.wait_job(blocker)
+    done = echo_stack.wait_job(stale)
+    assert done["status"] == "expired" and done["started_at"] is None and done["attempts"] == 0
+
+
+def test_out_of_memory_batch_is_split_before_any_job_fails(echo_stack: Stack) -> None:
+    blocker = _submit(echo_stack, SLOW_TRIGGER)
+    time.sleep(0.2)
+    jobs = [_submit(echo_stack, f"big batch {i}") for i in range(6)]  # echo OOMs above 3 rows
+    echo_stack.wait_job(blocker)
+    done = [echo_stack.wait_job(j) for j in jobs]
+    assert all(d["status"] == "succeeded" for d in done)
+    assert max(d["batch_size"] for d in done) == 6
+    events = read_job_events(echo_stack.base_url, jobs[0])
+    assert "reset" in [e.event for e in events]  # its first try, in the big batch, was discarded
+    assert final_text(events) == done[0]["result"]["choices"][0]["message"]["content"]

@@ -7,13 +7,16 @@ fake engine that behaves the same from the outside.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 from core.config import Settings
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, is_demo_model
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
@@ -131,11 +134,32 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return text[:cut], True
 
 
+def run_split(
+    run: Callable[[list[int]], list[GenResult | Exception]],
+    idxs: list[int],
+    on_retry: Callable[[int], None] | None = None,
+) -> list[GenResult | Exception]:
+    """Run a batch; if it fails as a whole, split it in halves and retry each, down to single
+    requests. An out-of-memory batch thus succeeds in smaller pieces, and a poisoned request
+    ends up failing alone, before any good request is failed."""
+    try:
+        return run(idxs)
+    except Exception as exc:
+        if len(idxs) == 1:
+            return [exc]
+        logger.warning("batch of %d failed (%s); retrying in halves", len(idxs), exc)
+        for i in idxs:
+            if on_retry is not None:
+                on_retry(i)
+        half = len(idxs) // 2
+        return run_split(run, idxs[:half], on_retry) + run_split(run, idxs[half:], on_retry)
+
+
 def load_engine(settings: Settings) -> Engine:
     if settings.engine == "echo":
         from workers.fake import EchoEngine
 
-        return EchoEngine(settings.model_id)
+        return EchoEngine(settings.model_id, oom_above=settings.echo_oom_above)
     from workers.swift_backend import SwiftEngine
 
     return SwiftEngine(resolve_model(settings), settings)

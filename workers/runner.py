@@ -113,6 +113,10 @@ class RunOptions:
     quiet_lane: str = ""
     #: filled with the ids of the jobs being run, for the caller's lease renewal
     running: list[str] | None = None
+    #: a job whose worker died this many times is failed instead of run again
+    max_attempts: int = 3
+    #: generation time limit when the record has none
+    timeout_s: float = 600.0
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
@@ -122,6 +126,29 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
         return None
     if record.status.terminal:
         logger.info("job %s is already %s; skipping its message", job_id, record.status)
+        return None
+    now = time.time()
+    if record.status is JobStatus.QUEUED and record.job.expires_at and now > record.job.expires_at:
+        store.transition(
+            job_id,
+            JobStatus.EXPIRED,
+            error=JobError(
+                code="expired", message=("The job waited in the queue past its expiry and was not run.")
+            ),
+        )
+        return None
+    if record.job.attempts >= opts.max_attempts and record.lease_until < now:
+        # every earlier attempt died with its worker process: a poison request
+        error = JobError(
+            code="worker_crashed",
+            message=(
+                f"The worker process died {record.job.attempts} times while running this request; "
+                "it is not retried again."
+            ),
+        )
+        store.transition(
+            job_id, JobStatus.FAILED, error=error, batch_line=_batch_line(record, store.ttl, error=error)
+        )
         return None
     started = store.transition(job_id, JobStatus.RUNNING, lease_s=opts.lease_s)
     if started.leased:
@@ -153,6 +180,8 @@ def _claim_more(store: JobStore, first: JobRecord, opts: RunOptions, rows: int) 
                 rec = store.get(job_id)
                 if rec is None or rec.status is not JobStatus.QUEUED:
                     continue
+                if rec.job.expires_at and time.time() > rec.job.expires_at:
+                    continue  # its own message will end it `expired`
                 fits = rows + rec.request.n <= opts.max_batch_size
                 if not fits or gen_params(rec.request, opts.default_max_tokens) != params:
                     putback.append(job_id)  # another batch will take it
@@ -176,7 +205,8 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     first = _start(store, job_id, opts)
     if first is None:
         return [RunOutcome(None, skipped=True)]
-    records = [first, *_claim_more(store, first, opts, first.request.n)]
+    # A job that was already tried (its worker died) runs alone: it may be what killed it.
+    records = [first] if first.job.attempts else [first, *_claim_more(store, first, opts, first.request.n)]
     if opts.running is not None:
         opts.running[:] = [rec.job.id for rec in records]
     requests: list[GenRequest] = []
@@ -190,6 +220,8 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         publish = rec.queue != opts.quiet_lane
         targets += [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
     sink = StreamSink(store.r, targets, store.ttl)
+    started = time.time()
+    sink.deadlines = {rec.job.id: started + (rec.timeout_s or opts.timeout_s) for rec in records}
     try:
         outs = engine.generate(requests, sink)
     except Exception as exc:  # the engine broke as a whole: every job of the call fails
@@ -216,6 +248,13 @@ def _finish(
     extra: dict[str, str],
 ) -> RunOutcome:
     job_id, model = record.job.id, record.request.model
+    if sink.timed_out(job_id) and not sink.cancelled(job_id):
+        error = JobError(
+            code="timeout", message=f"Generation exceeded its time limit of {record.timeout_s}s."
+        )
+        line = _batch_line(record, store.ttl, error=error)
+        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
+        return RunOutcome(JobStatus.FAILED)
     if sink.cancelled(job_id) or store.r.exists(keys.cancel(job_id)):
         partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
         result = build_completion(job_id, model, partial)

@@ -82,6 +82,8 @@ class StreamSink:
     _cancelled: set[str] = field(default_factory=set)
     _last_poll: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: job id -> time.time() after which its rows stop (its time limit)
+    deadlines: dict[str, float] = field(default_factory=dict)
 
     def on_delta(self, i: int, text: str) -> None:
         if not text or not self.targets[i].publish:
@@ -142,7 +144,11 @@ class StreamSink:
                 pass  # keep generating; a cancel is retried on the next poll
             finally:
                 self._lock.release()
-        return self.targets[i].job_id in self._cancelled
+        job_id = self.targets[i].job_id
+        return job_id in self._cancelled or time.time() > self.deadlines.get(job_id, float("inf"))
+
+    def timed_out(self, job_id: str) -> bool:
+        return time.time() > self.deadlines.get(job_id, float("inf"))
 
     def cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled

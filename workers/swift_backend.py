@@ -35,6 +35,7 @@ from workers.engine import (
     ModelFacts,
     ModelSpec,
     TokenSink,
+    run_split,
     truncate_at_stop,
 )
 from workers.streaming import StopFilter
@@ -231,19 +232,11 @@ class SwiftEngine:
     def _run_isolated(
         self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
     ) -> list[GenResult | Exception]:
-        try:
-            return self._run(requests, idxs, params, sink)
-        except Exception as exc:
-            if len(idxs) == 1:
-                logger.warning("request %s failed: %s", requests[idxs[0]].tag, exc)
-                return [exc]
-            logger.warning("batch of %d failed (%s); retrying one by one", len(idxs), exc)
-            out: list[GenResult | Exception] = []
-            for i in idxs:
-                if sink is not None:
-                    sink.on_reset(i)
-                out += self._run_isolated(requests, [i], params, sink)
-            return out
+        return run_split(
+            lambda part: self._run(requests, part, params, sink),
+            idxs,
+            sink.on_reset if sink is not None else None,
+        )
 
     def _run(
         self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None

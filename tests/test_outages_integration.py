@@ -1,0 +1,154 @@
+"""Breaking things on purpose, each on a stack of its own: the whole worker killed with work
+in flight, and the Redis server stopped under a running API and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
+from tests.conftest import ROOT, stack_env, wait_ready
+
+pytestmark = pytest.mark.integration
+QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+
+
+@dataclass
+class Own:
+    sup: Supervisor
+    base: str
+    port: int
+    data: Path
+    env: dict[str, str]
+    log: Path
+
+    def start_valkey(self) -> None:
+        proc = self.sup.start("valkey", valkey_argv(self.port, self.data), stdout=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.port), 15, "valkey", proc)
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as fh:
+            return self.sup.start(name, worker_argv(QUEUES), env=self.env, cwd=ROOT, stdout=fh.fileno())
+
+
+@pytest.fixture()
+def own(tmp_path: Path, demo_model: Path) -> Iterator[Own]:
+    """A private Valkey (AOF on, restartable on the same port), worker and API."""
+    sup = Supervisor()
+    port = free_port()
+    home = tmp_path / "home"
+    o = Own(sup, "", port, tmp_path / "valkey", {}, tmp_path / "stack.log")
+    o.start_valkey()
+    o.env = stack_env(f"redis://127.0.0.1:{port}/0", demo_model, home, INFERQ_REDIS_TIMEOUT_S="2")
+    o.start_worker()
+    api_port = free_port()
+    with o.log.open("ab") as fh:
+        sup.start("api", api_argv("127.0.0.1", api_port), env=o.env, cwd=ROOT, stdout=fh.fileno())
+    o.base = f"http://127.0.0.1:{api_port}"
+    wait_ready(o.base)
+    yield o
+    sup.stop_all()
+
+
+async def _submit_many(base: str, bodies: list[dict]) -> list[str]:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        sem = asyncio.Semaphore(32)
+
+        async def one(body: dict) -> str:
+            async with sem:
+                resp = await client.post("/v1/jobs", json=body)
+                assert resp.status_code == 202, resp.text
+                return str(resp.json()["id"])
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def _statuses(base: str, ids: list[str]) -> list[str]:
+    with httpx.Client(base_url=base, timeout=30) as c:
+        return [c.get(f"/v1/jobs/{j}").json()["status"] for j in ids]
+
+
+def _wait_all(base: str, ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base, timeout=30) as c:
+        while True:
+            jobs = [c.get(f"/v1/jobs/{j}").json() for j in ids]
+            if all(j["status"] in ("succeeded", "failed", "cancelled", "expired") for j in jobs):
+                return jobs
+            assert time.monotonic() < deadline, (
+                f"{sum(j['status'] == 'succeeded' for j in jobs)} of {len(ids)} done"
+            )
+            time.sleep(0.5)
+
+
+def test_worker_killed_with_200_jobs_in_flight(own: Own) -> None:
+    bodies = [
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": f"job {i}"}],
+            "max_tokens": 24,
+            "temperature": 0.7,
+        }
+        for i in range(200)
+    ]
+    ids = asyncio.run(_submit_many(own.base, bodies))
+    deadline = time.monotonic() + 60
+    while _statuses(own.base, ids[:40]).count("succeeded") < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    worker = next(p for n, p in own.sup.procs if n == "worker")
+    os.killpg(worker.pid, signal.SIGKILL)  # main process and pool child at once
+    worker.wait()
+    own.start_worker("worker2")
+    jobs = _wait_all(own.base, ids, timeout=300)
+    assert [j["status"] for j in jobs].count("succeeded") == 200
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        for j in jobs:
+            with c.stream("GET", f"/v1/jobs/{j['id']}/events") as resp:
+                done_events = sum(1 for line in resp.iter_lines() if line == "event: done")
+            assert done_events == 1  # one result per job, however often it was started
+    assert any(j["attempts"] >= 2 for j in jobs)  # some were in flight when the worker died
+
+
+def test_redis_down_then_back(own: Own) -> None:
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        accepted = [
+            c.post(
+                "/v1/jobs",
+                json={
+                    "model": "tiny",
+                    "max_tokens": 400,
+                    "messages": [{"role": "user", "content": f"survive the outage {i}"}],
+                },
+            ).json()["id"]
+            for i in range(6)
+        ]
+        valkey = next(p for n, p in own.sup.procs if n == "valkey")
+        valkey.terminate()  # SIGTERM: Valkey flushes its AOF and exits
+        valkey.wait(10)
+        t0 = time.monotonic()
+        down = c.post("/v1/jobs", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+        assert down.status_code == 503 and down.json()["error"]["code"] in (
+            "store_unavailable",
+            "queue_unavailable",
+        )
+        assert "Retry-After" in down.headers
+        assert time.monotonic() - t0 < 10  # a clear answer, not a hang
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+        assert c.get("/health").status_code == 200
+        assert c.get(f"/v1/jobs/{accepted[0]}").status_code == 503
+        time.sleep(2)
+        own.start_valkey()  # same port, same AOF: the accepted jobs are still there
+        jobs = _wait_all(own.base, accepted, timeout=180)
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(accepted)
+    wait_ready(own.base, timeout=60)  # and the worker reconnected on its own
