@@ -103,10 +103,14 @@ class DeltaStreamer(BaseStreamer):
 
     def __init__(self, template: Any, sink: TokenSink, stops: Sequence[str], rows: int) -> None:
         self.template = template
-        self.pad_id = template.tokenizer.pad_token_id
+        self.tokenizer = template.tokenizer
+        self.skip_ids = {template.tokenizer.pad_token_id, template.tokenizer.eos_token_id}
         self.sink = sink
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.emitted = [""] * rows
+        # incremental detokenization (as vLLM does): decode a short window, not the whole text
+        self.prefix_offset = [0] * rows
+        self.read_offset = [0] * rows
         self.filters = [StopFilter(stops) for _ in range(rows)]
         self._prompt_seen = False
 
@@ -116,16 +120,24 @@ class DeltaStreamer(BaseStreamer):
             return
         tokens = value.view(-1).tolist()
         for row, tok in enumerate(tokens[: len(self.ids)]):
-            if tok == self.pad_id:
-                continue
-            self.ids[row].append(tok)
-            text = self.template.decode_generate_ids(self.ids[row])
-            seen = self.filters[row].text + self.filters[row].buf
-            if text.endswith("\ufffd") or not text.startswith(seen):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            delta = self.filters[row].feed(text[len(seen) :])
+            if tok in self.skip_ids:
+                continue  # padding of finished rows, and the EOS the final text drops too
+            ids = self.ids[row]
+            ids.append(tok)
+            start, read = self.prefix_offset[row], self.read_offset[row]
+            prefix = self._decode(ids[start:read]) if read > start else ""
+            text = self._decode(ids[start:])
+            if text.endswith("\ufffd") or len(text) <= len(prefix):
+                continue  # an incomplete UTF-8 sequence (or a stop token): wait for the next token
+            self.prefix_offset[row], self.read_offset[row] = read, len(ids)
+            delta = self.filters[row].feed(text[len(prefix) :])
             self.sink.on_delta(row, delta)
             self.emitted[row] += delta
+
+    def _decode(self, ids: list[int]) -> str:
+        # The tokenizer directly: the template's decode re-tokenizes its stop words on every
+        # call (a third of the streaming cost). `settle` reconciles the rare difference.
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False))
 
     def end(self) -> None:
         self.sink.flush()
