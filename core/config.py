@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     #: Micro-batching: how long a worker waits for more jobs when its batch is not full.
     batch_collect_ms: float = 5.0
+    #: After its own job, a task keeps running batches of ready jobs for up to this long,
+    #: so the engine does not idle between Celery deliveries (0: one batch per task).
+    drain_s: float = 5.0
     #: A generation with no step for this long is hung (ms-swift/CUDA can deadlock): the
     #: watchdog fails its jobs with `engine_stalled` and restarts the pool child.
     stall_timeout_s: float = 120.0

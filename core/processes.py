@@ -95,6 +95,9 @@ def api_argv(host: str, port: int) -> list[str]:
         "--no-access-log",
         "--timeout-graceful-shutdown",
         "5",
+        # longer than clients' pools keep idle connections: no reset on a reused connection
+        "--timeout-keep-alive",
+        "75",
     ]
 
 

@@ -25,7 +25,7 @@ def run_job(job_id: str) -> str | None:
         timeout_s=s.job_timeout_s,
     )
     try:
-        outcomes = runner.run_batch(job_id, st.store, st.engine, opts)
+        outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
     finally:
         st.current.clear()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)
