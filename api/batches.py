@@ -100,8 +100,12 @@ class BatchService:
         self.owner = uuid.uuid4().hex
 
     # --- the batch object -------------------------------------------------------------
-    async def create(self, body: BatchCreate, retry_of: str | None = None) -> Batch:
-        _, lines = await files.get(self.r, body.input_file_id)
+    def _scope(self, owner: str) -> str | None:
+        return owner if self.settings.auth_enabled else None
+
+    async def create(self, body: BatchCreate, retry_of: str | None = None, owner: str = "") -> Batch:
+        _, lines = await files.get(self.r, body.input_file_id, self._scope(owner))
+        await service.reserve(self.store, owner, lines, self.settings)  # every line counts against the key
         batch_id = f"batch_{uuid.uuid4().hex}"
         now = int(time.time())
         fields = {
@@ -117,6 +121,7 @@ class BatchService:
             "line_no": "0",
             "metadata": json.dumps(body.metadata) if body.metadata else "",
             "retry_of": retry_of or "",
+            "owner": owner,
         }
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(keys.batch(batch_id), mapping=cast(Any, fields))
@@ -129,9 +134,10 @@ class BatchService:
         self.ensure_dispatcher(batch_id)
         return decode(fields)
 
-    async def get(self, batch_id: str) -> Batch:
+    async def get(self, batch_id: str, owner: str = "") -> Batch:
         raw = await self.r.hgetall(keys.batch(batch_id))
-        if not raw:
+        scope = self._scope(owner)
+        if not raw or (scope is not None and raw.get("owner", "") != scope):
             raise APIError(
                 404,
                 f"No batch with id '{batch_id[:80]}'.",
@@ -141,20 +147,25 @@ class BatchService:
             )
         return decode(cast(dict[str, str], raw))
 
-    async def list_batches(self, limit: int, after: str | None) -> tuple[list[Batch], bool]:
+    async def list_batches(self, limit: int, after: str | None, owner: str = "") -> tuple[list[Batch], bool]:
+        scope = self._scope(owner)
         ids = cast(list[str], await self.r.zrevrange(keys.BATCH_INDEX, 0, -1))
         if after and after in ids:
             ids = ids[ids.index(after) + 1 :]
-        page = ids[: limit + 1]
-        out = []
-        for batch_id in page[:limit]:
-            raw = await self.r.hgetall(keys.batch(batch_id))
-            if raw:
-                out.append(decode(cast(dict[str, str], raw)))
-        return out, len(page) > limit
+        out: list[Batch] = []
+        more = False
+        for batch_id in ids:
+            raw = cast(dict[str, str], await self.r.hgetall(keys.batch(batch_id)))
+            if not raw or (scope is not None and raw.get("owner", "") != scope):
+                continue
+            if len(out) == limit:
+                more = True
+                break
+            out.append(decode(raw))
+        return out, more
 
-    async def cancel(self, batch_id: str) -> Batch:
-        batch = await self.get(batch_id)
+    async def cancel(self, batch_id: str, owner: str = "") -> Batch:
+        batch = await self.get(batch_id, owner)
         if batch.status in TERMINAL or batch.status == "finalizing":
             raise APIError(
                 409, f"Batch '{batch_id}' is already {batch.status}.", param="batch_id", code="batch_finished"
@@ -166,9 +177,9 @@ class BatchService:
         self.ensure_dispatcher(batch_id)
         return await self.get(batch_id)
 
-    async def retry(self, batch_id: str) -> Batch:
+    async def retry(self, batch_id: str, owner: str = "") -> Batch:
         """Our extension: a new batch from the failed and not-run lines of a finished one."""
-        batch = await self.get(batch_id)
+        batch = await self.get(batch_id, owner)
         if batch.status not in TERMINAL:
             raise APIError(
                 409,
@@ -198,7 +209,7 @@ class BatchService:
             completion_window="24h",
             metadata=batch.metadata,
         )
-        return await self.create(body, retry_of=batch_id)
+        return await self.create(body, retry_of=batch_id, owner=owner)
 
     def _copy_lines(self, input_file_id: str, wanted: set[str]) -> tuple[str, int, int]:
         file_id = files.new_file_id()
@@ -351,6 +362,7 @@ class BatchService:
             await pipe.execute()
         if bad:
             await self._record_errors(batch_id, bad)
+            await self.store.release_active(raw.get("owner", ""), len(bad))
 
     def _read_lines(
         self, file_id: str, cursor: int, line_no: int
@@ -422,7 +434,9 @@ class BatchService:
             )
         job_id = f"job_{batch_id.removeprefix('batch_')[:20]}l{no}"
         limits = service.job_limits(prepared, self.settings, expires=False)  # the batch window governs expiry
-        return job_id, prepared, prompt_tokens, {"batch_id": batch_id, "custom_id": custom_id, **limits}
+        owner = str(await self.r.hget(keys.batch(batch_id), "owner") or "")
+        extra = {"batch_id": batch_id, "custom_id": custom_id, "owner": owner, **limits}
+        return job_id, prepared, prompt_tokens, extra
 
     def _send(self, job_ids: list[str]) -> None:
         with self.celery.producer_or_acquire() as producer:
@@ -467,6 +481,7 @@ class BatchService:
                 pipe.hincrby(keys.batch(batch_id), "dispatched", len(rest))
                 pipe.hset(keys.batch(batch_id), "dispatch_done", "1")
                 await pipe.execute()
+            await self.store.release_active(raw.get("owner", ""), len(rest))
         for job_id in cast(list[str], await self.r.lrange(keys.batch_jobs(batch_id), 0, -1)):
             record = await self.store.get(job_id)
             if record is None or record.status.terminal:

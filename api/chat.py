@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 _BLOCK_MS = 1000
 
 
-async def submit(st: AppState, body: ChatCompletionRequest) -> Job:
+async def submit(st: AppState, body: ChatCompletionRequest, owner: str = "") -> Job:
     return await service.submit(
         body,
         st.settings.queue_interactive,
@@ -42,6 +42,7 @@ async def submit(st: AppState, body: ChatCompletionRequest) -> Job:
         store=st.store,
         counter=await st.counter.get(),
         celery=st.celery,
+        owner=owner,
     )
 
 

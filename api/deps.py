@@ -28,6 +28,8 @@ class AppState:
     started_at: int
     storage: Storage
     batches: BatchService
+    #: SHA-256 hashes of the keys from INFERQ_API_KEYS
+    key_hashes: set[str]
 
 
 def get_state(request: Request) -> AppState:

@@ -99,7 +99,7 @@ def _copy_and_count(src: UploadFile, storage: Storage, file_id: str, settings: S
 
 
 async def upload(
-    r: aredis.Redis, storage: Storage, settings: Settings, file: UploadFile, purpose: str
+    r: aredis.Redis, storage: Storage, settings: Settings, file: UploadFile, purpose: str, owner: str = ""
 ) -> FileObject:
     if purpose != "batch":
         raise APIError(
@@ -114,11 +114,18 @@ async def upload(
     except BaseException:
         storage.delete(file_id)
         raise
-    return await register(r, settings, file_id, file.filename or "upload.jsonl", "batch", size, lines)
+    return await register(r, settings, file_id, file.filename or "upload.jsonl", "batch", size, lines, owner)
 
 
 async def register(
-    r: aredis.Redis, settings: Settings, file_id: str, filename: str, purpose: str, size: int, lines: int
+    r: aredis.Redis,
+    settings: Settings,
+    file_id: str,
+    filename: str,
+    purpose: str,
+    size: int,
+    lines: int,
+    owner: str = "",
 ) -> FileObject:
     now = int(time.time())
     obj = FileObject(
@@ -129,16 +136,19 @@ async def register(
         purpose=purpose,
         expires_at=now + settings.file_ttl_s,
     )
-    await r.hset(keys.file(file_id), mapping={"json": obj.model_dump_json(), "lines": str(lines)})
+    await r.hset(
+        keys.file(file_id), mapping={"json": obj.model_dump_json(), "lines": str(lines), "owner": owner}
+    )
     await r.expire(keys.file(file_id), settings.file_ttl_s)
     await r.zadd(keys.FILE_INDEX, {file_id: now})
     await r.expire(keys.FILE_INDEX, settings.file_ttl_s)
     return obj
 
 
-async def get(r: aredis.Redis, file_id: str) -> tuple[FileObject, int]:
+async def get(r: aredis.Redis, file_id: str, scope: str | None = None) -> tuple[FileObject, int]:
+    """`scope`: the caller's owner id with keys configured (another key's file is a 404)."""
     raw = await r.hgetall(keys.file(valid_id(file_id)))
-    if not raw:
+    if not raw or (scope is not None and raw.get("owner", "") != scope):
         raise APIError(
             404,
             f"No file with id '{file_id}'.",
@@ -149,18 +159,22 @@ async def get(r: aredis.Redis, file_id: str) -> tuple[FileObject, int]:
     return FileObject.model_validate_json(raw["json"]), int(raw.get("lines", "0"))
 
 
-async def list_files(r: aredis.Redis, limit: int) -> list[FileObject]:
-    ids = await r.zrevrange(keys.FILE_INDEX, 0, limit - 1)
+async def list_files(r: aredis.Redis, limit: int, scope: str | None = None) -> list[FileObject]:
+    ids = await r.zrevrange(keys.FILE_INDEX, 0, -1)
     out = []
     for file_id in cast(list[str], ids):
-        raw = await r.hget(keys.file(file_id), "json")
-        if raw:
-            out.append(FileObject.model_validate_json(raw))
+        raw = await r.hgetall(keys.file(file_id))
+        if raw and (scope is None or raw.get("owner", "") == scope):
+            out.append(FileObject.model_validate_json(raw["json"]))
+            if len(out) >= limit:
+                break
     return out
 
 
-async def content(r: aredis.Redis, storage: Storage, file_id: str) -> AsyncIterator[bytes]:
-    await get(r, file_id)
+async def content(
+    r: aredis.Redis, storage: Storage, file_id: str, scope: str | None = None
+) -> AsyncIterator[bytes]:
+    await get(r, file_id, scope)
     if not storage.exists(file_id):
         raise APIError(
             404,
@@ -178,8 +192,8 @@ async def content(r: aredis.Redis, storage: Storage, file_id: str) -> AsyncItera
     return stream()
 
 
-async def delete(r: aredis.Redis, storage: Storage, file_id: str) -> None:
-    await get(r, file_id)
+async def delete(r: aredis.Redis, storage: Storage, file_id: str, scope: str | None = None) -> None:
+    await get(r, file_id, scope)
     await r.delete(keys.file(file_id))
     await r.zrem(keys.FILE_INDEX, file_id)
     storage.delete(file_id)

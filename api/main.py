@@ -18,6 +18,7 @@ from api.deps import AppState
 from api.routes import batches as batch_routes
 from api.routes import chat, files, health, jobs
 from api.service import CounterHolder
+from core.auth import configured_hashes
 from core.config import Settings, get_settings
 from core.jobs import AsyncJobStore
 from core.storage import LocalStorage
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             counter=counter,
             celery=celery_app,
             started_at=int(time.time()),
+            key_hashes=configured_hashes(settings.api_keys),
         )
         resumer = asyncio.get_running_loop().create_task(batches.resume_all())
         try:

@@ -14,7 +14,7 @@ from celery import Celery
 
 from api.errors import APIError
 from core.config import Settings
-from core.jobs import AsyncJobStore
+from core.jobs import AsyncJobStore, JobRecord
 from schemas.jobs import Job, JobError, JobStatus
 from schemas.openai import ChatCompletionRequest
 from workers.engine import PromptCounter, load_prompt_counter
@@ -125,6 +125,17 @@ def job_limits(request: ChatCompletionRequest, settings: Settings, expires: bool
     return out
 
 
+async def reserve(store: AsyncJobStore, owner: str, units: int, settings: Settings) -> None:
+    if await store.reserve_active(owner, units, settings.max_active_per_key) is None:
+        raise APIError(
+            429,
+            f"This key's unfinished jobs would exceed the limit of {settings.max_active_per_key}.",
+            code="too_many_active_jobs",
+            type_="rate_limit_error",
+            headers={"Retry-After": "10"},
+        )
+
+
 async def submit(
     request: ChatCompletionRequest,
     queue: str,
@@ -133,9 +144,12 @@ async def submit(
     store: AsyncJobStore,
     counter: PromptCounter,
     celery: Celery,
+    owner: str = "",
 ) -> Job:
     prepared, prompt_tokens = await prepare(request, settings, counter)
-    job = await store.create(prepared, queue, prompt_tokens, job_limits(prepared, settings))
+    await reserve(store, owner, 1, settings)
+    limits = job_limits(prepared, settings)
+    job = await store.create(prepared, queue, prompt_tokens, {**limits, "owner": owner})
     try:
         await anyio.to_thread.run_sync(
             lambda: celery.send_task(RUN_JOB, args=[job.id], task_id=job.id, queue=queue)
@@ -157,12 +171,18 @@ async def submit(
     return job
 
 
-async def cancel(store: AsyncJobStore, job_id: str) -> Job:
+async def get_owned(store: AsyncJobStore, job_id: str, owner: str | None) -> JobRecord:
+    """The job, if this caller may see it (`owner` None: no keys configured)."""
+    record = await store.get(job_id)
+    if record is None or (owner is not None and record.owner != owner):
+        raise not_found(job_id)
+    return record
+
+
+async def cancel(store: AsyncJobStore, job_id: str, owner: str | None = None) -> Job:
     """Queued: cancelled at once and never runs. Running: the worker's stopping criterion
     sees the flag within a step and ends the job `cancelled`. Finished: 409."""
-    record = await store.get(job_id)
-    if record is None:
-        raise not_found(job_id)
+    record = await get_owned(store, job_id, owner)
     if record.status.terminal:
         raise APIError(
             409,

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from core import batch_cli
+from core import batch_cli, keys
 from core.config import Settings
 from core.processes import (
     Supervisor,
@@ -48,6 +48,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flower-port", type=int, default=5555)
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding off loopback without API keys / Flower auth (not recommended)",
+    )
 
 
 def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> dict[str, str]:
@@ -69,7 +74,9 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
     return env
 
 
-def _flower_env(env: dict[str, str], host: str) -> dict[str, str]:
+def _flower_env(env: dict[str, str], host: str, basic_auth: str) -> dict[str, str]:
+    if basic_auth:
+        return {**env, "FLOWER_BASIC_AUTH": basic_auth}
     # Flower's JSON API is off without auth; on loopback only this machine can reach it.
     if host in ("127.0.0.1", "localhost", "::1"):
         return {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
@@ -78,6 +85,23 @@ def _flower_env(env: dict[str, str], host: str) -> dict[str, str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not args.insecure:
+        if not settings.auth_enabled:
+            logger.error(
+                "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
+                "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
+                "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
+                args.host,
+            )
+            return 2
+        if not args.no_flower and not settings.flower_basic_auth:
+            logger.error(
+                "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
+                "(or pass --no-flower / --insecure).",
+                args.host,
+            )
+            return 2
     if args.model and (not args.model_type or not args.template):
         logger.error(
             "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
@@ -112,9 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup.start("worker", worker_argv(settings.queues), env=env)
         sup.start("api", api_argv(args.host, args.port), env=env)
         if not args.no_flower:
-            sup.start("flower", flower_argv(args.host, args.flower_port), env=_flower_env(env, args.host))
+            sup.start(
+                "flower",
+                flower_argv(args.host, args.flower_port),
+                env=_flower_env(env, args.host, settings.flower_basic_auth),
+            )
         base = f"http://{args.host}:{args.port}"
-        _wait_ready(base, sup, lambda: stopping)
+        _wait_ready(base, redis_url, sup, lambda: stopping)
         if not stopping:
             logger.info(
                 "READY: API %s (docs %s/docs)%s. Ctrl-C stops everything.",
@@ -137,15 +165,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         logger.info("stopped")
 
 
-def _wait_ready(base: str, sup: Supervisor, stopping: object) -> None:
+def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) -> None:
+    """The API answers /health and a worker child has announced a loaded engine. (Not
+    /ready: with API keys it needs a key, which the supervisor may not have.)"""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+
     def ready() -> bool:
         if sup.exited():
             name, code = sup.exited()[0]
             raise RuntimeError(f"{name} exited with code {code} during start-up")
         if callable(stopping) and stopping():
             return True
-        with urllib.request.urlopen(f"{base}/ready", timeout=2) as resp:
-            return bool(resp.status == 200)
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+            if resp.status != 200:
+                return False
+        return any(client.scan_iter(match=keys.WORKER_PATTERN, count=100))
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -160,6 +196,26 @@ def _wait_ready(base: str, sup: Supervisor, stopping: object) -> None:
     raise TimeoutError("the stack did not become ready within 600s")
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import redis
+
+    from core.auth import create_key
+
+    settings = Settings()
+    url = args.redis_url or settings.redis_url
+    if not url:
+        logger.error("name the server with --redis-url or INFERQ_REDIS_URL")
+        return 2
+    raw, owner = create_key(redis.Redis.from_url(url), args.name, settings.key_ttl_s)
+    sys.stdout.write(f"{raw}\n")
+    logger.info(
+        "created key %s for %r (shown once; only its hash is stored). Serve with INFERQ_REQUIRE_AUTH=true.",
+        owner,
+        args.name,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -167,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     batch_cli.add_parser(sub)
+    kp = sub.add_parser("keys", help="manage API keys")
+    kp.add_argument("action", choices=["create"])
+    kp.add_argument("name", help="who the key is for")
+    kp.add_argument("--redis-url", default=None)
     bench = sub.add_parser("bench", help="run the benchmark suite (bench/), or render its report")
     bench.add_argument("which", nargs="?", default="all")
     args = parser.parse_args(argv)
+    if args.cmd == "keys":
+        return cmd_keys(args)
     if args.cmd == "bench":
         from bench.suite import main as bench_main
 

@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=512, ge=1)
     max_body_bytes: int = 4 * 1024 * 1024
 
+    # --- access ---------------------------------------------------------------------
+    #: API keys allowed (raw, or `sha256:<hex>`). With keys (here or from `inferq keys
+    #: create`) every endpoint but /health needs `Authorization: Bearer <key>`.
+    api_keys: list[str] = Field(default_factory=list)
+    #: Require a key even when INFERQ_API_KEYS is empty (keys made with `inferq keys create`).
+    require_auth: bool = False
+    key_ttl_s: int = 365 * 24 * 3600
+    #: Requests per minute per key (0: no limit); over it: 429 with Retry-After.
+    rate_limit_per_minute: int = 0
+    #: Unfinished jobs per key, batch lines included (0: no limit); over it: 429.
+    max_active_per_key: int = 0
+    #: `user:password` for Flower's basic auth (required by `inferq run` off loopback).
+    flower_basic_auth: str = ""
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.require_auth or bool(self.api_keys)
+
     # --- files and batches ---------------------------------------------------------
     #: Local directory for uploaded, output and error files (the API writes, workers never do).
     files_dir: Path | None = None

@@ -56,6 +56,8 @@ if to == 'running' then
   end
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= '' then redis.call('DECR', 'inferq:active:' .. owner) end
   redis.call('ZREM', KEYS[3], string.sub(KEYS[1], string.len('inferq:job:') + 1))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -117,6 +119,8 @@ class JobRecord:
     lease_until: float = 0.0
     #: generation time limit, seconds
     timeout_s: float | None = None
+    #: the API key that created it ("" without keys)
+    owner: str = ""
 
     @property
     def status(self) -> JobStatus:
@@ -191,6 +195,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         custom_id=raw.get("custom_id", ""),
         lease_until=float(raw.get("lease_until") or 0),
         timeout_s=float(raw["timeout_s"]) if raw.get("timeout_s") else None,
+        owner=raw.get("owner", ""),
     )
 
 
@@ -318,6 +323,25 @@ class AsyncJobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         return decode(cast(dict[str, str], await self.r.hgetall(keys.job(job_id))))
+
+    async def reserve_active(self, owner: str, units: int, limit: int) -> int | None:
+        """Counts a key's unfinished work (each job's end releases it, in the transition
+        script). Returns the count before, or None (nothing reserved) if over `limit`."""
+        if not owner:
+            return 0
+        key = keys.active(owner)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, units)
+            pipe.expire(key, self.ttl)
+            total, _ = await pipe.execute()
+        if limit and total > limit:
+            await self.r.decrby(key, units)
+            return None
+        return int(total) - units
+
+    async def release_active(self, owner: str, units: int) -> None:
+        if owner and units:
+            await self.r.decrby(keys.active(owner), units)
 
     async def mark_ready(self, queue: str, job_ids: list[str]) -> None:
         """Lets a worker that is about to run a batch pull these jobs in (micro-batching)."""

@@ -89,3 +89,18 @@ def ready(queue: str) -> str:
 #: Sorted set job id -> lease deadline of running jobs; the reaper re-sends jobs whose
 #: worker stopped renewing. Members are removed when the job ends.
 LEASES = f"{PREFIX}leases"
+
+
+def api_key(key_hash: str) -> str:
+    """String: an API key's record, by the SHA-256 of the key (never the key). TTL: key_ttl_s."""
+    return f"{PREFIX}apikey:{key_hash}"
+
+
+def rate(owner: str, minute: int) -> str:
+    """Counter: requests of one key in one minute. TTL: 60 s."""
+    return f"{PREFIX}rate:{owner}:{minute}"
+
+
+def active(owner: str) -> str:
+    """Counter: a key's jobs (and batch lines) not finished yet. TTL: result_ttl_s, refreshed."""
+    return f"{PREFIX}active:{owner}"

@@ -116,14 +116,14 @@ def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str
     return env
 
 
-def wait_ready(base_url: str, timeout: float = 120) -> None:
+def wait_ready(base_url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
     def ok() -> bool:
-        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
+        return httpx.get(f"{base_url}/ready", timeout=2, headers=headers).status_code == 200
 
     wait_for(ok, timeout, "stack /ready", interval=0.25)
 
 
-def start_stack(env: dict[str, str], home: Path) -> Stack:
+def start_stack(env: dict[str, str], home: Path, ready_headers: dict[str, str] | None = None) -> Stack:
     log = home / "stack.log"
     sup = Supervisor()
     api_port, flower_port = free_port(), free_port()
@@ -139,7 +139,7 @@ def start_stack(env: dict[str, str], home: Path) -> Stack:
         sup.start("flower", flower_argv("127.0.0.1", flower_port), env=env, cwd=ROOT, stdout=fh.fileno())
     base = f"http://127.0.0.1:{api_port}"
     try:
-        wait_ready(base)
+        wait_ready(base, headers=ready_headers)
     except Exception:
         print(log.read_text()[-5000:])
         sup.stop_all()

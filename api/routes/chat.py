@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api import chat
+from api.auth import OwnerDep
 from api.deps import StateDep
 from api.routes.jobs import _ERRORS
 from schemas.openai import ChatCompletion, ChatCompletionRequest
@@ -15,9 +16,9 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
 @router.post("/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, st: StateDep
+    body: ChatCompletionRequest, request: Request, st: StateDep, owner: OwnerDep
 ) -> ChatCompletion | StreamingResponse:
-    job = await chat.submit(st, body)
+    job = await chat.submit(st, body, owner)
     if body.stream:
         return chat.streaming_response(st, job, body, request)
     return await chat.complete(st, job, request)

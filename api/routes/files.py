@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api import files
+from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.routes.jobs import _ERRORS
 from schemas.batches import FileDeleted, FileList, FileObject
@@ -17,29 +18,31 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FileObject, responses=_ERRORS)
 async def upload_file(
-    st: StateDep, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    st: StateDep, owner: OwnerDep, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
 ) -> FileObject:
-    return await files.upload(st.redis, st.storage, st.settings, file, purpose)
+    return await files.upload(st.redis, st.storage, st.settings, file, purpose, owner)
 
 
 @router.get("", response_model=FileList)
-async def list_files(st: StateDep, limit: int = Query(default=100, ge=1, le=10_000)) -> FileList:
-    data = await files.list_files(st.redis, limit)
+async def list_files(
+    st: StateDep, scope: ScopeDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+) -> FileList:
+    data = await files.list_files(st.redis, limit, scope)
     return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=_ERRORS)
-async def get_file(file_id: str, st: StateDep) -> FileObject:
-    return (await files.get(st.redis, file_id))[0]
+async def get_file(file_id: str, st: StateDep, scope: ScopeDep) -> FileObject:
+    return (await files.get(st.redis, file_id, scope))[0]
 
 
 @router.get("/{file_id}/content", responses=_ERRORS)
-async def file_content(file_id: str, st: StateDep) -> StreamingResponse:
-    body = await files.content(st.redis, st.storage, file_id)
+async def file_content(file_id: str, st: StateDep, scope: ScopeDep) -> StreamingResponse:
+    body = await files.content(st.redis, st.storage, file_id, scope)
     return StreamingResponse(body, media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=_ERRORS)
-async def delete_file(file_id: str, st: StateDep) -> FileDeleted:
-    await files.delete(st.redis, st.storage, file_id)
+async def delete_file(file_id: str, st: StateDep, scope: ScopeDep) -> FileDeleted:
+    await files.delete(st.redis, st.storage, file_id, scope)
     return FileDeleted(id=file_id)

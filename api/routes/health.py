@@ -9,6 +9,7 @@ import redis.exceptions
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from api.auth import OwnerDep
 from api.deps import StateDep
 from core import keys
 from schemas.openai import ModelCard, ModelList
@@ -32,7 +33,7 @@ async def live_workers(st: Any) -> list[dict[str, Any]]:
 
 
 @router.get("/ready")
-async def ready(st: StateDep) -> JSONResponse:
+async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     """Ready: Redis answers and at least one worker child has a loaded engine and beats."""
     body: dict[str, Any] = {"redis": False, "workers": [], "validator": st.counter.ready}
     try:
@@ -47,7 +48,7 @@ async def ready(st: StateDep) -> JSONResponse:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
-async def models(st: StateDep) -> ModelList:
+async def models(st: StateDep, _: OwnerDep) -> ModelList:
     counter = await st.counter.get()
     facts = counter.facts
     owner = "inferq-DEMO (random weights: output is gibberish)" if facts.demo else "inferq"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api import service
+from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.errors import APIError
 from api.streams import read_events
@@ -26,7 +27,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("", status_code=202, response_model=Job, responses=_ERRORS)
-async def create_job(body: ChatCompletionRequest, st: StateDep) -> Job:
+async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep) -> Job:
     if body.stream:
         raise APIError(
             400,
@@ -41,30 +42,31 @@ async def create_job(body: ChatCompletionRequest, st: StateDep) -> Job:
         store=st.store,
         counter=await st.counter.get(),
         celery=st.celery,
+        owner=owner,
     )
 
 
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS)
-async def get_job(job_id: str, st: StateDep) -> Job:
-    record = await st.store.get(job_id)
-    if record is None:
-        raise service.not_found(job_id)
-    return record.job
+async def get_job(job_id: str, st: StateDep, scope: ScopeDep) -> Job:
+    return (await service.get_owned(st.store, job_id, scope)).job
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
-async def cancel_job(job_id: str, st: StateDep) -> Job:
-    return await service.cancel(st.store, job_id)
+async def cancel_job(job_id: str, st: StateDep, scope: ScopeDep) -> Job:
+    return await service.cancel(st.store, job_id, scope)
 
 
 @router.get("/{job_id}/events", responses=_ERRORS, response_class=EventSourceResponse)
 async def job_events(
-    job_id: str, request: Request, st: StateDep, last_event_id: str | None = Header(default=None)
+    job_id: str,
+    request: Request,
+    st: StateDep,
+    scope: ScopeDep,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     """SSE: `status`, `token`, `reset` events, then one of `done`, `error`, `cancelled`.
     Each event's id is its Redis Stream entry id; reconnect with `Last-Event-ID` to resume."""
-    if await st.store.get(job_id) is None:
-        raise service.not_found(job_id)
+    await service.get_owned(st.store, job_id, scope)
     start = last_event_id or "0-0"
     if not _valid_stream_id(start):
         raise APIError(

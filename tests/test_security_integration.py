@@ -1,0 +1,213 @@
+"""Access control on a stack with API keys: keys required, objects owned by the key that
+made them, per-key rate and active-job limits; Celery refuses pickled messages; `inferq run`
+refuses to expose an unauthenticated server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer
+
+from core.auth import hash_key
+from core.jobs import JobStore
+from schemas.openai import ChatCompletionRequest
+from tests.conftest import ROOT, Stack, stack_env, start_stack, with_db
+from workers.fake import SLOW_TRIGGER
+
+pytestmark = pytest.mark.integration
+
+K1, K2, K_RATE, K_ACTIVE = "key-one", "key-two", "key-rate", "key-active"
+
+
+@pytest.fixture(scope="module")
+def secure(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    url = with_db(redis_url, 13)
+    redis.Redis.from_url(url).flushdb()
+    home = tmp_path_factory.mktemp("secure-home")
+    keys_env = json.dumps([K1, f"sha256:{hash_key(K2)}", K_RATE, K_ACTIVE])  # hashes work as well as keys
+    env = stack_env(
+        url,
+        demo_model,
+        home,
+        INFERQ_ENGINE="echo",
+        INFERQ_API_KEYS=keys_env,
+        INFERQ_RATE_LIMIT_PER_MINUTE="40",
+        INFERQ_MAX_ACTIVE_PER_KEY="4",
+    )
+    st = start_stack(env, home, ready_headers={"Authorization": f"Bearer {K1}"})
+    yield st
+    st.sup.stop_all()
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _job_body(content: str = "hello") -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+
+
+def test_keys_are_required_everywhere_but_health(secure: Stack) -> None:
+    with httpx.Client(base_url=secure.base_url) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [
+            ("GET", "/ready"),
+            ("GET", "/v1/models"),
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/files"),
+            ("GET", "/v1/batches"),
+            ("GET", "/v1/jobs/job_x"),
+        ]:
+            resp = c.request(method, path, json=_job_body() if method == "POST" else None)
+            assert resp.status_code == 401, (path, resp.text)
+            assert resp.json()["error"]["code"] == "missing_api_key"
+        bad = c.post("/v1/jobs", json=_job_body(), headers=_h("nope"))
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers=_h(K2)).status_code == 200  # configured by hash only
+
+
+def test_objects_belong_to_their_key(secure: Stack) -> None:
+    with httpx.Client(base_url=secure.base_url, timeout=30) as c:
+        job = c.post("/v1/jobs", json=_job_body(), headers=_h(K1)).json()
+        assert c.get(f"/v1/jobs/{job['id']}", headers=_h(K1)).status_code == 200
+        other = c.get(f"/v1/jobs/{job['id']}", headers=_h(K2))
+        assert other.status_code == 404 and other.json()["error"]["code"] == "job_not_found"
+        assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(K2)).status_code == 404
+        assert c.get(f"/v1/jobs/{job['id']}/events", headers=_h(K2)).status_code == 404
+        line = json.dumps(
+            {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": _job_body()}
+        )
+        f = c.post(
+            "/v1/files",
+            files={"file": ("a.jsonl", io.BytesIO(line.encode()))},
+            data={"purpose": "batch"},
+            headers=_h(K1),
+        ).json()
+        assert c.get(f"/v1/files/{f['id']}", headers=_h(K2)).status_code == 404
+        assert c.get(f"/v1/files/{f['id']}/content", headers=_h(K2)).status_code == 404
+        assert f["id"] not in [x["id"] for x in c.get("/v1/files", headers=_h(K2)).json()["data"]]
+        assert (
+            c.post(
+                "/v1/batches",
+                headers=_h(K2),
+                json={
+                    "input_file_id": f["id"],
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                },
+            ).status_code
+            == 404
+        )
+        b = c.post(
+            "/v1/batches",
+            headers=_h(K1),
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ).json()
+        assert c.get(f"/v1/batches/{b['id']}", headers=_h(K2)).status_code == 404
+        assert b["id"] not in [x["id"] for x in c.get("/v1/batches", headers=_h(K2)).json()["data"]]
+        assert c.delete(f"/v1/files/{f['id']}", headers=_h(K2)).status_code == 404
+
+
+def test_keys_from_the_cli_work(secure: Stack) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.cli", "keys", "create", "alice", "--redis-url", secure.redis_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    key = proc.stdout.strip().splitlines()[-1]
+    assert key.startswith("iq-")
+    stored = [k for k in redis.Redis.from_url(secure.redis_url).scan_iter(match="inferq:apikey:*")]
+    assert stored and key.encode() not in b"".join(stored)  # only the hash is kept
+    assert httpx.post(f"{secure.base_url}/v1/jobs", json=_job_body(), headers=_h(key)).status_code == 202
+
+
+def test_rate_limit_answers_429_with_retry_after(secure: Stack) -> None:
+    with httpx.Client(base_url=secure.base_url) as c:
+        codes = [c.get("/v1/models", headers=_h(K_RATE)).status_code for _ in range(45)]
+    assert codes[:38].count(200) == 38 and codes[-1] == 429
+    with httpx.Client(base_url=secure.base_url) as c:
+        resp = c.get("/v1/models", headers=_h(K_RATE))
+    assert resp.status_code == 429 and 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert resp.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_active_jobs_per_key_are_capped_and_batches_count_their_lines(secure: Stack) -> None:
+    with httpx.Client(base_url=secure.base_url, timeout=30) as c:
+        ids = [
+            c.post("/v1/jobs", json=_job_body(SLOW_TRIGGER), headers=_h(K_ACTIVE)).json()["id"]
+            for _ in range(4)
+        ]
+        over = c.post("/v1/jobs", json=_job_body(), headers=_h(K_ACTIVE))
+        assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_active_jobs"
+        assert (
+            c.post("/v1/jobs", json=_job_body(), headers=_h(K1)).status_code == 202
+        )  # other keys unaffected
+        deadline = time.monotonic() + 30
+        while any(c.get(f"/v1/jobs/{j}", headers=_h(K_ACTIVE)).json()["status"] != "succeeded" for j in ids):
+            assert time.monotonic() < deadline
+            time.sleep(1)  # gently: this key is rate limited too
+        lines = "\n".join(
+            json.dumps(
+                {"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions", "body": _job_body()}
+            )
+            for i in range(5)
+        )
+        f = c.post(
+            "/v1/files",
+            files={"file": ("l.jsonl", io.BytesIO(lines.encode()))},
+            data={"purpose": "batch"},
+            headers=_h(K_ACTIVE),
+        ).json()
+        big = c.post(
+            "/v1/batches",
+            headers=_h(K_ACTIVE),
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
+        assert big.status_code == 429  # 5 lines > 4 allowed
+        assert c.post("/v1/jobs", json=_job_body(), headers=_h(K_ACTIVE)).status_code == 202  # freed again
+
+
+def test_celery_refuses_pickled_messages(echo_stack: Stack) -> None:
+    store = JobStore(redis.Redis.from_url(echo_stack.redis_url, decode_responses=True), ttl=600)
+    req = ChatCompletionRequest.model_validate(_job_body("pickled") | {"max_tokens": 4})
+    job_id = store.create(req, "inferq.jobs", 3)  # a record, but no JSON message for it
+    with Connection(echo_stack.redis_url) as conn:
+        producer = Producer(conn.channel())
+        producer.publish(  # what an attacker who reached the broker would send
+            {"task": "inferq.run_job", "id": job_id, "args": [job_id], "kwargs": {}},
+            serializer="pickle",
+            exchange=Exchange("inferq.jobs", type="direct"),
+            routing_key="inferq.jobs",
+            headers={"task": "inferq.run_job", "id": job_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+        )
+    time.sleep(3)
+    rec = store.get(job_id)
+    assert rec is not None and rec.status.value == "queued"  # the worker refused to run it
+    assert "pickle" in echo_stack.log.read_text(errors="replace").lower()
+
+
+def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env["INFERQ_HOME"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.cli", "run", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--insecure" in proc.stderr
