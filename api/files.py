@@ -68,8 +68,13 @@ def _copy_and_count(src: UploadFile, storage: Storage, file_id: str, settings: S
                     param="file",
                     code="too_many_lines",
                 )
-            if len(pending) > settings.max_file_bytes:
-                break
+            if len(pending) > settings.max_line_bytes:
+                raise APIError(
+                    400,
+                    f"Line {lines + 1} is longer than {settings.max_line_bytes} bytes.",
+                    param="file",
+                    code="line_too_long",
+                )
         if pending.strip():
             lines += 1
             first = first if first is not None else pending

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aredis
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from api import errors
 from api.batches import BatchService
 from api.deps import AppState
+from api.guard import RequestGuard
 from api.routes import batches as batch_routes
 from api.routes import chat, files, health, jobs
 from api.service import CounterHolder
@@ -22,7 +22,6 @@ from core.auth import configured_hashes
 from core.config import Settings, get_settings
 from core.jobs import AsyncJobStore
 from core.storage import LocalStorage
-from schemas.openai import error_body
 
 logger = logging.getLogger("inferq.api")
 
@@ -84,20 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(
-                error_body(
-                    f"Request body of {length} bytes is over the limit of {settings.max_body_bytes}.",
-                    "invalid_request_error",
-                    None,
-                    "body_too_large",
-                ),
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(RequestGuard, settings=settings)
 
     app.include_router(health.router)
     app.include_router(jobs.router)

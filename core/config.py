@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     file_ttl_s: int = 30 * 24 * 3600
     max_file_bytes: int = 200 * 1024 * 1024
     max_file_lines: int = 50_000
+    #: One JSONL line (one request) at most; keeps the upload's memory bounded too.
+    max_line_bytes: int = 4 * 1024 * 1024
     #: Lines of one batch allowed in the queue at once: enough to keep workers' batches
     #: full, never the whole file (a 50k-line batch must not flood the broker).
     batch_window: int = 256

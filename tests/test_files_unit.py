@@ -46,3 +46,11 @@ def test_counts_lines_and_bytes_in_chunks(tmp_path: Path) -> None:
 def test_file_ids_cannot_escape_storage(bad: str) -> None:
     with pytest.raises(ValueError):
         check_id(bad)
+
+
+def test_extremely_long_line_is_refused_without_buffering_the_file(tmp_path: Path) -> None:
+    settings = Settings(max_line_bytes=1000, max_file_bytes=10**7)
+    data = b'{"custom_id": "a"}\n' + b'{"x": "' + b"y" * 200_000 + b'"}\n'
+    with pytest.raises(APIError) as info:
+        _copy_and_count(_upload(data), LocalStorage(tmp_path), "file-abcdef12", settings)
+    assert info.value.code == "line_too_long" and "Line 2" in info.value.message

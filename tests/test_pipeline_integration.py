@@ -4,6 +4,7 @@ of the same weights, token counts against the tokenizer."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -225,3 +226,27 @@ def test_worker_parent_never_loads_torch(stack: Stack) -> None:
     parent = int(Path(f"/proc/{child}/stat").read_text().split(")")[1].split()[1])
     assert "libtorch" in Path(f"/proc/{child}/maps").read_text()  # the probe can see torch
     assert "libtorch" not in Path(f"/proc/{parent}/maps").read_text()
+
+
+def test_transport_level_bad_input(stack: Stack, r: redis.Redis) -> None:
+    before = _job_keys(r)
+    url = f"{stack.base_url}/v1/jobs"
+    ok_body = json.dumps(_body("x")).encode()
+    wrong_type = httpx.post(url, content=ok_body, headers={"content-type": "text/plain"})
+    assert wrong_type.status_code == 415 and "application/json" in wrong_type.json()["error"]["message"]
+    huge = httpx.post(
+        url, content=b"{" + b" " * (5 * 1024 * 1024) + b"}", headers={"content-type": "application/json"}
+    )
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: the guard counts the bytes as they arrive
+        for _ in range(80):
+            yield b" " * 65536
+
+    chunked = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    assert httpx.post(url, json=[1, 2]).status_code == 400
+    bad_utf8 = httpx.post(url, content=b'{"model": "\xff"}', headers={"content-type": "application/json"})
+    assert bad_utf8.status_code == 400
+    assert httpx.get(f"{stack.base_url}/health").status_code == 200  # still serving
+    assert _job_keys(r) == before
