@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from api import files, service
 from api.errors import APIError
+from api.publish import task_message
 from core import batch_lines, keys
 from core.config import Settings
 from core.jobs import AsyncJobStore, BatchLine
@@ -335,8 +336,13 @@ class BatchService:
                 jobs.append(parsed)
         if jobs:
             await self.store.create_batch_jobs(jobs, self.settings.queue_batch)
-            await anyio.to_thread.run_sync(self._send, [j[0] for j in jobs])
-            await self.store.mark_ready(self.settings.queue_batch, [j[0] for j in jobs])
+            queue = self.settings.queue_batch
+            messages = [task_message(self.celery, service.RUN_JOB, j[0], queue) for j in jobs]
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.lpush(queue, *messages)
+                pipe.rpush(keys.ready(queue), *[j[0] for j in jobs])
+                pipe.expire(keys.ready(queue), self.ttl)
+                await pipe.execute()
         async with self.r.pipeline(transaction=True) as pipe:
             for _no, _custom_id, line in bad:
                 pipe.rpush(keys.batch_errors(batch_id), line)
@@ -437,17 +443,6 @@ class BatchService:
         owner = str(await self.r.hget(keys.batch(batch_id), "owner") or "")
         extra = {"batch_id": batch_id, "custom_id": custom_id, "owner": owner, **limits}
         return job_id, prepared, prompt_tokens, extra
-
-    def _send(self, job_ids: list[str]) -> None:
-        with self.celery.producer_or_acquire() as producer:
-            for job_id in job_ids:
-                self.celery.send_task(
-                    service.RUN_JOB,
-                    args=[job_id],
-                    task_id=job_id,
-                    queue=self.settings.queue_batch,
-                    producer=producer,
-                )
 
     async def _record_errors(self, batch_id: str, bad: list[tuple[int, str | None, str]]) -> None:
         """The first lines that failed validation also show in the batch's `errors`, as OpenAI does."""

@@ -13,9 +13,10 @@ import anyio
 from celery import Celery
 
 from api.errors import APIError
+from api.publish import task_message
 from core.config import Settings
 from core.jobs import AsyncJobStore, JobRecord
-from schemas.jobs import Job, JobError, JobStatus
+from schemas.jobs import Job, JobStatus
 from schemas.openai import ChatCompletionRequest
 from workers.engine import PromptCounter, load_prompt_counter
 
@@ -149,25 +150,17 @@ async def submit(
     prepared, prompt_tokens = await prepare(request, settings, counter)
     await reserve(store, owner, 1, settings)
     limits = job_limits(prepared, settings)
-    job = await store.create(prepared, queue, prompt_tokens, {**limits, "owner": owner})
     try:
-        await anyio.to_thread.run_sync(
-            lambda: celery.send_task(RUN_JOB, args=[job.id], task_id=job.id, queue=queue)
+        job = await store.create(
+            prepared,
+            queue,
+            prompt_tokens,
+            {**limits, "owner": owner},
+            message=lambda job_id: task_message(celery, RUN_JOB, job_id, queue),
         )
-    except Exception as exc:
-        # Never leave a record that no message will ever run: fail it and say so.
-        logger.error("enqueue of %s failed: %s", job.id, exc)
-        await store.transition(
-            job.id, JobStatus.FAILED, error=JobError(code="enqueue_failed", message=str(exc))
-        )
-        raise APIError(
-            503,
-            "The queue is unavailable; the job was not accepted. Retry shortly.",
-            type_="service_unavailable",
-            code="queue_unavailable",
-            headers={"Retry-After": "5"},
-        ) from exc
-    await store.mark_ready(queue, [job.id])
+    except Exception:
+        await store.release_active(owner, 1)
+        raise
     return job
 
 

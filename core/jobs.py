@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -311,11 +312,19 @@ class AsyncJobStore:
         queue: str,
         prompt_tokens: int,
         extra: dict[str, str] | None = None,
+        message: Callable[[str], str] | None = None,
     ) -> Job:
+        """The record, its first event and (given `message`, which builds the broker message
+        for a job id) the task message and the ready-list entry, in one MULTI: a job is never
+        recorded without being enqueued, nor enqueued without a record."""
         job_id = new_job_id()
         fields = {**encode_new(job_id, request, queue, time.time(), prompt_tokens), **(extra or {})}
         async with self.r.pipeline(transaction=True) as pipe:
             _queue_create(pipe, job_id, fields, self.ttl)
+            if message is not None:
+                pipe.lpush(queue, message(job_id))
+                pipe.rpush(keys.ready(queue), job_id)
+                pipe.expire(keys.ready(queue), self.ttl)
             await pipe.execute()
         record = decode(fields)
         assert record is not None

@@ -4,6 +4,7 @@ in flight, and the Redis server stopped under a running API and worker."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from core import keys
 from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
 from tests.conftest import ROOT, stack_env, wait_ready
 
@@ -152,3 +155,84 @@ def test_redis_down_then_back(own: Own) -> None:
         jobs = _wait_all(own.base, accepted, timeout=180)
     assert [j["status"] for j in jobs] == ["succeeded"] * len(accepted)
     wait_ready(own.base, timeout=60)  # and the worker reconnected on its own
+
+
+def test_api_restart_mid_batch_resumes_dispatch(own: Own) -> None:
+    n = 60
+    lines = "\n".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "tiny",
+                    "max_tokens": 48,
+                    "messages": [{"role": "user", "content": f"resume {i}"}],
+                },
+            }
+        )
+        for i in range(n)
+    )
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        f = c.post("/v1/files", files={"file": ("r.jsonl", lines.encode())}, data={"purpose": "batch"}).json()
+        b = c.post(
+            "/v1/batches",
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ).json()
+        deadline = time.monotonic() + 60
+        while c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    api = next(p for name, p in own.sup.procs if name == "api")
+    os.killpg(api.pid, signal.SIGKILL)  # the dispatcher dies with it, mid-batch
+    api.wait()
+    port = int(own.base.rsplit(":", 1)[1])
+    with own.log.open("ab") as fh:
+        own.sup.start("api2", api_argv("127.0.0.1", port), env=own.env, cwd=ROOT, stdout=fh.fileno())
+    wait_ready(own.base)
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        deadline = time.monotonic() + 180
+        while (batch := c.get(f"/v1/batches/{b['id']}").json())["status"] != "completed":
+            assert time.monotonic() < deadline, batch["request_counts"]
+            time.sleep(0.5)
+        out = [json.loads(x) for x in c.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(n))  # each line once
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+
+
+def test_batch_past_its_completion_window_expires(own: Own) -> None:
+    lines = "\n".join(
+        json.dumps(
+            {
+                "custom_id": f"e{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "tiny",
+                    "max_tokens": 200,
+                    "messages": [{"role": "user", "content": f"expire {i}"}],
+                },
+            }
+        )
+        for i in range(40)
+    )
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        f = c.post("/v1/files", files={"file": ("e.jsonl", lines.encode())}, data={"purpose": "batch"}).json()
+        b = c.post(
+            "/v1/batches",
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ).json()
+        while c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"] < 1:
+            time.sleep(0.05)
+        # the 24 h window ends now (the only window OpenAI offers is too long for a test)
+        redis.Redis.from_url(own.env["INFERQ_REDIS_URL"]).hset(keys.batch(b["id"]), "expires_at", "1")
+        deadline = time.monotonic() + 60
+        while (batch := c.get(f"/v1/batches/{b['id']}").json())["status"] != "expired":
+            assert time.monotonic() < deadline, batch["status"]
+            time.sleep(0.2)
+        errs = [json.loads(x) for x in c.get(f"/v1/files/{batch['error_file_id']}/content").text.splitlines()]
+        done = batch["request_counts"]["completed"]
+    assert batch["expired_at"] and done >= 1 and done + len(errs) == 40
+    assert {e["error"]["code"] for e in errs if e["error"]} <= {"batch_expired", "batch_cancelled"}
+    assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in errs)
