@@ -43,15 +43,20 @@ def stack(workers: int = 1, **env_extra: str) -> Iterator[tuple[str, Path, dict[
                 **env_extra,
             )
             log = (home / "stack.log").open("wb")
-            sup.start(
-                "worker", worker_argv(QUEUES, loglevel="WARNING"), env=env, cwd=ROOT, stdout=log.fileno()
-            )
+            for i in range(workers):
+                argv = worker_argv(QUEUES, name=f"inferq{i}@%h", loglevel="WARNING")
+                sup.start(f"worker{i}", argv, env=env, cwd=ROOT, stdout=log.fileno())
             api_port = free_port()
             sup.start("api", api_argv("127.0.0.1", api_port), env=env, cwd=ROOT, stdout=log.fileno())
             base = f"http://127.0.0.1:{api_port}"
-            wait_for(
-                lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 180, "stack", interval=0.25
-            )
+
+            def ready() -> bool:
+                if workers == 0:  # the caller starts workers itself, later
+                    return httpx.get(f"{base}/health", timeout=2).status_code == 200
+                resp = httpx.get(f"{base}/ready", timeout=2)
+                return resp.status_code == 200 and len(resp.json()["workers"]) >= workers
+
+            wait_for(ready, 180, "stack", interval=0.25)
             yield base, model, env, sup
         finally:
             sup.stop_all()

@@ -68,10 +68,10 @@ def render(results: Path, docs: Path) -> None:
     if flo:
         lines.append(
             f"| queue floor, echo engine (n={flo['n']}) | "
-            f"{flo['inferq_end_to_end_jobs_per_s']} jobs/s end to "
-            f"end (API→Redis→worker→result); worker side {flo['inferq_worker_jobs_per_s']} jobs/s | "
-            f"{flo['plain_celery_noop_jobs_per_s']} jobs/s plain Celery no-op | "
-            f"{flo['ratio_end_to_end']} (worker side {flo['ratio_worker']}) | > 1 |"
+            f"worker side {flo['inferq_worker_jobs_per_s']} jobs/s (backlog queued, then drained); "
+            f"end to end through HTTP {flo['inferq_end_to_end_jobs_per_s']} jobs/s | "
+            f"{flo['plain_celery_noop_jobs_per_s']} jobs/s plain Celery no-op, drained the same way | "
+            f"{flo['ratio_worker']} (end to end {flo['ratio_end_to_end']}) | > 1 |"
         )
     if lat:
         lines.append(
