@@ -44,4 +44,5 @@ def test_config_is_env_driven() -> None:
         env = services[name]["environment"]
         assert env["INFERQ_REDIS_URL"] == "redis://valkey:6379/0"
         assert env["INFERQ_MODEL_PATH"].startswith("${INFERQ_MODEL_PATH:?")
+        assert env["INFERQ_API_KEYS"].startswith("${INFERQ_API_KEYS:?")  # a published API needs keys
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
