@@ -352,14 +352,6 @@ class AsyncJobStore:
         if owner and units:
             await self.r.decrby(keys.active(owner), units)
 
-    async def mark_ready(self, queue: str, job_ids: list[str]) -> None:
-        """Lets a worker that is about to run a batch pull these jobs in (micro-batching)."""
-        if job_ids:
-            async with self.r.pipeline(transaction=False) as pipe:
-                pipe.rpush(keys.ready(queue), *job_ids)
-                pipe.expire(keys.ready(queue), self.ttl)
-                await pipe.execute()
-
     async def request_cancel(self, job_id: str) -> None:
         """Raise the flag the worker's stopping criterion polls."""
         await self.r.set(keys.cancel(job_id), "1", ex=self.ttl)
