@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 _BLOCK_MS = 1000
 
 
-async def submit(st: AppState, body: ChatCompletionRequest, owner: str = "") -> Job:
+async def submit(st: AppState, body: ChatCompletionRequest, owner: str = "", queue: str | None = None) -> Job:
+    """Submit with the app's parts; the interactive lane unless another is named."""
     return await service.submit(
         body,
-        st.settings.queue_interactive,
+        queue or st.settings.queue_interactive,
         settings=st.settings,
         store=st.store,
         counter=await st.counter.get(),

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api import service
+from api import chat, service
 from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.errors import APIError
@@ -35,15 +35,7 @@ async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep)
             param="stream",
             code="invalid_value",
         )
-    return await service.submit(
-        body,
-        st.settings.queue_jobs,
-        settings=st.settings,
-        store=st.store,
-        counter=await st.counter.get(),
-        celery=st.celery,
-        owner=owner,
-    )
+    return await chat.submit(st, body, owner, st.settings.queue_jobs)
 
 
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS)
