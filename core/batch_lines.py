@@ -8,9 +8,10 @@ from typing import Any
 
 
 def _line(custom_id: str | None, response: dict[str, Any] | None, error: dict[str, str] | None) -> str:
+    # ASCII only: model text may hold U+2028, U+0085 and the like, which `str.splitlines()`
+    # (what most clients use on JSONL) treats as line breaks.
     return json.dumps(
-        {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response, "error": error},
-        ensure_ascii=False,
+        {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response, "error": error}
     )
 
 

@@ -54,3 +54,12 @@ def test_extremely_long_line_is_refused_without_buffering_the_file(tmp_path: Pat
     with pytest.raises(APIError) as info:
         _copy_and_count(_upload(data), LocalStorage(tmp_path), "file-abcdef12", settings)
     assert info.value.code == "line_too_long" and "Line 2" in info.value.message
+
+
+def test_batch_lines_survive_splitlines() -> None:
+    from core import batch_lines
+
+    text = "odd\u2028line\x85breaks\x1d\u00e9"
+    line = batch_lines.success("c1", "job_1", {"choices": [{"message": {"content": text}}]})
+    assert line.isascii() and len(line.splitlines()) == 1
+    assert __import__("json").loads(line)["response"]["body"]["choices"][0]["message"]["content"] == text
