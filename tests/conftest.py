@@ -84,6 +84,13 @@ class Stack:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30)
 
+    def submit(self, content: str, **kw: object) -> str:
+        """POST /v1/jobs with one user message; returns the job id."""
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+        resp = httpx.post(f"{self.base_url}/v1/jobs", json=body, timeout=30)
+        assert resp.status_code == 202, resp.text
+        return str(resp.json()["id"])
+
     def wait_job(self, job_id: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         with self.client() as c:

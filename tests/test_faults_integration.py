@@ -20,21 +20,14 @@ from workers.fake import CRASH_TRIGGER, FAIL_TRIGGER, SLOW_TRIGGER, STALL_TRIGGE
 pytestmark = pytest.mark.integration
 
 
-def _submit(stack: Stack, content: str, **kw: object) -> str:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
-    resp = httpx.post(f"{stack.base_url}/v1/jobs", json=body, timeout=30)
-    assert resp.status_code == 202, resp.text
-    return str(resp.json()["id"])
-
-
 def _child_pid(stack: Stack) -> int:
     return int(httpx.get(f"{stack.base_url}/ready", timeout=5).json()["workers"][0]["pid"])
 
 
 def test_engine_error_fails_only_that_job(echo_stack: Stack) -> None:
     pid = _child_pid(echo_stack)
-    bad = echo_stack.wait_job(_submit(echo_stack, FAIL_TRIGGER))
-    good = echo_stack.wait_job(_submit(echo_stack, "still serving"))
+    bad = echo_stack.wait_job(echo_stack.submit(FAIL_TRIGGER))
+    good = echo_stack.wait_job(echo_stack.submit("still serving"))
     assert bad["status"] == "failed" and bad["error"]["code"] == "engine_error"
     assert "failure requested" in bad["error"]["message"]
     assert (
@@ -46,8 +39,8 @@ def test_engine_error_fails_only_that_job(echo_stack: Stack) -> None:
 
 def test_hung_generation_is_failed_and_the_worker_recovers(echo_stack: Stack) -> None:
     pid = _child_pid(echo_stack)
-    hung = _submit(echo_stack, STALL_TRIGGER)
-    after = _submit(echo_stack, "after the hang")
+    hung = echo_stack.submit(STALL_TRIGGER)
+    after = echo_stack.submit("after the hang")
     done = echo_stack.wait_job(hung, timeout=60)
     assert done["status"] == "failed" and done["error"]["code"] == "engine_stalled"
     nxt = echo_stack.wait_job(after, timeout=60)
@@ -59,7 +52,7 @@ def test_hung_generation_is_failed_and_the_worker_recovers(echo_stack: Stack) ->
 
 
 def test_child_killed_mid_stream_is_redelivered_with_reset(stack: Stack, r: redis.Redis) -> None:
-    job_id = _submit(stack, "crash me", max_tokens=1500, temperature=0.8)
+    job_id = stack.submit("crash me", max_tokens=1500, temperature=0.8)
     events = []
     with httpx.stream("GET", f"{stack.base_url}/v1/jobs/{job_id}/events", timeout=120) as resp:
         killed = False
@@ -85,8 +78,8 @@ def test_child_killed_mid_stream_is_redelivered_with_reset(stack: Stack, r: redi
 
 
 def test_poison_job_is_retried_then_failed_and_the_queue_moves_on(echo_stack: Stack) -> None:
-    poison = _submit(echo_stack, CRASH_TRIGGER)
-    behind = [_submit(echo_stack, f"behind the poison {i}") for i in range(3)]
+    poison = echo_stack.submit(CRASH_TRIGGER)
+    behind = [echo_stack.submit(f"behind the poison {i}") for i in range(3)]
     done = echo_stack.wait_job(poison, timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_crashed"
     assert done["attempts"] == 3  # INFERQ_MAX_ATTEMPTS
@@ -94,8 +87,8 @@ def test_poison_job_is_retried_then_failed_and_the_queue_moves_on(echo_stack: St
 
 
 def test_time_limit_fails_the_job_and_frees_the_worker(echo_stack: Stack) -> None:
-    slow = _submit(echo_stack, SLOW_TRIGGER, inferq={"timeout_s": 0.3})
-    after = _submit(echo_stack, "next in line")
+    slow = echo_stack.submit(SLOW_TRIGGER, inferq={"timeout_s": 0.3})
+    after = echo_stack.submit("next in line")
     done = echo_stack.wait_job(slow)
     assert done["status"] == "failed" and done["error"]["code"] == "timeout"
     assert echo_stack.wait_job(after)["status"] == "succeeded"
@@ -111,18 +104,18 @@ def test_time_limit_fails_the_job_and_frees_the_worker(echo_stack: Stack) -> Non
 
 
 def test_jobs_queued_past_their_expiry_never_run(echo_stack: Stack) -> None:
-    blocker = _submit(echo_stack, SLOW_TRIGGER)
+    blocker = echo_stack.submit(SLOW_TRIGGER)
     time.sleep(0.2)
-    stale = _submit(echo_stack, "too late", inferq={"expires_after_s": 0.3})
+    stale = echo_stack.submit("too late", inferq={"expires_after_s": 0.3})
     echo_stack.wait_job(blocker)
     done = echo_stack.wait_job(stale)
     assert done["status"] == "expired" and done["started_at"] is None and done["attempts"] == 0
 
 
 def test_out_of_memory_batch_is_split_before_any_job_fails(echo_stack: Stack) -> None:
-    blocker = _submit(echo_stack, SLOW_TRIGGER)
+    blocker = echo_stack.submit(SLOW_TRIGGER)
     time.sleep(0.2)
-    jobs = [_submit(echo_stack, f"big batch {i}") for i in range(6)]  # echo OOMs above 3 rows
+    jobs = [echo_stack.submit(f"big batch {i}") for i in range(6)]  # echo OOMs above 3 rows
     echo_stack.wait_job(blocker)
     done = [echo_stack.wait_job(j) for j in jobs]
     assert all(d["status"] == "succeeded" for d in done)

@@ -20,16 +20,9 @@ from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
 pytestmark = pytest.mark.integration
 
 
-def _submit(stack: Stack, content: str, **kw: object) -> str:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
-    resp = httpx.post(f"{stack.base_url}/v1/jobs", json=body, timeout=30)
-    assert resp.status_code == 202, resp.text
-    return str(resp.json()["id"])
-
-
 def _block_worker(stack: Stack) -> str:
     """A long job keeps the worker busy so that what follows piles up as a backlog."""
-    job = _submit(stack, "hold the worker", max_tokens=600, temperature=0.9)
+    job = stack.submit("hold the worker", max_tokens=600, temperature=0.9)
     deadline = time.monotonic() + 30
     while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
         assert time.monotonic() < deadline
@@ -41,10 +34,10 @@ def test_backlog_runs_in_batches_with_the_same_results_as_alone(stack: Stack) ->
     prompts = [f"batch me {i} " + "x " * i for i in range(6)]
     alone = []
     for p in prompts:  # one at a time: each runs alone
-        alone.append(stack.wait_job(_submit(stack, p, max_tokens=20, temperature=0)))
+        alone.append(stack.wait_job(stack.submit(p, max_tokens=20, temperature=0)))
     assert all(j["batch_size"] == 1 for j in alone)
     _block_worker(stack)
-    together = [_submit(stack, p, max_tokens=20, temperature=0) for p in prompts]
+    together = [stack.submit(p, max_tokens=20, temperature=0) for p in prompts]
     done = [stack.wait_job(j) for j in together]
     assert max(j["batch_size"] for j in done) > 1
     for a, b in zip(alone, done, strict=True):
@@ -57,7 +50,7 @@ def test_backlog_runs_in_batches_with_the_same_results_as_alone(stack: Stack) ->
 
 def test_jobs_of_a_batch_stream_concurrently(stack: Stack) -> None:
     _block_worker(stack)
-    jobs = [_submit(stack, f"concurrent {i}", max_tokens=200, temperature=0.7) for i in range(4)]
+    jobs = [stack.submit(f"concurrent {i}", max_tokens=200, temperature=0.7) for i in range(4)]
     for j in jobs:
         stack.wait_job(j)
     streams = {j: read_job_events(stack.base_url, j) for j in jobs}
@@ -71,9 +64,9 @@ def test_jobs_of_a_batch_stream_concurrently(stack: Stack) -> None:
 
 
 def test_poisoned_request_fails_alone(echo_stack: Stack) -> None:
-    blocker = _submit(echo_stack, SLOW_TRIGGER)  # keeps the worker busy while the others queue up
+    blocker = echo_stack.submit(SLOW_TRIGGER)  # keeps the worker busy while the others queue up
     time.sleep(0.2)
-    jobs = [_submit(echo_stack, FAIL_TRIGGER if i == 2 else f"ok {i}") for i in range(5)]
+    jobs = [echo_stack.submit(FAIL_TRIGGER if i == 2 else f"ok {i}") for i in range(5)]
     results = [echo_stack.wait_job(j) for j in jobs]
     echo_stack.wait_job(blocker)
     assert [r["status"] for r in results] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
@@ -83,7 +76,7 @@ def test_poisoned_request_fails_alone(echo_stack: Stack) -> None:
 
 def test_kill_pool_child_mid_batch_every_job_succeeds_once(stack: Stack, r: redis.Redis) -> None:
     _block_worker(stack)
-    jobs = [_submit(stack, f"survive {i}", max_tokens=500, temperature=0.8) for i in range(6)]
+    jobs = [stack.submit(f"survive {i}", max_tokens=500, temperature=0.8) for i in range(6)]
     deadline = time.monotonic() + 60
     while True:  # wait for the backlog's batch to be running
         states = [httpx.get(f"{stack.base_url}/v1/jobs/{j}").json()["status"] for j in jobs]

@@ -111,6 +111,8 @@ class RunOptions:
     collect_s: float = 0.0
     #: jobs from this lane do not publish token events (nobody watches batch lines)
     quiet_lane: str = ""
+    #: False: no job of the call publishes token events
+    publish_tokens: bool = True
     #: filled with the ids of the jobs being run, for the caller's lease renewal
     running: list[str] | None = None
     #: a job whose worker died this many times is failed instead of run again
@@ -217,7 +219,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         attempt = rec.job.attempts + 1  # the RUNNING transition just counted this attempt
         spans.append((rec, len(requests), len(requests) + len(reqs)))
         requests += reqs
-        publish = rec.queue != opts.quiet_lane
+        publish = opts.publish_tokens and rec.queue != opts.quiet_lane
         targets += [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
     sink = StreamSink(store.r, targets, store.ttl)
     started = time.time()
@@ -305,8 +307,5 @@ def run_job(
     job_id: str, store: JobStore, engine: Engine, default_max_tokens: int = 512, *, stream: bool = True
 ) -> RunOutcome:
     """One job alone (no micro-batching); `stream=False` publishes no token events."""
-    opts = RunOptions(default_max_tokens=default_max_tokens, quiet_lane="" if stream else "*")
-    record = store.get(job_id)
-    if record is not None and not stream:
-        opts = RunOptions(default_max_tokens=default_max_tokens, quiet_lane=record.queue)
+    opts = RunOptions(default_max_tokens=default_max_tokens, publish_tokens=stream)
     return run_batch(job_id, store, engine, opts)[0]
