@@ -32,7 +32,8 @@ class AppState:
     key_hashes: set[str]
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hand-off per request
     state: AppState = request.app.state.inferq
     return state
 

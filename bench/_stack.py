@@ -18,13 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
 
 
+def bench_model(size: str = "tiny") -> Path:
+    # outside any temp dir: the direct-engine half of a benchmark loads it after the stack stops
+    return build_demo_model(
+        Path.home() / ".cache" / "inferq" / f"bench-{size}-eosfree", size=size, eos_free=True
+    )
+
+
 @contextmanager
-def stack(workers: int = 1, **env_extra: str) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
+def stack(
+    workers: int = 1, size: str = "tiny", **env_extra: str
+) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
     """Yields (api base URL, model dir, env, supervisor)."""
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
         home = Path(tmp)
-        # outside the temp dir: the direct-engine half of a benchmark loads it after the stack stops
-        model = build_demo_model(Path.home() / ".cache" / "inferq" / "bench-model")
+        model = bench_model(size)
         sup = Supervisor()
         try:
             port = free_port()

@@ -229,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("--redis-url", default=None)
     bench = sub.add_parser("bench", help="run the benchmark suite (bench/), or render its report")
     bench.add_argument("which", nargs="?", default="all")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="see `inferq bench all --help`")
     args = parser.parse_args(argv)
     if args.cmd == "keys":
         return cmd_keys(args)
     if args.cmd == "bench":
         from bench.suite import main as bench_main
 
-        return bench_main([args.which])
+        return bench_main([args.which, *args.options])
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "batch":

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device_map: str = "auto"
     max_batch_size: int = Field(default=8, ge=1, le=1024)
+    #: torch's CPU threads in a worker child; 0 = auto: on a CPU-only machine one core is
+    #: left to the API and Redis (all of them minus one), with a GPU torch's default.
+    #: Why: torch's spinning OpenMP threads on every core starve the API and Valkey beside
+    #: them, and on the 2-core reference box one thread was as fast as two for small models.
+    torch_threads: int = Field(default=0, ge=0, le=1024)
     #: Where `inferq run` builds the demo model when no model is named.
     home: Path = Field(default_factory=_default_home)
 

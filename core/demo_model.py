@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,38 @@ def is_demo_model(path: Path) -> bool:
     return (path / DEMO_MARKER).exists()
 
 
-def build_demo_model(path: Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Write the model to `path` (idempotent: an existing build is reused)."""
+#: Model shapes by size name. "0.5b" is Qwen2-0.5B's layer shape (hidden 896, MLP 4864,
+#: 14 heads, 2 KV heads) with 32 layers instead of 24: with the demo's 512-token vocab
+#: (Qwen2's own is 151,936) that gives 0.48B parameters, about the real model's compute per
+#: token. For GPU benchmarks only; tests and `inferq run` use "tiny".
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.4,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=32,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        initializer_range=0.02,
+    ),
+}
+
+
+def build_demo_model(
+    path: Path, *, seed: int = 0, vocab_size: int = 512, size: str = "tiny", eos_free: bool = False
+) -> Path:
+    """Write the model to `path` (idempotent: an existing build is reused).
+
+    `eos_free` zeroes the special tokens' output rows, so greedy decoding never ends a
+    request early: benchmarks then compare equal work (every request runs to max_tokens)
+    instead of batches whose length depends on when a random model happens to say EOS."""
     if is_demo_model(path) and (path / "config.json").exists():
         return path
     # Heavy imports stay local: the API and the Celery parent import this module's
@@ -68,20 +99,29 @@ def build_demo_model(path: Path, *, seed: int = 0, vocab_size: int = 512) -> Pat
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-        initializer_range=0.4,
+        **DEMO_SIZES[size],
     )
     model = Qwen2ForCausalLM(config)
+    if eos_free:
+        with torch.no_grad():
+            model.lm_head.weight[fast.convert_tokens_to_ids(_SPECIAL_TOKENS)] = 0.0
+    if size != "tiny":
+        model = model.bfloat16()  # half the file; the engine picks its dtype
     model.save_pretrained(path)
-    (path / DEMO_MARKER).write_text(json.dumps({"note": "random weights, gibberish output"}))
+    (path / DEMO_MARKER).write_text(
+        json.dumps(
+            {
+                "note": "random weights, gibberish output",
+                "size": size,
+                "eos_free": eos_free,
+                "parameters": model.num_parameters(),
+            }
+        )
+    )
     logger.warning("built the DEMO model (random weights, gibberish output) at %s", path)
     return path

@@ -15,6 +15,7 @@ What we add around ms-swift 4.6, and why:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -70,6 +71,16 @@ def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def cpu_threads(setting: int) -> int:
+    """torch's intra-op threads for a worker child (see Settings.torch_threads); 0: leave
+    torch's default."""
+    if setting:
+        return setting
+    if torch.cuda.is_available():
+        return 0
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _device_map(name: str) -> str:
@@ -168,6 +179,8 @@ class ProgressBeat(StoppingCriteria):
 class SwiftEngine:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.max_batch_size = settings.max_batch_size
+        if threads := cpu_threads(settings.torch_threads):
+            torch.set_num_threads(threads)
         t0 = time.monotonic()
         self.engine = TransformersEngine(
             str(spec.path),
@@ -191,7 +204,13 @@ class SwiftEngine:
         self._lock = threading.Lock()
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
         self.engine.template.generate = self._generate
-        logger.info("loaded %s in %.1fs (demo=%s)", spec.path, time.monotonic() - t0, spec.demo)
+        logger.info(
+            "loaded %s in %.1fs (demo=%s, torch threads %d)",
+            spec.path,
+            time.monotonic() - t0,
+            spec.demo,
+            torch.get_num_threads(),
+        )
 
     def _generate(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         """Wraps HF generate to add our processors, stopping criteria and token streamer."""

