@@ -103,6 +103,9 @@ def ttft_direct(model: str, n: int, max_tokens: int) -> list[float]:
         def should_stop(self, i: int) -> bool:
             return False
 
+        def wants_tokens(self, i: int) -> bool:
+            return True
+
     out = []
     engine.generate([GenRequest([{"role": "user", "content": "warm"}], GenParams(max_tokens=4))])
     for i in range(n):

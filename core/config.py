@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     #: Micro-batching: how long a worker waits for more jobs when its batch is not full.
     batch_collect_ms: float = 5.0
+    #: Micro-batching: ready jobs looked at per free batch row; the batch takes those closest
+    #: in prompt length to its first job (less padding). 1: strict arrival order.
+    batch_length_window: int = Field(default=4, ge=1, le=64)
     #: After its own job, a task keeps running batches of ready jobs for up to this long,
     #: so the engine does not idle between Celery deliveries (0: one batch per task).
     drain_s: float = 5.0

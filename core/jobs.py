@@ -122,6 +122,8 @@ class JobRecord:
     timeout_s: float | None = None
     #: the API key that created it ("" without keys)
     owner: str = ""
+    #: counted by the API at submission; batches group jobs of similar length by it
+    prompt_tokens: int = 0
 
     @property
     def status(self) -> JobStatus:
@@ -197,6 +199,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         lease_until=float(raw.get("lease_until") or 0),
         timeout_s=float(raw["timeout_s"]) if raw.get("timeout_s") else None,
         owner=raw.get("owner", ""),
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
     )
 
 
@@ -236,6 +239,19 @@ def _parse(reply: list[Any]) -> TransitionResult:
     )
 
 
+@dataclass(frozen=True)
+class Move:
+    """One state-machine transition, for `JobStore.apply` (many in one round trip)."""
+
+    job_id: str
+    to: JobStatus
+    result: ChatCompletion | None = None
+    error: JobError | None = None
+    batch_line: BatchLine | None = None
+    lease_s: float | None = None
+    extra: dict[str, str] | None = None
+
+
 class JobStore:
     """Blocking store, used by the worker child."""
 
@@ -255,6 +271,18 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return decode(cast(dict[str, str], self.r.hgetall(keys.job(job_id))))
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [decode(cast(dict[str, str], raw)) for raw in pipe.execute()]
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """Just the status: cheaper than `get` for the many messages that find their job
+        already run by a batch-mate."""
+        raw = cast(str | None, self.r.hget(keys.job(job_id), "status"))
+        return JobStatus(raw) if raw else None
+
     def transition(
         self,
         job_id: str,
@@ -266,22 +294,31 @@ class JobStore:
         lease_s: float | None = None,
         extra: dict[str, str] | None = None,
     ) -> TransitionResult:
-        fields = {
-            **_finish_fields(result, error),
-            **(batch_line.fields() if batch_line else {}),
-            **(extra or {}),
-        }
-        if lease_s is not None:
-            fields["_lease"] = repr(lease_s)
-        args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        job_keys = [
-            keys.job(job_id),
-            keys.job_events(job_id),
-            keys.LEASES,
-            *(batch_line.keys() if batch_line else []),
-        ]
-        reply = self._transition(keys=job_keys, args=args)
-        return _parse(reply)
+        return self.apply([Move(job_id, to, result, error, batch_line, lease_s, extra)])[0]
+
+    def apply(self, moves: list[Move]) -> list[TransitionResult]:
+        """Each move is atomic (one script call); a batch's moves share one round trip."""
+        if not moves:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        now = time.time()
+        for m in moves:
+            fields = {
+                **_finish_fields(m.result, m.error),
+                **(m.batch_line.fields() if m.batch_line else {}),
+                **(m.extra or {}),
+            }
+            if m.lease_s is not None:
+                fields["_lease"] = repr(m.lease_s)
+            args = [*_transition_args(m.to, now, self.ttl, fields), str(EVENTS_MAXLEN)]
+            job_keys = [
+                keys.job(m.job_id),
+                keys.job_events(m.job_id),
+                keys.LEASES,
+                *(m.batch_line.keys() if m.batch_line else []),
+            ]
+            self._transition(keys=job_keys, args=args, client=pipe)
+        return [_parse(reply) for reply in pipe.execute()]
 
     def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
         """Called by a live worker's heartbeat for the jobs it is running."""

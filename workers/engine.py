@@ -72,6 +72,11 @@ class TokenSink(Protocol):
         """True once request i was cancelled: generation for it stops within a step."""
         ...
 
+    def wants_tokens(self, i: int) -> bool:
+        """False when nobody watches request i's deltas (a batch line): an engine may then
+        skip detokenizing step by step."""
+        ...
+
 
 class Engine(Protocol):
     facts: ModelFacts

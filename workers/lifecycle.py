@@ -114,6 +114,8 @@ class WorkerState:
                     self.reap()
             except redis.RedisError as exc:  # Redis down: keep beating, it comes back
                 logger.warning("heartbeat failed: %s", exc)
+            except Exception:  # anything else must not end the heartbeat (the worker would vanish)
+                logger.exception("heartbeat step failed")
 
     def reap(self) -> int:
         """Send again the running jobs whose worker stopped renewing their lease (it died).
@@ -126,9 +128,15 @@ class WorkerState:
                 continue
             logger.warning("lease of running job %s lapsed (its worker died); sending it again", job_id)
             self.redis.zadd(keys.LEASES, {job_id: time.time() + self.settings.lease_s})
-            if _resend is not None:
+            if _resend is None:
+                continue
+            try:
                 _resend(job_id, record.queue)
                 sent += 1
+            except redis.RedisError:
+                raise
+            except Exception:  # one job that cannot be sent must not stop the others
+                logger.exception("could not send job %s again (queue %r)", job_id, record.queue)
         return sent
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import cast
 
 from core import batch_lines, keys
-from core.jobs import BatchLine, JobRecord, JobStore
+from core.jobs import BatchLine, JobRecord, JobStore, Move
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from workers.claim import claim_more
 from workers.engine import Engine, GenParams, GenRequest, GenResult
 from workers.streaming import StreamSink, Target
 
@@ -109,6 +110,8 @@ class RunOptions:
     lanes: tuple[str, ...] = ()
     #: how long to wait for more jobs when the batch is not full (a shallow queue)
     collect_s: float = 0.0
+    #: ready jobs looked at per free row, to pick those closest in prompt length (workers.claim)
+    length_window: int = 1
     #: jobs from this lane do not publish token events (nobody watches batch lines)
     quiet_lane: str = ""
     #: False: no job of the call publishes token events
@@ -122,12 +125,15 @@ class RunOptions:
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
-    record = store.get(job_id)
+    status = store.status(job_id)  # most messages find their job already run by a batch-mate
+    record = store.get(job_id) if status is not None and not status.terminal else None
+    if record is not None and record.status.terminal:
+        status, record = record.status, None  # it ended between the two reads
     if record is None:
-        logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
-        return None
-    if record.status.terminal:
-        logger.info("job %s is already %s; skipping its message", job_id, record.status)
+        if status is None:
+            logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
+        else:
+            logger.debug("job %s is already %s; skipping its message", job_id, status)
         return None
     now = time.time()
     if record.status is JobStatus.QUEUED and record.job.expires_at and now > record.job.expires_at:
@@ -158,48 +164,6 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     return record if started.ok else None
 
 
-def _claim_more(store: JobStore, first: JobRecord, opts: RunOptions, rows: int) -> list[JobRecord]:
-    """Pull queued jobs that can share `first`'s generate call, up to `max_batch_size` rows.
-
-    Their own Celery messages stay in the queue: when they arrive later, the job is already
-    finished and the message is skipped, so each job still has its own task in Flower."""
-    params = gen_params(first.request, opts.default_max_tokens)
-    claimed: list[JobRecord] = []
-    if params.seed is not None:
-        return claimed  # a seeded request runs alone: its text must not depend on its batch-mates
-    seen = {first.job.id}
-    deadline = time.monotonic() + opts.collect_s
-    for attempt in range(2):
-        for lane in opts.lanes:
-            if rows >= opts.max_batch_size:
-                break
-            ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), opts.max_batch_size - rows)) or []
-            putback: list[str] = []
-            for job_id in ids:
-                if job_id in seen:
-                    continue
-                seen.add(job_id)
-                rec = store.get(job_id)
-                if rec is None or rec.status is not JobStatus.QUEUED:
-                    continue
-                if rec.job.expires_at and time.time() > rec.job.expires_at:
-                    continue  # its own message will end it `expired`
-                fits = rows + rec.request.n <= opts.max_batch_size
-                if not fits or gen_params(rec.request, opts.default_max_tokens) != params:
-                    putback.append(job_id)  # another batch will take it
-                    continue
-                if store.transition(job_id, JobStatus.RUNNING, lease_s=opts.lease_s).ok:
-                    claimed.append(rec)
-                    rows += rec.request.n
-            if putback:
-                store.r.lpush(keys.ready(lane), *reversed(putback))
-        wait = deadline - time.monotonic()
-        if rows >= opts.max_batch_size or wait <= 0 or attempt:
-            break
-        time.sleep(wait)  # a shallow queue: give more jobs a moment to arrive, once
-    return claimed
-
-
 def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
     """Run the job of this message together with compatible queued jobs, in one `generate`.
     Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
@@ -207,8 +171,16 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     first = _start(store, job_id, opts)
     if first is None:
         return [RunOutcome(None, skipped=True)]
+    records = [first]
+    params = gen_params(first.request, opts.default_max_tokens)
     # A job that was already tried (its worker died) runs alone: it may be what killed it.
-    records = [first] if first.job.attempts else [first, *_claim_more(store, first, opts, first.request.n)]
+    # A seeded one too: its text must not depend on its batch-mates.
+    if not first.job.attempts and params.seed is None:
+
+        def compatible(rec: JobRecord) -> bool:
+            return gen_params(rec.request, opts.default_max_tokens) == params
+
+        records += claim_more(store, first, opts, first.request.n, compatible)
     if opts.running is not None:
         opts.running[:] = [rec.job.id for rec in records]
     requests: list[GenRequest] = []
@@ -230,8 +202,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         logger.exception("generate failed for %d jobs", len(records))
         outs = [exc] * len(requests)
     _count_batch(store, len(requests))
-    extra = {"batch_rows": str(len(requests))}
-    return [_finish(store, rec, outs[a:b], sink, extra) for rec, a, b in spans]
+    return _finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
 
 
 def drain(
@@ -267,40 +238,56 @@ def _count_batch(store: JobStore, rows: int) -> None:
     pipe.execute()
 
 
-def _finish(
+def _finish_all(
+    store: JobStore, runs: list[tuple[JobRecord, list[GenResult | Exception]]], sink: StreamSink, rows: int
+) -> list[RunOutcome]:
+    """Every job of the call ends on its own terms, in one round trip for the whole batch."""
+    ids = [rec.job.id for rec, _ in runs]
+    flagged = cast(list[str | None], store.r.mget([keys.cancel(j) for j in ids]))
+    extra = {"batch_rows": str(rows)}
+    moves = [
+        _final_move(store, rec, outs, sink, bool(flag), extra)
+        for (rec, outs), flag in zip(runs, flagged, strict=True)
+    ]
+    outcomes = []
+    for move, done in zip(moves, store.apply(moves), strict=True):
+        if move.to is JobStatus.SUCCEEDED and not done.ok:
+            logger.info("job %s became %s while running; result discarded", move.job_id, done.previous)
+            outcomes.append(RunOutcome(JobStatus(done.previous), skipped=True))
+        else:
+            outcomes.append(RunOutcome(move.to))
+    return outcomes
+
+
+def _final_move(
     store: JobStore,
     record: JobRecord,
     outs: list[GenResult | Exception],
     sink: StreamSink,
+    cancel_flag: bool,
     extra: dict[str, str],
-) -> RunOutcome:
+) -> Move:
     job_id, model = record.job.id, record.request.model
     if sink.timed_out(job_id) and not sink.cancelled(job_id):
         error = JobError(
             code="timeout", message=f"Generation exceeded its time limit of {record.timeout_s}s."
         )
         line = _batch_line(record, store.ttl, error=error)
-        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
-        return RunOutcome(JobStatus.FAILED)
-    if sink.cancelled(job_id) or store.r.exists(keys.cancel(job_id)):
+        return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
+    if sink.cancelled(job_id) or cancel_flag:
         partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
         result = build_completion(job_id, model, partial)
-        line = _batch_line(record, store.ttl)
-        store.transition(job_id, JobStatus.CANCELLED, result=result, batch_line=line, extra=extra)
-        return RunOutcome(JobStatus.CANCELLED)
+        return Move(
+            job_id, JobStatus.CANCELLED, result=result, batch_line=_batch_line(record, store.ttl), extra=extra
+        )
     failures = [o for o in outs if isinstance(o, Exception)]
     if failures:
         error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
         line = _batch_line(record, store.ttl, error=error)
-        store.transition(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
-        return RunOutcome(JobStatus.FAILED)
+        return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
     completion = build_completion(job_id, model, [o for o in outs if isinstance(o, GenResult)])
     line = _batch_line(record, store.ttl, completion=completion)
-    done = store.transition(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line, extra=extra)
-    if not done.ok:
-        logger.info("job %s became %s while running; result discarded", job_id, done.previous)
-        return RunOutcome(JobStatus(done.previous), skipped=True)
-    return RunOutcome(JobStatus.SUCCEEDED)
+    return Move(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line, extra=extra)
 
 
 def run_job(

@@ -147,6 +147,9 @@ class StreamSink:
         job_id = self.targets[i].job_id
         return job_id in self._cancelled or time.time() > self.deadlines.get(job_id, float("inf"))
 
+    def wants_tokens(self, i: int) -> bool:
+        return self.targets[i].publish
+
     def timed_out(self, job_id: str) -> bool:
         return time.time() > self.deadlines.get(job_id, float("inf"))
 

@@ -1,0 +1,87 @@
+"""Filling a batch: which queued jobs join the job whose message the worker is running.
+
+Why by prompt length: HF `generate` pads every row of a batch to its longest prompt, so a
+batch of similar lengths wastes less compute. Measured on the tiny model (CPU, batch 8):
+the same 256 mixed-length requests ran about 15 % faster sorted by length than in arrival
+order (docs/benchmarks.md). The worker looks at up to `length_window` times the free rows
+of ready jobs and takes those closest in length to the batch's first job; the others go
+back to the head of their list in their order, and the head is always the next batch's
+first job, so nobody waits more than a few batch cycles for being an outlier.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from core import keys
+from core.jobs import JobRecord, JobStore, Move
+from schemas.jobs import JobStatus
+
+if TYPE_CHECKING:
+    from workers.runner import RunOptions
+
+
+def closest_by_length(target: int, candidates: list[JobRecord], rows: int) -> list[JobRecord]:
+    """Up to `rows` rows (a job takes `n` of them) from `candidates`, closest in prompt length
+    to `target` first (ties: earlier first); returned in arrival order."""
+    chosen: set[int] = set()
+    ranked = sorted(range(len(candidates)), key=lambda i: abs(candidates[i].prompt_tokens - target))
+    for i in ranked:
+        if candidates[i].request.n <= rows:
+            chosen.add(i)
+            rows -= candidates[i].request.n
+        if rows <= 0:
+            break
+    return [rec for i, rec in enumerate(candidates) if i in chosen]
+
+
+def claim_more(
+    store: JobStore,
+    first: JobRecord,
+    opts: RunOptions,
+    rows: int,
+    compatible: Callable[[JobRecord], bool],
+) -> list[JobRecord]:
+    """Pull queued jobs that can share `first`'s generate call (`compatible`), up to
+    `max_batch_size` rows.
+
+    Their own Celery messages stay in the queue: when they arrive later, the job is already
+    finished and the message is skipped, so each job still has its own task in Flower."""
+    claimed: list[JobRecord] = []
+    seen = {first.job.id}
+    deadline = time.monotonic() + opts.collect_s
+    for attempt in range(2):
+        for lane in opts.lanes:
+            free = opts.max_batch_size - rows
+            if free <= 0:
+                break
+            ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), free * opts.length_window)) or []
+            ids = [i for i in ids if i not in seen]
+            seen.update(ids)
+            now = time.time()
+            fits: list[JobRecord] = []
+            back: set[str] = set()
+            for job_id, rec in zip(ids, store.get_many(ids), strict=True):
+                if rec is None or rec.status is not JobStatus.QUEUED:
+                    continue  # gone, cancelled or taken: its own message ends it
+                if rec.job.expires_at and now > rec.job.expires_at:
+                    continue  # its own message will end it `expired`
+                back.add(job_id)  # unless chosen below: another batch will take it
+                if compatible(rec):
+                    fits.append(rec)
+            chosen = closest_by_length(first.prompt_tokens, fits, free)
+            moves = [Move(rec.job.id, JobStatus.RUNNING, lease_s=opts.lease_s) for rec in chosen]
+            for rec, res in zip(chosen, store.apply(moves), strict=True):
+                back.discard(rec.job.id)
+                if res.ok:
+                    claimed.append(rec)
+                    rows += rec.request.n
+            if putback := [i for i in ids if i in back]:
+                store.r.lpush(keys.ready(lane), *reversed(putback))
+        wait = deadline - time.monotonic()
+        if rows >= opts.max_batch_size or wait <= 0 or attempt:
+            break
+        time.sleep(wait)  # a shallow queue: give more jobs a moment to arrive, once
+    return claimed
