@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +25,16 @@ from schemas.openai import ChatCompletion, ChatCompletionRequest
 #: Cap on a job's event stream; a generation longer than this in flushes is trimmed
 #: from the front (clients that fell that far behind get the final result instead).
 EVENTS_MAXLEN = 10_000
+
+#: LPOP from the first non-empty list, in the order given (lanes by priority): one round
+#: trip per pick instead of one per lane.
+_POP_FIRST_LUA = """
+for _, key in ipairs(KEYS) do
+  local v = redis.call('LPOP', key)
+  if v then return v end
+end
+return false
+"""
 
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -259,6 +269,11 @@ class JobStore:
         self.r = client
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._pop_first = client.register_script(_POP_FIRST_LUA)
+
+    def pop_ready(self, queues: Sequence[str]) -> str | None:
+        """The next ready job id from the first of `queues` (priority order) that has one."""
+        return cast(str | None, self._pop_first(keys=[keys.ready(q) for q in queues]))
 
     def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
         job_id = new_job_id()

@@ -193,7 +193,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         requests += reqs
         publish = opts.publish_tokens and rec.queue != opts.quiet_lane
         targets += [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
-    sink = StreamSink(store.r, targets, store.ttl)
+    sink = StreamSink(store.r, targets)
     started = time.time()
     sink.deadlines = {rec.job.id: started + (rec.timeout_s or opts.timeout_s) for rec in records}
     try:
@@ -223,10 +223,9 @@ def drain(
 
 
 def _next_ready(store: JobStore, opts: RunOptions) -> str | None:
-    for lane in opts.lanes:
-        while job_id := cast(str | None, store.r.lpop(keys.ready(lane))):
-            if store.r.hget(keys.job(job_id), "status") == JobStatus.QUEUED.value:
-                return job_id
+    while job_id := store.pop_ready(opts.lanes):
+        if store.status(job_id) is JobStatus.QUEUED:
+            return job_id
     return None
 
 

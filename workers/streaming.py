@@ -72,7 +72,6 @@ class StreamSink:
 
     client: redis.Redis
     targets: list[Target]
-    ttl: int
     flush_interval_s: float = 0.02
     flush_chars: int = 512
     cancel_poll_s: float = 0.1
@@ -125,10 +124,17 @@ class StreamSink:
         self._xadd_many(entries)
 
     def _xadd_many(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        # NOMKSTREAM and no EXPIRE: the stream was made with the job and its TTL is renewed by
+        # every status change; a stream gone with its job is not re-created without a TTL.
         pipe = self.client.pipeline(transaction=False)
         for job_id, fields in entries:
-            pipe.xadd(keys.job_events(job_id), fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(keys.job_events(job_id), self.ttl)
+            pipe.xadd(
+                keys.job_events(job_id),
+                fields,  # type: ignore[arg-type]
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+                nomkstream=True,
+            )
         pipe.execute()
 
     def should_stop(self, i: int) -> bool:
