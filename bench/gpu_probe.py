@@ -6,7 +6,7 @@ import torch
 from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
 from bench._stack import bench_model
-from bench.suite import _prompts
+from bench.common import prompts as _prompts
 from workers.swift_backend import _device_map, _dtype
 
 model = bench_model("0.5b")

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     #: Micro-batching: how long a worker waits for more jobs when its batch is not full.
     batch_collect_ms: float = 5.0
+    #: ... and keeps waiting, while jobs keep arriving, up to this long (a burst being
+    #: submitted fills the first batch instead of starting it nearly empty).
+    batch_collect_max_ms: float = 50.0
     #: Micro-batching: ready jobs looked at per free batch row; the batch takes those closest
     #: in prompt length to its first job (less padding). 1: strict arrival order.
     batch_length_window: int = Field(default=4, ge=1, le=64)

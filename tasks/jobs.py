@@ -19,6 +19,7 @@ def run_job(job_id: str) -> str | None:
         lease_s=s.lease_s,
         lanes=tuple(s.queues),
         collect_s=s.batch_collect_ms / 1000,
+        collect_max_s=max(s.batch_collect_max_ms, s.batch_collect_ms) / 1000,
         length_window=s.batch_length_window,
         quiet_lane=s.queue_batch,  # batch lines: nobody watches their tokens
         running=st.current,

@@ -1,6 +1,8 @@
 """Filling a batch (workers.claim) and the batched store calls it relies on, on a real
 Valkey/Redis: which ready jobs join, and what happens to the ones that don't."""
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -132,3 +134,25 @@ def test_batch_finishes_every_job_and_skips_their_later_messages(r: redis.Redis)
     assert {_record(store, j).job.batch_size for j in ids} == {4}
     # each job's own message arrives later and finds it finished
     assert [o.skipped for o in run_batch(ids[2], store, EchoEngine("echo"), opts)] == [True]
+
+
+def test_collect_waits_once_for_a_lone_job_and_longer_for_a_burst(r: redis.Redis) -> None:
+    store = JobStore(r, ttl=100)
+    opts = RunOptions(max_batch_size=6, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0, lease_s=30)
+    lone = _record(store, store.create(_req(), LANE, prompt_tokens=5))
+    t0 = time.monotonic()
+    assert claim_more(store, lone, opts, 1, lambda rec: True) == []
+    assert time.monotonic() - t0 < 1.0  # one collect window, not collect_max_s
+
+    first = _record(store, store.create(_req(), LANE, prompt_tokens=5))
+
+    def burst() -> None:  # a client still submitting: one job every 20 ms
+        for _ in range(5):
+            time.sleep(0.02)
+            _enqueue(store, [5])
+
+    feeder = threading.Thread(target=burst)
+    feeder.start()
+    claimed = claim_more(store, first, opts, 1, lambda rec: True)
+    feeder.join()
+    assert len(claimed) == 5  # the batch waited for the burst and is full

@@ -11,6 +11,7 @@ first job, so nobody waits more than a few batch cycles for being an outlier.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -51,8 +52,9 @@ def claim_more(
     finished and the message is skipped, so each job still has its own task in Flower."""
     claimed: list[JobRecord] = []
     seen = {first.job.id}
-    deadline = time.monotonic() + opts.collect_s
-    for attempt in range(2):
+    deadline = time.monotonic() + opts.collect_max_s
+    for attempt in itertools.count():
+        before = rows
         for lane in opts.lanes:
             free = opts.max_batch_size - rows
             if free <= 0:
@@ -80,8 +82,13 @@ def claim_more(
                     rows += rec.request.n
             if putback := [i for i in ids if i in back]:
                 store.r.lpush(keys.ready(lane), *reversed(putback))
-        wait = deadline - time.monotonic()
-        if rows >= opts.max_batch_size or wait <= 0 or attempt:
+        # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
+        # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
+        # `collect_s` once; the first batch of a burst does not start nearly empty.
+        if rows >= opts.max_batch_size or (attempt and rows == before) or not opts.collect_s:
             break
-        time.sleep(wait)  # a shallow queue: give more jobs a moment to arrive, once
+        wait = min(opts.collect_s, deadline - time.monotonic())
+        if wait <= 0:
+            break
+        time.sleep(wait)
     return claimed

@@ -108,8 +108,10 @@ class RunOptions:
     lease_s: float = 30.0
     #: lanes to pull more jobs from, in priority order (their `ready` lists)
     lanes: tuple[str, ...] = ()
-    #: how long to wait for more jobs when the batch is not full (a shallow queue)
+    #: how long to wait for more jobs when the batch is not full (a shallow queue) ...
     collect_s: float = 0.0
+    #: ... and at most, while jobs keep arriving (workers.claim)
+    collect_max_s: float = 0.0
     #: ready jobs looked at per free row, to pick those closest in prompt length (workers.claim)
     length_window: int = 1
     #: jobs from this lane do not publish token events (nobody watches batch lines)

@@ -1,0 +1,79 @@
+"""Helpers shared by the benchmarks: request bodies, submitting, waiting, reading results."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, cast
+
+import redis
+
+from bench.loadgen import post_many
+from core import keys
+
+
+def prompts(n: int) -> list[str]:
+    """Mixed prompt lengths, deterministic."""
+    return [f"request {i}: " + " ".join(["tell me about gpus"] * (1 + (i * 7) % 13)) for i in range(n)]
+
+
+async def post_all(
+    base: str, bodies: list[dict[str, Any]], concurrency: int = 64
+) -> tuple[list[str], list[float]]:
+    out, lat = await post_many(base, "/v1/jobs", bodies, concurrency)
+    return [o["id"] for o in out], lat
+
+
+def wait_done(r: redis.Redis, ids: list[str], timeout: float = 1800) -> list[dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    pending = list(ids)
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} jobs unfinished")
+        pipe = r.pipeline(transaction=False)
+        for j in pending:
+            pipe.hget(keys.job(j), "status")
+        states = pipe.execute()
+        pending = [
+            j
+            for j, s in zip(pending, states, strict=True)
+            if s not in (b"succeeded", b"failed", "succeeded", "failed")
+        ]
+        if pending:
+            time.sleep(0.2)
+    pipe = r.pipeline(transaction=False)
+    for j in ids:
+        pipe.hgetall(keys.job(j))
+    return [
+        {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in rec.items()
+        }
+        for rec in pipe.execute()
+    ]
+
+
+def last_finish(records: list[dict[str, str]]) -> float:
+    """When the last job finished, by the worker's clock (same machine): the waiting loop's
+    polling interval does not enter the figure."""
+    return max(float(rec["finished_at"]) for rec in records)
+
+
+def tokens(records: list[dict[str, str]]) -> int:
+    return sum(
+        json.loads(rec["result"])["usage"]["completion_tokens"] for rec in records if rec.get("result")
+    )
+
+
+def stats(r: redis.Redis) -> tuple[int, int]:
+    raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(keys.stats()).items()}
+    return int(raw.get("batches", 0)), int(raw.get("batch_rows", 0))
+
+
+def field_all(r: redis.Redis, field: str) -> list[str]:
+    """One field of every job record on this (benchmark-only) server."""
+    names = list(r.scan_iter(match=keys.job("*"), count=1000))
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(name, field)
+    return cast(list[str], pipe.execute())

@@ -1,0 +1,185 @@
+"""Engine efficiency: the same N requests through the full path versus ms-swift's
+`TransformersEngine.infer` called directly, side by side.
+
+Why interleaved rounds on one stack: the 2-core VM these numbers were first taken on
+wandered by +-15 % over tens of seconds, so measuring one side after the other mostly
+measured the machine. Here every round runs the direct engine (in this process, while
+the stack idles), then the requests through `/v1/jobs`, then through one `/v1/batches`
+batch; each side reports its best round and its median.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from bench._stack import stack
+from bench.common import field_all, last_finish, post_all, prompts, stats, tokens, wait_done
+
+
+class Direct:
+    """TransformersEngine in this process with the worker's max_batch_size, dtype and
+    device. Each round tries torch's default thread count and the worker's (see
+    Settings.torch_threads) and keeps the faster: the baseline never runs with a setting
+    that suits this machine worse than the worker's."""
+
+    def __init__(self, model: Path, batch: int, max_tokens: int, texts: list[str]) -> None:
+        import torch
+        from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
+
+        from workers.swift_backend import _device_map, _dtype, cpu_threads
+
+        self.engine = TransformersEngine(
+            str(model),
+            model_type="qwen2",
+            template_type="qwen2_5",
+            torch_dtype=_dtype("auto"),
+            device_map=_device_map("auto"),
+            max_batch_size=batch,
+        )
+        self.reqs = [InferRequest(messages=[{"role": "user", "content": t}]) for t in texts]
+        self.cfg = RequestConfig(max_tokens=max_tokens, temperature=0)
+        self.engine.infer(self.reqs[:batch], self.cfg, use_tqdm=False)  # warm-up, as the worker does
+        self.default = torch.get_num_threads()
+        self.settings = sorted({self.default, cpu_threads(0) or self.default})
+
+    def round(self) -> dict[int, float]:
+        import torch
+
+        out: dict[int, float] = {}
+        for threads in self.settings:
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            res = self.engine.infer(self.reqs, self.cfg, use_tqdm=False)
+            out[threads] = sum(o.usage.completion_tokens for o in res) / (time.perf_counter() - t0)
+        torch.set_num_threads(self.default)
+        return out
+
+
+def _bodies(texts: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": t}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        for t in texts
+    ]
+
+
+def jobs_round(base: str, r: redis.Redis, bodies: list[dict[str, Any]], batch: int) -> dict[str, float]:
+    """All requests POSTed to /v1/jobs (64 in flight) until every result is in; the clock
+    stops at the last job's finish by the worker's clock, not at the polling loop's."""
+    b0, rows0 = stats(r)
+    t0 = time.time()
+    ids, _ = asyncio.run(post_all(base, bodies))
+    records = wait_done(r, ids)
+    b1, rows1 = stats(r)
+    span = last_finish(records) - min(float(rec["started_at"]) for rec in records)
+    batches = max(b1 - b0, 1)
+    return {
+        "tps": tokens(records) / (last_finish(records) - t0),
+        "worker_tps": tokens(records) / span,
+        "mean_batch": (rows1 - rows0) / batches,
+        "occupancy": (rows1 - rows0) / batches / batch,
+    }
+
+
+def batch_round(c: httpx.Client, r: redis.Redis, texts: list[str], max_tokens: int) -> float:
+    """The same requests as one OpenAI batch (the offline path: no token streaming), from
+    the upload to the last line's finish."""
+    lines = "\n".join(
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        for i, body in enumerate(_bodies(texts, max_tokens))
+    )
+    t0 = time.time()
+    f = c.post("/v1/files", files={"file": ("e.jsonl", lines.encode())}, data={"purpose": "batch"})
+    b = c.post(
+        "/v1/batches",
+        json={
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    ).json()
+    while (b := c.get(f"/v1/batches/{b['id']}").json())["status"] not in ("completed", "failed"):
+        time.sleep(0.1)
+    done = [float(x) for x in field_all(r, "finished_at") if x and float(x) >= t0]
+    return int(b["usage"]["output_tokens"]) / (max(done) - t0)
+
+
+def queue_tps(n: int, max_tokens: int, batch: int, workers: int = 1, size: str = "tiny") -> dict[str, float]:
+    """One round through /v1/jobs on a fresh stack (the scaling table)."""
+    with stack(workers=workers, size=size, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, _m, env, _sup):
+        return jobs_round(
+            base, redis.Redis.from_url(env["INFERQ_REDIS_URL"]), _bodies(prompts(n), max_tokens), batch
+        )
+
+
+def efficiency(
+    n: int = 256, max_tokens: int = 32, batch: int = 8, size: str = "tiny", rounds: int = 3
+) -> dict[str, Any]:
+    texts = prompts(n)
+    bodies = _bodies(texts, max_tokens)
+    direct_runs: list[dict[int, float]] = []
+    jobs_runs: list[dict[str, float]] = []
+    batch_runs: list[float] = []
+    with (
+        stack(size=size, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, env, _sup),
+        httpx.Client(base_url=base, timeout=120) as c,
+    ):
+        r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
+        direct = Direct(model, batch, max_tokens, texts)
+        for i in range(rounds):
+            direct_runs.append(direct.round())
+            jobs_runs.append(jobs_round(base, r, bodies, batch))
+            batch_runs.append(batch_round(c, r, texts, max_tokens))
+            print(
+                f"  round {i + 1}: direct {max(direct_runs[-1].values()):.0f} tok/s, /v1/jobs "
+                f"{jobs_runs[-1]['tps']:.0f}, /v1/batches {batch_runs[-1]:.0f}",
+                flush=True,
+            )
+    by_threads = {t: max(run[t] for run in direct_runs) for t in direct_runs[0]}
+    threads = max(by_threads, key=lambda t: by_threads[t])
+    best_direct = by_threads[threads]
+    jobs = max(jobs_runs, key=lambda x: x["tps"])
+    offline = max(batch_runs)
+    med_direct = statistics.median(max(run.values()) for run in direct_runs)
+    res = {
+        "model_size": size,
+        "n": n,
+        "max_tokens": max_tokens,
+        "max_batch_size": batch,
+        "rounds": rounds,
+        "queue_tokens_per_s": round(jobs["tps"], 1),
+        "worker_side_tokens_per_s": round(jobs["worker_tps"], 1),
+        "worker_side_ratio": round(jobs["worker_tps"] / best_direct, 3),
+        "batch_api_tokens_per_s": round(offline, 1),
+        "batch_api_ratio": round(offline / best_direct, 3),
+        "direct_tokens_per_s": round(best_direct, 1),
+        "direct_threads": threads,
+        "direct_by_threads": {k: round(v, 1) for k, v in by_threads.items()},
+        "ratio": round(jobs["tps"] / best_direct, 3),
+        "median_ratio": round(statistics.median(x["tps"] for x in jobs_runs) / med_direct, 3),
+        "median_batch_api_ratio": round(statistics.median(batch_runs) / med_direct, 3),
+        "mean_batch": round(jobs["mean_batch"], 2),
+        "occupancy": round(jobs["occupancy"], 3),
+    }
+    print(
+        f"engine efficiency: full path {jobs['tps']:.0f} tok/s vs TransformersEngine.infer "
+        f"{best_direct:.0f} tok/s (best with {threads} torch threads) -> ratio {res['ratio']:.3f} "
+        f"(median {res['median_ratio']:.3f}, worker side {res['worker_side_ratio']:.3f}); same "
+        f"requests as one batch (offline path, no streaming) {offline:.0f} tok/s -> ratio "
+        f"{res['batch_api_ratio']:.3f} "
+        f"(median {res['median_batch_api_ratio']:.3f}); batch occupancy {res['occupancy']:.2f} "
+        f"(mean {res['mean_batch']:.1f}/{batch})"
+    )
+    return res
