@@ -33,6 +33,25 @@ def _plot(scaling: dict[str, Any], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _efficiency_rows(eff: dict[str, Any]) -> list[str]:
+    med = f", median {eff['median_ratio']}" if "median_ratio" in eff else ""
+    bmed = f" (median {eff['median_batch_api_ratio']})" if "median_batch_api_ratio" in eff else ""
+    threads = f", best of {eff['direct_threads']} torch threads" if "direct_threads" in eff else ""
+    rounds = f", best of {eff['rounds']} interleaved rounds" if "rounds" in eff else ""
+    return [
+        f"| engine efficiency via `/v1/jobs` with token streaming (n={eff['n']}, max_tokens="
+        f"{eff['max_tokens']}, MAX_BATCH_SIZE={eff['max_batch_size']}{rounds}) | "
+        f"{eff['queue_tokens_per_s']} tok/s full path | {eff['direct_tokens_per_s']} tok/s "
+        f"`TransformersEngine.infer`{threads} | {eff['ratio']} (worker side {eff.get('worker_side_ratio')}"
+        f"{med}) | >= 0.95 |",
+        f"| engine efficiency, same requests as one `/v1/batches` batch (offline path) | "
+        f"{eff['batch_api_tokens_per_s']} tok/s | {eff['direct_tokens_per_s']} tok/s | "
+        f"{eff['batch_api_ratio']}{bmed} | >= 0.95 |",
+        f"| batch occupancy under backlog | mean batch {eff['mean_batch']} / {eff['max_batch_size']} | "
+        f"| {eff['occupancy']} | >= 0.9 |",
+    ]
+
+
 def render(results: Path, docs: Path) -> None:
     eff, flo, ing, lat, sca = (
         _load(results, n) for n in ("efficiency", "floor", "ingest", "latency", "scaling")
@@ -55,22 +74,7 @@ def render(results: Path, docs: Path) -> None:
         ]
     lines += ["| benchmark | inferq | baseline | ratio | goal |", "|---|---|---|---|---|"]
     if eff:
-        lines.append(
-            f"| engine efficiency (n={eff['n']}, max_tokens={eff['max_tokens']}, MAX_BATCH_SIZE="
-            f"{eff['max_batch_size']}) | {eff['queue_tokens_per_s']} tok/s full path | "
-            f"{eff['direct_tokens_per_s']} tok/s `TransformersEngine.infer` | {eff['ratio']} (worker side "
-            f"{eff.get('worker_side_ratio')}) | >= 0.95 |"
-        )
-        if "batch_api_ratio" in eff:
-            lines.append(
-                f"| engine efficiency, same requests as one `/v1/batches` batch (offline path, no token "
-                f"streaming) | {eff['batch_api_tokens_per_s']} tok/s | {eff['direct_tokens_per_s']} tok/s "
-                f"`TransformersEngine.infer` | {eff['batch_api_ratio']} | >= 0.95 |"
-            )
-        lines.append(
-            f"| batch occupancy under backlog | mean batch {eff['mean_batch']} / {eff['max_batch_size']} | "
-            f"| {eff['occupancy']} | >= 0.9 |"
-        )
+        lines += _efficiency_rows(eff)
     if flo:
         lines.append(
             f"| queue floor, echo engine (n={flo['n']}) | "
@@ -108,24 +112,21 @@ def render(results: Path, docs: Path) -> None:
             "",
         ]
         _plot(sca, docs / "benchmarks.png")
-    lines += [
-        "## Reading these numbers",
-        "",
-        "- **Engine efficiency is below its 0.95 goal on this machine** (0.4 for /v1/jobs with token",
-        "  streaming, 0.57 for the same requests as one batch without streaming). Two CPU cores are",
-        "  shared by the API, Valkey, the Celery worker, the load generator and torch (which wants",
-        "  both cores),",
-        "  while the direct baseline has the machine to itself; token streaming (decode + XADD per",
-        "  20 ms) costs about 14 % of engine time in isolation. Batch occupancy is 0.97, so the GPU",
-        "  would be fed full batches; the figure that matters, on a GPU, is still to be measured",
-        "  (no GPU machine was lent to this task).",
-        "- **Queue floor:** with a backlog, one prefork-1 worker completes echo jobs 2.4x faster than",
-        "  plain Celery runs no-op tasks, because a worker child claims up to MAX_BATCH_SIZE ready",
-        "  jobs per engine call and drains ready batches back to back; each job's own Celery message",
-        "  is acknowledged later in about a millisecond. End to end through HTTP the rate is bounded",
-        "  by ingest on this box (Python load generator included), about 150 POST/s.",
-        "- **Two workers on two cores** oversubscribe torch's threads and are slower than one; run",
-        "  one worker per GPU (or per core budget) in production.",
-        "",
-    ]
+    gpu = _load(results, "efficiency-gpu")
+    if gpu:
+        m = gpu["machine"]
+        lines += [
+            "## GPU",
+            "",
+            f"{m['gpu']}, {m['cpu_count']} CPU cores, torch {m['torch']}, Python {m['python']}; run at "
+            f"{gpu['at']}; model: `{gpu.get('model_size', 'tiny')}` demo model (bfloat16).",
+            "",
+            "| benchmark | inferq | baseline | ratio | goal |",
+            "|---|---|---|---|---|",
+            *_efficiency_rows(gpu),
+            "",
+        ]
+    notes = results / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     (docs / "benchmarks.md").write_text("\n".join(lines) + "\n")
