@@ -156,3 +156,24 @@ def test_collect_waits_once_for_a_lone_job_and_longer_for_a_burst(r: redis.Redis
     claimed = claim_more(store, first, opts, 1, lambda rec: True)
     feeder.join()
     assert len(claimed) == 5  # the batch waited for the burst and is full
+
+
+def test_jobs_left_during_collect_go_back_once_in_order(r: redis.Redis) -> None:
+    """A job the batch cannot take is held while the batch waits, not popped and pushed back
+    on every wait (which hid the jobs arriving behind it), and returns to the head."""
+    store = JobStore(r, ttl=100)
+    opts = RunOptions(max_batch_size=3, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0, lease_s=30)
+    first = _record(store, store.create(_req(), LANE, prompt_tokens=5))
+    hot = _enqueue(store, [5, 5], temperature=0.7)
+
+    def late() -> None:
+        for _ in range(2):
+            time.sleep(0.02)
+            _enqueue(store, [5])
+
+    feeder = threading.Thread(target=late)
+    feeder.start()
+    claimed = claim_more(store, first, opts, 1, lambda rec: rec.request.temperature == 0.0)
+    feeder.join()
+    assert len(claimed) == 2
+    assert _ready(r) == hot

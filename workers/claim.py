@@ -51,44 +51,66 @@ def claim_more(
     Their own Celery messages stay in the queue: when they arrive later, the job is already
     finished and the message is skipped, so each job still has its own task in Flower."""
     claimed: list[JobRecord] = []
-    seen = {first.job.id}
+    #: per lane, ids popped and left for other batches, in their order: they go back to the
+    #: head of the list once, at the end (re-popping them on every wait would only ever see
+    #: them again, never the jobs arriving behind them)
+    held: dict[str, list[str]] = {lane: [] for lane in opts.lanes}
     deadline = time.monotonic() + opts.collect_max_s
-    for attempt in itertools.count():
-        before = rows
-        for lane in opts.lanes:
-            free = opts.max_batch_size - rows
-            if free <= 0:
+    try:
+        for attempt in itertools.count():
+            before = rows
+            for lane in opts.lanes:
+                rows += _claim_lane(store, lane, first, opts, rows, compatible, claimed, held[lane])
+            # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
+            # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
+            # `collect_s` once; the first batch of a burst does not start nearly empty.
+            if rows >= opts.max_batch_size or (attempt and rows == before) or not opts.collect_s:
                 break
-            ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), free * opts.length_window)) or []
-            ids = [i for i in ids if i not in seen]
-            seen.update(ids)
-            now = time.time()
-            fits: list[JobRecord] = []
-            back: set[str] = set()
-            for job_id, rec in zip(ids, store.get_many(ids), strict=True):
-                if rec is None or rec.status is not JobStatus.QUEUED:
-                    continue  # gone, cancelled or taken: its own message ends it
-                if rec.job.expires_at and now > rec.job.expires_at:
-                    continue  # its own message will end it `expired`
-                back.add(job_id)  # unless chosen below: another batch will take it
-                if compatible(rec):
-                    fits.append(rec)
-            chosen = closest_by_length(first.prompt_tokens, fits, free)
-            moves = [Move(rec.job.id, JobStatus.RUNNING, lease_s=opts.lease_s) for rec in chosen]
-            for rec, res in zip(chosen, store.apply(moves), strict=True):
-                back.discard(rec.job.id)
-                if res.ok:
-                    claimed.append(rec)
-                    rows += rec.request.n
-            if putback := [i for i in ids if i in back]:
-                store.r.lpush(keys.ready(lane), *reversed(putback))
-        # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
-        # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
-        # `collect_s` once; the first batch of a burst does not start nearly empty.
-        if rows >= opts.max_batch_size or (attempt and rows == before) or not opts.collect_s:
-            break
-        wait = min(opts.collect_s, deadline - time.monotonic())
-        if wait <= 0:
-            break
-        time.sleep(wait)
+            wait = min(opts.collect_s, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            time.sleep(wait)
+    finally:
+        for lane, ids in held.items():
+            if ids:
+                store.r.lpush(keys.ready(lane), *reversed(ids))
     return claimed
+
+
+def _claim_lane(
+    store: JobStore,
+    lane: str,
+    first: JobRecord,
+    opts: RunOptions,
+    rows: int,
+    compatible: Callable[[JobRecord], bool],
+    claimed: list[JobRecord],
+    held: list[str],
+) -> int:
+    """Pop a window of `lane`'s ready jobs, claim the closest fits, hold the rest; returns the
+    rows claimed."""
+    free = opts.max_batch_size - rows
+    if free <= 0:
+        return 0
+    ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), free * opts.length_window)) or []
+    now = time.time()
+    fits: list[JobRecord] = []
+    keep: list[str] = []
+    for job_id, rec in zip(ids, store.get_many(ids), strict=True):
+        if rec is None or rec.status is not JobStatus.QUEUED:
+            continue  # gone, cancelled or taken: its own message ends it
+        if rec.job.expires_at and now > rec.job.expires_at:
+            continue  # its own message will end it `expired`
+        keep.append(job_id)  # unless chosen below: another batch will take it
+        if compatible(rec):
+            fits.append(rec)
+    chosen = closest_by_length(first.prompt_tokens, fits, free)
+    moves = [Move(rec.job.id, JobStatus.RUNNING, lease_s=opts.lease_s) for rec in chosen]
+    taken = 0
+    for rec, res in zip(chosen, store.apply(moves), strict=True):
+        if res.ok:
+            claimed.append(rec)
+            taken += rec.request.n
+    chosen_ids = {rec.job.id for rec in chosen}
+    held += [i for i in keep if i not in chosen_ids]
+    return taken
