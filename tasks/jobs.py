@@ -9,7 +9,14 @@ from workers import lifecycle, runner
 RUN_JOB = "inferq.run_job"
 
 
-@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# Strategy: messages of jobs already run by a batch-mate are acknowledged in the parent (tasks.skip)
+@app.task(
+    name=RUN_JOB,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    Strategy="tasks.skip:skip_finished",
+)
 def run_job(job_id: str) -> str | None:
     st = lifecycle.state()
     s = get_settings()

@@ -96,3 +96,26 @@ def test_kill_pool_child_mid_batch_every_job_succeeds_once(stack: Stack, r: redi
         events = read_job_events(stack.base_url, j)
         assert [e.event for e in events].count("done") == 1
     assert recovery < 90
+
+
+def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_stack: Stack) -> None:
+    """The messages of jobs a batch-mate already ran never reach the pool child (tasks.skip):
+    Flower shows them succeeded without a start, and the queue ends empty."""
+    blocker = echo_stack.submit(SLOW_TRIGGER)
+    time.sleep(0.2)
+    jobs = [echo_stack.submit(f"mate {i}") for i in range(6)]
+    results = [echo_stack.wait_job(j) for j in jobs]
+    echo_stack.wait_job(blocker)
+    assert all(res["status"] == "succeeded" for res in results)
+    assert max(res["batch_size"] for res in results) > 1
+    deadline = time.monotonic() + 20
+    while True:
+        tasks = httpx.get(f"{echo_stack.flower_url}/api/tasks", timeout=5).json()
+        if all(tasks.get(j, {}).get("state") == "SUCCESS" for j in jobs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert all(tasks[j]["state"] == "SUCCESS" for j in jobs)
+    acked_in_parent = [j for j in jobs if tasks[j]["started"] is None]
+    assert len(acked_in_parent) >= 3, {j: tasks[j] for j in jobs}
+    client = redis.Redis.from_url(echo_stack.redis_url)
+    assert client.llen("inferq.jobs") == 0
