@@ -106,6 +106,9 @@ def ttft_direct(model: str, n: int, max_tokens: int) -> list[float]:
         def wants_tokens(self, i: int) -> bool:
             return True
 
+        def any_stop(self) -> bool:
+            return False
+
     out = []
     engine.generate([GenRequest([{"role": "user", "content": "warm"}], GenParams(max_tokens=4))])
     for i in range(n):

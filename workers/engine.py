@@ -72,6 +72,11 @@ class TokenSink(Protocol):
         """True once request i was cancelled: generation for it stops within a step."""
         ...
 
+    def any_stop(self) -> bool:
+        """False when no request may stop now (the per-step fast path); True means: ask
+        `should_stop` row by row."""
+        ...
+
     def wants_tokens(self, i: int) -> bool:
         """False when nobody watches request i's deltas (a batch line): an engine may then
         skip detokenizing step by step."""

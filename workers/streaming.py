@@ -137,8 +137,8 @@ class StreamSink:
             )
         pipe.execute()
 
-    def should_stop(self, i: int) -> bool:
-        """Called from the generation thread on every step; polls Redis at most every 100 ms."""
+    def _poll(self) -> None:
+        """Cancel flags from Redis, at most every `cancel_poll_s`."""
         now = time.monotonic()
         if now - self._last_poll >= self.cancel_poll_s and self._lock.acquire(blocking=False):
             try:
@@ -150,6 +150,14 @@ class StreamSink:
                 pass  # keep generating; a cancel is retried on the next poll
             finally:
                 self._lock.release()
+
+    def any_stop(self) -> bool:
+        """Called from the generation thread on every step."""
+        self._poll()
+        return bool(self._cancelled) or time.time() > min(self.deadlines.values(), default=float("inf"))
+
+    def should_stop(self, i: int) -> bool:
+        self._poll()
         job_id = self.targets[i].job_id
         return job_id in self._cancelled or time.time() > self.deadlines.get(job_id, float("inf"))
 

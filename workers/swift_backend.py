@@ -90,14 +90,21 @@ def _device_map(name: str) -> str:
 
 
 class RowStopper(StoppingCriteria):
-    """Stops the rows whose request was cancelled, inside HF `generate`: breaking out of
-    ms-swift's stream does not stop generation, a stopping criterion does."""
+    """Stops the rows whose request was cancelled (or ran out of time), inside HF `generate`:
+    breaking out of ms-swift's stream does not stop generation, a stopping criterion does.
+    Runs every step, so the common case (nothing to stop) is one call and a cached tensor."""
 
     def __init__(self, sink: TokenSink) -> None:
         self.sink = sink
+        self._none: torch.BoolTensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
-        rows = [self.sink.should_stop(i) for i in range(input_ids.shape[0])]
+        n = input_ids.shape[0]
+        if not self.sink.any_stop():
+            if self._none is None or self._none.shape[0] != n:
+                self._none = cast(torch.BoolTensor, torch.zeros(n, dtype=torch.bool, device=input_ids.device))
+            return self._none
+        rows = [self.sink.should_stop(i) for i in range(n)]
         return cast(torch.BoolTensor, torch.tensor(rows, dtype=torch.bool, device=input_ids.device))
 
 
@@ -184,12 +191,14 @@ class ProgressBeat(StoppingCriteria):
 
     def __init__(self, engine: SwiftEngine) -> None:
         self.engine = engine
+        self._none: torch.BoolTensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
         self.engine._progress = time.monotonic()
-        return cast(
-            torch.BoolTensor, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        )
+        n = input_ids.shape[0]
+        if self._none is None or self._none.shape[0] != n:
+            self._none = cast(torch.BoolTensor, torch.zeros(n, dtype=torch.bool, device=input_ids.device))
+        return self._none
 
 
 class SwiftEngine:
@@ -353,6 +362,9 @@ class _SubSink:
 
     def should_stop(self, i: int) -> bool:
         return self.sink.should_stop(self.idxs[i])
+
+    def any_stop(self) -> bool:
+        return self.sink.any_stop()  # of the whole call: may be true for other chunks' rows
 
     def wants_tokens(self, i: int) -> bool:
         return self.sink.wants_tokens(self.idxs[i])
