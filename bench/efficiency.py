@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench._stack import stack
+from bench._stack import bench_model, stack
 from bench.common import field_all, last_finish, post_all, prompts, stats, tokens, wait_done
 
 
@@ -181,5 +181,42 @@ def efficiency(
         f"{res['batch_api_ratio']:.3f} "
         f"(median {res['median_batch_api_ratio']:.3f}); batch occupancy {res['occupancy']:.2f} "
         f"(mean {res['mean_batch']:.1f}/{batch})"
+    )
+    return res
+
+
+def ordering(n: int = 256, max_tokens: int = 32, batch: int = 8, rounds: int = 3) -> dict[str, Any]:
+    """Does grouping by prompt length pay? The engine alone on the same requests in arrival
+    order vs sorted by length (interleaved rounds), and the full path with
+    INFERQ_BATCH_LENGTH_WINDOW=1 (arrival order) vs the default 4."""
+    texts = prompts(n)
+    res: dict[str, Any] = {"n": n, "max_tokens": max_tokens, "max_batch_size": batch, "rounds": rounds}
+    model = bench_model("tiny")
+    arrival = Direct(model, batch, max_tokens, texts)
+    by_len = Direct(model, batch, max_tokens, sorted(texts, key=len))
+    a_runs, s_runs = [], []
+    for _ in range(rounds):
+        a_runs.append(max(arrival.round().values()))
+        s_runs.append(max(by_len.round().values()))
+    res["direct_arrival_tokens_per_s"] = round(max(a_runs), 1)
+    res["direct_sorted_tokens_per_s"] = round(max(s_runs), 1)
+    res["direct_gain"] = round(max(s_runs) / max(a_runs), 3)
+    bodies = _bodies(texts, max_tokens)
+    for window in (1, 4):
+        with stack(INFERQ_MAX_BATCH_SIZE=str(batch), INFERQ_BATCH_LENGTH_WINDOW=str(window)) as (
+            base,
+            _m,
+            env_,
+            _sup,
+        ):
+            r = redis.Redis.from_url(env_["INFERQ_REDIS_URL"])
+            best = max(jobs_round(base, r, bodies, batch)["tps"] for _ in range(rounds))
+        res[f"jobs_window_{window}_tokens_per_s"] = round(best, 1)
+    res["jobs_gain"] = round(res["jobs_window_4_tokens_per_s"] / res["jobs_window_1_tokens_per_s"], 3)
+    print(
+        f"ordering by prompt length: engine alone {res['direct_sorted_tokens_per_s']} tok/s sorted vs "
+        f"{res['direct_arrival_tokens_per_s']} arrival order (x{res['direct_gain']}); full path "
+        f"window 4 {res['jobs_window_4_tokens_per_s']} vs window 1 {res['jobs_window_1_tokens_per_s']} "
+        f"tok/s (x{res['jobs_gain']})"
     )
     return res

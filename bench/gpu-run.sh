@@ -2,6 +2,12 @@
 # The GPU half of docs/benchmarks.md, as run on a lent GPU machine with no package index:
 # inferq's dependencies travel as cp312 wheels in .whl/ (see docs/benchmarks.md), the
 # machine's own torch/transformers are used. Results land in bench/results/ and in $OUT.
+# Make .whl/ (ignored by git) on a machine with an index: for each package of inferq's
+# install that the GPU image lacks (ms-swift and its needs, celery, kombu, fastapi, ...):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION
+# (sdist-only ones: `pip wheel --no-deps` with a Python 3.12). Usage:
+#   bash bench/gpu-run.sh NAME:SIZE:N:MAX_TOKENS:BATCH ...   e.g. efficiency-gpu:0.5b:512:64:32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then

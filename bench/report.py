@@ -36,7 +36,7 @@ def _plot(scaling: dict[str, Any], out: Path) -> None:
 def _efficiency_rows(eff: dict[str, Any]) -> list[str]:
     med = f", median {eff['median_ratio']}" if "median_ratio" in eff else ""
     bmed = f" (median {eff['median_batch_api_ratio']})" if "median_batch_api_ratio" in eff else ""
-    threads = f", best of {eff['direct_threads']} torch threads" if "direct_threads" in eff else ""
+    threads = f" (its best: {eff['direct_threads']} torch threads)" if "direct_threads" in eff else ""
     rounds = f", best of {eff['rounds']} interleaved rounds" if "rounds" in eff else ""
     return [
         f"| engine efficiency via `/v1/jobs` with token streaming (n={eff['n']}, max_tokens="
@@ -75,6 +75,17 @@ def render(results: Path, docs: Path) -> None:
     lines += ["| benchmark | inferq | baseline | ratio | goal |", "|---|---|---|---|---|"]
     if eff:
         lines += _efficiency_rows(eff)
+    order = _load(results, "ordering")
+    if order:
+        lines.append(
+            f"| batches grouped by prompt length (n={order['n']}, "
+            f"MAX_BATCH_SIZE={order['max_batch_size']}) | "
+            f"full path {order['jobs_window_4_tokens_per_s']} tok/s with INFERQ_BATCH_LENGTH_WINDOW=4; "
+            f"engine alone on sorted requests {order['direct_sorted_tokens_per_s']} tok/s | "
+            f"window 1 (arrival order) {order['jobs_window_1_tokens_per_s']} tok/s; engine alone in arrival "
+            f"order {order['direct_arrival_tokens_per_s']} tok/s | x{order['jobs_gain']} (engine alone "
+            f"x{order['direct_gain']}) | use it if it helps |"
+        )
     if flo:
         lines.append(
             f"| queue floor, echo engine (n={flo['n']}) | "

@@ -26,7 +26,7 @@ import redis
 
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
-from bench.efficiency import efficiency, queue_tps
+from bench.efficiency import efficiency, ordering, queue_tps
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
 RESULTS = ROOT / "bench" / "results"
@@ -233,6 +233,7 @@ def scaling(n: int = 192, max_tokens: int = 32) -> dict[str, Any]:
 
 BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "efficiency": efficiency,
+    "ordering": ordering,
     "floor": floor,
     "ingest": ingest,
     "latency": latency,
