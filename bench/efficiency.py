@@ -22,6 +22,7 @@ import redis
 
 from bench._stack import bench_model, stack
 from bench.common import field_all, last_finish, post_all, prompts, stats, tokens, wait_done
+from core.processes import Supervisor
 
 
 class Direct:
@@ -49,16 +50,21 @@ class Direct:
         self.engine.infer(self.reqs[:batch], self.cfg, use_tqdm=False)  # warm-up, as the worker does
         self.default = torch.get_num_threads()
         self.settings = sorted({self.default, cpu_threads(0) or self.default})
+        #: CPU seconds per completed token in the last round, by thread count
+        self.cpu_per_token: dict[int, float] = {}
 
     def round(self) -> dict[int, float]:
         import torch
 
         out: dict[int, float] = {}
+        self.cpu_per_token = {}
         for threads in self.settings:
             torch.set_num_threads(threads)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = self.engine.infer(self.reqs, self.cfg, use_tqdm=False)
-            out[threads] = sum(o.usage.completion_tokens for o in res) / (time.perf_counter() - t0)
+            done = sum(o.usage.completion_tokens for o in res)
+            out[threads] = done / (time.perf_counter() - t0)
+            self.cpu_per_token[threads] = (time.process_time() - c0) / done
         torch.set_num_threads(self.default)
         return out
 
@@ -75,9 +81,25 @@ def _bodies(texts: list[str], max_tokens: int) -> list[dict[str, Any]]:
     ]
 
 
-def jobs_round(base: str, r: redis.Redis, bodies: list[dict[str, Any]], batch: int) -> dict[str, float]:
+def _child_cpu(sup: Supervisor) -> float:
+    """CPU seconds of the worker's pool children so far (where the engine runs)."""
+    import psutil
+
+    total = 0.0
+    for name, proc in sup.procs:
+        if name.startswith("worker"):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                t = child.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def jobs_round(
+    base: str, r: redis.Redis, bodies: list[dict[str, Any]], batch: int, sup: Supervisor | None = None
+) -> dict[str, float]:
     """All requests POSTed to /v1/jobs (64 in flight) until every result is in; the clock
     stops at the last job's finish by the worker's clock, not at the polling loop's."""
+    cpu0 = _child_cpu(sup) if sup else 0.0
     b0, rows0 = stats(r)
     t0 = time.time()
     ids, _ = asyncio.run(post_all(base, bodies))
@@ -87,6 +109,7 @@ def jobs_round(base: str, r: redis.Redis, bodies: list[dict[str, Any]], batch: i
     batches = max(b1 - b0, 1)
     return {
         "tps": tokens(records) / (last_finish(records) - t0),
+        "child_cpu_per_token": (_child_cpu(sup) - cpu0) / tokens(records) if sup else 0.0,
         "worker_tps": tokens(records) / span,
         "mean_batch": (rows1 - rows0) / batches,
         "occupancy": (rows1 - rows0) / batches / batch,
@@ -132,21 +155,26 @@ def efficiency(
     direct_runs: list[dict[int, float]] = []
     jobs_runs: list[dict[str, float]] = []
     batch_runs: list[float] = []
+    direct_cpu: list[dict[int, float]] = []
     with (
-        stack(size=size, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, env, _sup),
+        stack(size=size, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, env, sup),
         httpx.Client(base_url=base, timeout=120) as c,
     ):
         r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
         direct = Direct(model, batch, max_tokens, texts)
         for i in range(rounds):
             direct_runs.append(direct.round())
-            jobs_runs.append(jobs_round(base, r, bodies, batch))
+            direct_cpu.append(direct.cpu_per_token)
+            jobs_runs.append(jobs_round(base, r, bodies, batch, sup))
             batch_runs.append(batch_round(c, r, texts, max_tokens))
             print(
                 f"  round {i + 1}: direct {max(direct_runs[-1].values()):.0f} tok/s, /v1/jobs "
                 f"{jobs_runs[-1]['tps']:.0f}, /v1/batches {batch_runs[-1]:.0f}",
                 flush=True,
             )
+    from workers.swift_backend import cpu_threads
+
+    child_threads = cpu_threads(0) or direct.default
     by_threads = {t: max(run[t] for run in direct_runs) for t in direct_runs[0]}
     threads = max(by_threads, key=lambda t: by_threads[t])
     best_direct = by_threads[threads]
@@ -170,6 +198,14 @@ def efficiency(
         "ratio": round(jobs["tps"] / best_direct, 3),
         "median_ratio": round(statistics.median(x["tps"] for x in jobs_runs) / med_direct, 3),
         "median_batch_api_ratio": round(statistics.median(batch_runs) / med_direct, 3),
+        # CPU seconds per completed token: the worker's pool child vs the direct engine at the
+        # child's thread count (medians): what the queue costs in compute, whatever the
+        # machine's speed of the moment
+        "cpu_per_token_ratio": round(
+            statistics.median(x["child_cpu_per_token"] for x in jobs_runs)
+            / statistics.median(c[child_threads] for c in direct_cpu),
+            3,
+        ),
         "mean_batch": round(jobs["mean_batch"], 2),
         "occupancy": round(jobs["occupancy"], 3),
     }
@@ -180,7 +216,8 @@ def efficiency(
         f"requests as one batch (offline path, no streaming) {offline:.0f} tok/s -> ratio "
         f"{res['batch_api_ratio']:.3f} "
         f"(median {res['median_batch_api_ratio']:.3f}); batch occupancy {res['occupancy']:.2f} "
-        f"(mean {res['mean_batch']:.1f}/{batch})"
+        f"(mean {res['mean_batch']:.1f}/{batch}); worker child CPU per token x{res['cpu_per_token_ratio']} "
+        f"the direct engine's"
     )
     return res
 

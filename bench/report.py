@@ -49,7 +49,14 @@ def _efficiency_rows(eff: dict[str, Any]) -> list[str]:
         f"{eff['batch_api_ratio']}{bmed} | >= 0.95 |",
         f"| batch occupancy under backlog | mean batch {eff['mean_batch']} / {eff['max_batch_size']} | "
         f"| {eff['occupancy']} | >= 0.9 |",
-    ]
+    ] + (
+        [
+            "| CPU seconds per completed token, worker child (`/v1/jobs` rounds, median) | | direct "
+            f"engine at the child's thread count | x{eff['cpu_per_token_ratio']} | |"
+        ]
+        if "cpu_per_token_ratio" in eff
+        else []
+    )
 
 
 def render(results: Path, docs: Path) -> None:
