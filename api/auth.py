@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from api.deps import StateDep
 from api.errors import APIError
 from core import keys
-from core.auth import hash_key, owner_of
+from core.auth import hash_key, owner_of, scope_of
 
 
 async def current_owner(request: Request, st: StateDep) -> str:
@@ -63,8 +63,7 @@ OwnerDep = Annotated[str, Depends(current_owner)]
 
 
 async def owner_scope(st: StateDep, owner: OwnerDep) -> str | None:
-    """What a caller may see: its own objects with keys configured (None: everything)."""
-    return owner if st.settings.auth_enabled else None
+    return scope_of(owner, st.settings.auth_enabled)
 
 
 ScopeDep = Annotated[str | None, Depends(owner_scope)]

@@ -29,6 +29,7 @@ from api import files, service
 from api.errors import APIError
 from api.publish import task_message
 from core import batch_lines, keys
+from core.auth import scope_of
 from core.config import Settings
 from core.jobs import AsyncJobStore, BatchLine
 from core.storage import Storage
@@ -102,7 +103,7 @@ class BatchService:
 
     # --- the batch object -------------------------------------------------------------
     def _scope(self, owner: str) -> str | None:
-        return owner if self.settings.auth_enabled else None
+        return scope_of(owner, self.settings.auth_enabled)
 
     async def create(self, body: BatchCreate, retry_of: str | None = None, owner: str = "") -> Batch:
         _, lines = await files.get(self.r, body.input_file_id, self._scope(owner))

@@ -17,6 +17,11 @@ import redis
 from core import keys
 
 
+def scope_of(owner: str, auth_enabled: bool) -> str | None:
+    """What a caller may see: its own objects with keys configured (None: everything)."""
+    return owner if auth_enabled else None
+
+
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 

@@ -262,6 +262,25 @@ class Move:
     extra: dict[str, str] | None = None
 
 
+def _move_call(m: Move, now: float, ttl: int) -> tuple[list[str], list[str]]:
+    """The transition script's keys and args for one move (sync and async stores alike)."""
+    fields = {
+        **_finish_fields(m.result, m.error),
+        **(m.batch_line.fields() if m.batch_line else {}),
+        **(m.extra or {}),
+    }
+    if m.lease_s is not None:
+        fields["_lease"] = repr(m.lease_s)
+    args = [*_transition_args(m.to, now, ttl, fields), str(EVENTS_MAXLEN)]
+    job_keys = [
+        keys.job(m.job_id),
+        keys.job_events(m.job_id),
+        keys.LEASES,
+        *(m.batch_line.keys() if m.batch_line else []),
+    ]
+    return job_keys, args
+
+
 class JobStore:
     """Blocking store, used by the worker child."""
 
@@ -318,20 +337,7 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         now = time.time()
         for m in moves:
-            fields = {
-                **_finish_fields(m.result, m.error),
-                **(m.batch_line.fields() if m.batch_line else {}),
-                **(m.extra or {}),
-            }
-            if m.lease_s is not None:
-                fields["_lease"] = repr(m.lease_s)
-            args = [*_transition_args(m.to, now, self.ttl, fields), str(EVENTS_MAXLEN)]
-            job_keys = [
-                keys.job(m.job_id),
-                keys.job_events(m.job_id),
-                keys.LEASES,
-                *(m.batch_line.keys() if m.batch_line else []),
-            ]
+            job_keys, args = _move_call(m, now, self.ttl)
             self._transition(keys=job_keys, args=args, client=pipe)
         return [_parse(reply) for reply in pipe.execute()]
 
@@ -416,14 +422,9 @@ class AsyncJobStore:
         error: JobError | None = None,
         batch_line: BatchLine | None = None,
     ) -> TransitionResult:
-        fields = {**_finish_fields(None, error), **(batch_line.fields() if batch_line else {})}
-        args = [*_transition_args(to, time.time(), self.ttl, fields), str(EVENTS_MAXLEN)]
-        job_keys = [
-            keys.job(job_id),
-            keys.job_events(job_id),
-            keys.LEASES,
-            *(batch_line.keys() if batch_line else []),
-        ]
+        job_keys, args = _move_call(
+            Move(job_id, to, error=error, batch_line=batch_line), time.time(), self.ttl
+        )
         reply = await self._transition(keys=job_keys, args=args)
         return _parse(reply)
 

@@ -21,23 +21,20 @@ from typing import Any
 import redis
 from celery.worker.strategy import default
 
-from core import keys
 from core.config import get_settings
-from schemas.jobs import TERMINAL, JobStatus
+from core.jobs import JobStore
+from schemas.jobs import JobStatus
 
 logger = logging.getLogger(__name__)
 
-_TERMINAL_VALUES = {s.value for s in TERMINAL}
 
-
-def finished_status(client: redis.Redis, job_id: str) -> str | None:
+def finished_status(store: JobStore, job_id: str) -> JobStatus | None:
     """The job's terminal status, or None if it is not finished (or cannot be read)."""
     try:
-        status = client.hget(keys.job(job_id), "status")
+        status = store.status(job_id)
     except redis.RedisError:
         return None
-    value = status.decode() if isinstance(status, bytes) else status
-    return value if value in _TERMINAL_VALUES else None
+    return status if status is not None and status.terminal else None
 
 
 def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -46,19 +43,23 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
     send = eventer.send if eventer is not None and eventer.enabled and task.send_events else None
     settings = get_settings()
     client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_timeout_s, health_check_interval=30
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
     )
+    store = JobStore(client, settings.result_ttl_s)
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
         job_id = headers.get("id")
-        status = finished_status(client, job_id) if isinstance(job_id, str) else None
+        status = finished_status(store, job_id) if isinstance(job_id, str) else None
         if status is None:
             return handler(message, body, ack, reject, callbacks, **kw)
         ack(logger, consumer.connection_errors)
         if send is not None:
             send("task-received", uuid=job_id, name=task.name, args=headers.get("argsrepr", ""), kwargs="{}")
-            send("task-succeeded", uuid=job_id, result=repr(JobStatus(status).value), runtime=0.0)
+            send("task-succeeded", uuid=job_id, result=repr(status.value), runtime=0.0)
         logger.debug("job %s is already %s; its message was acknowledged in the parent", job_id, status)
         return None
 

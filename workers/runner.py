@@ -127,15 +127,12 @@ class RunOptions:
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
-    status = store.status(job_id)  # most messages find their job already run by a batch-mate
-    record = store.get(job_id) if status is not None and not status.terminal else None
-    if record is not None and record.status.terminal:
-        status, record = record.status, None  # it ended between the two reads
+    record = store.get(job_id)
     if record is None:
-        if status is None:
-            logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
-        else:
-            logger.debug("job %s is already %s; skipping its message", job_id, status)
+        logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
+        return None
+    if record.status.terminal:
+        logger.debug("job %s is already %s; skipping its message", job_id, record.status)
         return None
     now = time.time()
     if record.status is JobStatus.QUEUED and record.job.expires_at and now > record.job.expires_at:

@@ -159,7 +159,7 @@ class StreamSink:
     def should_stop(self, i: int) -> bool:
         self._poll()
         job_id = self.targets[i].job_id
-        return job_id in self._cancelled or time.time() > self.deadlines.get(job_id, float("inf"))
+        return job_id in self._cancelled or self.timed_out(job_id)
 
     def wants_tokens(self, i: int) -> bool:
         return self.targets[i].publish

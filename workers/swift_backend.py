@@ -89,6 +89,20 @@ def _device_map(name: str) -> str:
     return name
 
 
+class _NoStops:
+    """The all-False answer of a stopping criterion, made once per batch size: criteria run
+    every generation step."""
+
+    def __init__(self) -> None:
+        self._t: torch.BoolTensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        n = input_ids.shape[0]
+        if self._t is None or self._t.shape[0] != n:
+            self._t = cast(torch.BoolTensor, torch.zeros(n, dtype=torch.bool, device=input_ids.device))
+        return self._t
+
+
 class RowStopper(StoppingCriteria):
     """Stops the rows whose request was cancelled (or ran out of time), inside HF `generate`:
     breaking out of ms-swift's stream does not stop generation, a stopping criterion does.
@@ -96,15 +110,12 @@ class RowStopper(StoppingCriteria):
 
     def __init__(self, sink: TokenSink) -> None:
         self.sink = sink
-        self._none: torch.BoolTensor | None = None
+        self._none = _NoStops()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
-        n = input_ids.shape[0]
         if not self.sink.any_stop():
-            if self._none is None or self._none.shape[0] != n:
-                self._none = cast(torch.BoolTensor, torch.zeros(n, dtype=torch.bool, device=input_ids.device))
-            return self._none
-        rows = [self.sink.should_stop(i) for i in range(n)]
+            return self._none(input_ids)
+        rows = [self.sink.should_stop(i) for i in range(input_ids.shape[0])]
         return cast(torch.BoolTensor, torch.tensor(rows, dtype=torch.bool, device=input_ids.device))
 
 
@@ -191,14 +202,11 @@ class ProgressBeat(StoppingCriteria):
 
     def __init__(self, engine: SwiftEngine) -> None:
         self.engine = engine
-        self._none: torch.BoolTensor | None = None
+        self._none = _NoStops()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
         self.engine._progress = time.monotonic()
-        n = input_ids.shape[0]
-        if self._none is None or self._none.shape[0] != n:
-            self._none = cast(torch.BoolTensor, torch.zeros(n, dtype=torch.bool, device=input_ids.device))
-        return self._none
+        return self._none(input_ids)
 
 
 class SwiftEngine:
