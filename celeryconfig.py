@@ -4,8 +4,9 @@ Choices, each deliberate:
 - JSON only: a pickled message is refused (pickle from a broker is remote code execution).
 - acks_late + reject_on_worker_lost: a job is acknowledged after it ran; if the pool child
   dies mid-job the message goes back to the queue instead of being lost.
-- prefetch 1: a prefork-1 worker holds one engine; prefetching more would park jobs on a
-  busy worker while another sits idle.
+- prefetch above 1, yet no job parked on a busy worker: the parent holds the messages of
+  unfinished jobs back from its busy child and acknowledges those a batch-mate ran
+  (tasks/skip.py); the child takes its work from the shared ready lists.
 - visibility_timeout above the job time limit: on Redis a message not acknowledged within
   it is delivered again, so a long job must never outlive it.
 """
@@ -34,7 +35,7 @@ task_ignore_result = True  # the job record in Redis is the result store
 task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure_or_timeout = True
-worker_prefetch_multiplier = 1
+worker_prefetch_multiplier = _s.worker_prefetch or 4 * _s.max_batch_size + 1  # concurrency 1
 worker_concurrency = 1
 worker_pool = "prefork"
 worker_proc_alive_timeout = _s.worker_proc_alive_timeout_s

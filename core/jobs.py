@@ -314,8 +314,14 @@ class JobStore:
     def status(self, job_id: str) -> JobStatus | None:
         """Just the status: cheaper than `get` for the many messages that find their job
         already run by a batch-mate."""
-        raw = cast(str | None, self.r.hget(keys.job(job_id), "status"))
-        return JobStatus(raw) if raw else None
+        return self.statuses([job_id])[0]
+
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """Several statuses in one round trip (the worker parent re-checks held messages)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "status")
+        return [JobStatus(raw) if raw else None for raw in cast(list[str | None], pipe.execute())]
 
     def transition(
         self,

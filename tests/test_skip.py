@@ -1,0 +1,122 @@
+"""The worker parent's gate (tasks.skip.ParentGate) on a real Valkey/Redis, with a stand-in
+for Celery's default handler: finished jobs' messages are acknowledged without reaching
+the pool, unfinished ones wait while the child is busy and go to it one at a time, in
+order, when it is idle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+import redis
+
+from core import keys
+from core.jobs import JobStore
+from schemas.jobs import JobStatus
+from schemas.openai import ChatCompletionRequest
+from tasks.skip import ParentGate
+
+LANE = "inferq.test-skip"
+
+
+@pytest.fixture(autouse=True)
+def _no_leases_left(r: redis.Redis) -> Iterator[None]:
+    """A worker's reaper sharing this server would send a leased test job."""
+    yield
+    ours = [j for j in cast(list[str], r.zrange(keys.LEASES, 0, -1)) if r.hget(keys.job(j), "queue") == LANE]
+    if ours:
+        r.zrem(keys.LEASES, *ours)
+
+
+@dataclass
+class Message:
+    headers: dict[str, Any]
+
+
+@dataclass
+class Pool:
+    """What the default handler would hand to the pool child, and the child's state."""
+
+    busy: bool = False
+    handed: list[str] = field(default_factory=list)
+    acked: list[tuple[str, JobStatus]] = field(default_factory=list)
+
+    def handler(self, message: Message, *_: Any, **__: Any) -> None:
+        self.handed.append(message.headers.get("id", "?"))
+        self.busy = True  # the child took it
+
+    def finished(self, job_id: str, status: JobStatus, ack: Any) -> None:
+        self.acked.append((job_id, status))
+
+
+def _gate(store: JobStore, pool: Pool) -> ParentGate:
+    return ParentGate(store, pool.handler, pool.finished, busy=lambda: pool.busy)
+
+
+def _jobs(store: JobStore, n: int) -> list[str]:
+    req = ChatCompletionRequest.model_validate(
+        {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    )
+    return [store.create(req, LANE, prompt_tokens=1) for _ in range(n)]
+
+
+def _send(gate: ParentGate, job_id: str) -> None:
+    gate.on_message(Message({"id": job_id}), {}, None, None, None)
+
+
+def test_finished_jobs_are_acked_in_the_parent(r: redis.Redis) -> None:
+    store, pool = JobStore(r, 60), Pool()
+    gate = _gate(store, pool)
+    done, cancelled = _jobs(store, 2)
+    store.transition(done, JobStatus.RUNNING, lease_s=30)
+    store.transition(done, JobStatus.FAILED)
+    store.transition(cancelled, JobStatus.CANCELLED)
+    _send(gate, done)
+    pool.busy = False
+    _send(gate, cancelled)
+    assert pool.acked == [(done, JobStatus.FAILED), (cancelled, JobStatus.CANCELLED)]
+    assert pool.handed == [] and not gate.held
+
+
+def test_busy_child_holds_unfinished_jobs_until_they_finish_or_it_is_idle(r: redis.Redis) -> None:
+    store, pool = JobStore(r, 60), Pool(busy=True)
+    gate = _gate(store, pool)
+    running, queued_a, queued_b = _jobs(store, 3)
+    store.transition(running, JobStatus.RUNNING, lease_s=30)  # a batch-mate of the child's batch
+    for j in (running, queued_a, queued_b):
+        _send(gate, j)
+    assert pool.handed == [] and [h.job_id for h in gate.held] == [running, queued_a, queued_b]
+    gate.tick()  # nothing finished, child still busy
+    assert pool.handed == [] and len(gate.held) == 3
+    store.transition(running, JobStatus.SUCCEEDED)
+    gate.tick()
+    assert pool.acked == [(running, JobStatus.SUCCEEDED)] and pool.handed == []
+    pool.busy = False  # the child's task ended: it gets the oldest held message, only that one
+    gate.tick()
+    assert pool.handed == [queued_a] and [h.job_id for h in gate.held] == [queued_b]
+
+
+def test_idle_child_gets_messages_at_once_but_never_ahead_of_held_ones(r: redis.Redis) -> None:
+    store, pool = JobStore(r, 60), Pool()
+    gate = _gate(store, pool)
+    first, second, third = _jobs(store, 3)
+    _send(gate, first)
+    assert pool.handed == [first]  # idle: straight to the child
+    _send(gate, second)  # busy now: held
+    pool.busy = False
+    _send(gate, third)  # idle again, but `second` came first
+    assert pool.handed == [first, second] and [h.job_id for h in gate.held] == [third]
+
+
+def test_what_the_parent_cannot_judge_goes_to_the_child(r: redis.Redis) -> None:
+    pool = Pool(busy=True)
+    gate = _gate(JobStore(r, 60), pool)
+    _send(gate, "job_missing")  # no record: the child logs and drops it
+    gate.on_message(Message({}), {}, None, None, None)  # not one of ours
+    dead = JobStore(redis.Redis(unix_socket_path="/nonexistent/inferq.sock", decode_responses=True), 60)
+    ParentGate(dead, pool.handler, pool.finished, busy=lambda: True).on_message(
+        Message({"id": "job_x"}), {}, None, None, None
+    )  # Redis unreachable
+    assert pool.handed == ["job_missing", "?", "job_x"] and not gate.held
