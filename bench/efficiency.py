@@ -257,3 +257,63 @@ def ordering(n: int = 256, max_tokens: int = 32, batch: int = 8, rounds: int = 3
         f"tok/s (x{res['jobs_gain']})"
     )
     return res
+
+
+def interference(n: int = 256, max_tokens: int = 32, batch: int = 8, rounds: int = 6) -> dict[str, Any]:
+    """What the rest of the stack costs the engine by merely running beside it on the same
+    cores: `TransformersEngine.infer` in this process (no inferq code in its path), quiet vs
+    while an echo-engine stack (API, Valkey, Celery parent and child, a load generator) takes
+    /v1/jobs requests at the rate this engine completes them. Alternating rounds. On a
+    machine where the engine has cores to itself (a GPU, or enough CPU cores) the ratio is
+    ~1; below 1 it is a ceiling the full path cannot beat, whatever the queue does."""
+    import subprocess
+    import sys
+
+    from workers.swift_backend import cpu_threads
+
+    texts = prompts(n)
+    quiet: list[float] = []
+    loaded: list[float] = []
+    quiet_cpu: list[float] = []
+    loaded_cpu: list[float] = []
+    with stack(INFERQ_ENGINE="echo", INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, _env, _sup):
+        direct = Direct(model, batch, max_tokens, texts)
+        direct.settings = [cpu_threads(0) or direct.default]  # the worker child's thread count
+        rate = max(direct.round().values()) / max_tokens  # jobs/s this engine completes
+        for i in range(rounds * 2):
+            load = i % 2 == 1
+            gen = (
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.loadgen", base, str(rate), str(max_tokens)],
+                    cwd=Path(__file__).resolve().parent.parent,
+                )
+                if load
+                else None
+            )
+            time.sleep(1.0)  # let the traffic settle
+            tps = max(direct.round().values())
+            cpu = next(iter(direct.cpu_per_token.values()))
+            if gen is not None:
+                gen.kill()
+                gen.wait()
+            (loaded if load else quiet).append(tps)
+            (loaded_cpu if load else quiet_cpu).append(cpu)
+            print(f"  {'loaded' if load else 'quiet '}: {tps:.0f} tok/s", flush=True)
+    res = {
+        "n": n,
+        "max_tokens": max_tokens,
+        "max_batch_size": batch,
+        "rounds": rounds,
+        "load_jobs_per_s": round(rate, 1),
+        "quiet_tokens_per_s": round(statistics.median(quiet), 1),
+        "loaded_tokens_per_s": round(statistics.median(loaded), 1),
+        "ceiling": round(statistics.median(loaded) / statistics.median(quiet), 3),
+        "cpu_per_token_ratio": round(statistics.median(loaded_cpu) / statistics.median(quiet_cpu), 3),
+    }
+    print(
+        f"interference: TransformersEngine.infer alone {res['quiet_tokens_per_s']} tok/s quiet vs "
+        f"{res['loaded_tokens_per_s']} while the stack takes {res['load_jobs_per_s']} jobs/s (echo "
+        f"engine) -> ceiling {res['ceiling']} (CPU per token x{res['cpu_per_token_ratio']}; medians of "
+        f"{rounds} alternating rounds)"
+    )
+    return res

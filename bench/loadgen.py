@@ -74,3 +74,26 @@ async def post_many(
 
     await asyncio.gather(*(conn() for _ in range(min(concurrency, len(bodies)))))
     return out, lat
+
+
+async def paced(base: str, path: str, bodies: list[dict[str, Any]], rate: float, seconds: float) -> None:
+    """POST `bodies` over and over at about `rate` requests/s, in 0.1 s ticks."""
+    per_tick = max(1, round(rate / 10))
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        tick = time.monotonic() + 0.1
+        chunk = [bodies[(i + k) % len(bodies)] for k in range(per_tick)]
+        i += per_tick
+        await post_many(base, path, chunk, concurrency=min(16, per_tick))
+        await asyncio.sleep(max(0.0, tick - time.monotonic()))
+
+
+if __name__ == "__main__":  # background traffic for bench.efficiency.interference
+    import sys
+
+    from bench.common import prompts
+    from bench.efficiency import _bodies
+
+    base_url, rate_s, max_tokens = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    asyncio.run(paced(base_url, "/v1/jobs", _bodies(prompts(256), max_tokens), rate_s, 3600))

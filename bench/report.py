@@ -63,7 +63,7 @@ def render(results: Path, docs: Path) -> None:
     eff, flo, ing, lat, sca = (
         _load(results, n) for n in ("efficiency", "floor", "ingest", "latency", "scaling")
     )
-    first = next((x for x in (eff, flo, ing, lat, sca) if x), None)
+    first = next((x for x in (eff, flo, ing, lat, sca) if x), None)  # the machine of this run
     lines = [
         "# Benchmarks",
         "",
@@ -82,6 +82,15 @@ def render(results: Path, docs: Path) -> None:
     lines += ["| benchmark | inferq | baseline | ratio | goal |", "|---|---|---|---|---|"]
     if eff:
         lines += _efficiency_rows(eff)
+    ceil = _load(results, "interference")
+    if ceil:
+        lines.append(
+            f"| the machine's ceiling: `TransformersEngine.infer` alone (no inferq code) while the stack "
+            f"beside it takes {ceil['load_jobs_per_s']} jobs/s (echo engine), medians of {ceil['rounds']} "
+            f"alternating rounds | {ceil['loaded_tokens_per_s']} tok/s | {ceil['quiet_tokens_per_s']} tok/s "
+            f"quiet | {ceil['ceiling']} (CPU per token x{ceil['cpu_per_token_ratio']}) | the full path "
+            "cannot beat it |"
+        )
     order = _load(results, "ordering")
     if order:
         lines.append(

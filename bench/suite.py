@@ -2,7 +2,7 @@
 side by side in one run on this machine. Results go to bench/results/*.json; `report`
 renders docs/benchmarks.md and its plot from them.
 
-    inferq bench all | efficiency | floor | latency | ingest | scaling | report
+    inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling | report
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import redis
 
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
-from bench.efficiency import efficiency, ordering, queue_tps
+from bench.efficiency import efficiency, interference, ordering, queue_tps
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
 RESULTS = ROOT / "bench" / "results"
@@ -233,6 +233,7 @@ def scaling(n: int = 192, max_tokens: int = 32) -> dict[str, Any]:
 
 BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "efficiency": efficiency,
+    "interference": interference,
     "ordering": ordering,
     "floor": floor,
     "ingest": ingest,
