@@ -95,7 +95,7 @@ def render(results: Path, docs: Path) -> None:
     if order:
         lines.append(
             f"| batches grouped by prompt length (n={order['n']}, "
-            f"MAX_BATCH_SIZE={order['max_batch_size']}) | "
+            f"MAX_BATCH_SIZE={order['max_batch_size']}, medians of {order['rounds']} alternating rounds) | "
             f"full path {order['jobs_window_4_tokens_per_s']} tok/s with INFERQ_BATCH_LENGTH_WINDOW=4; "
             f"engine alone on sorted requests {order['direct_sorted_tokens_per_s']} tok/s | "
             f"window 1 (arrival order) {order['jobs_window_1_tokens_per_s']} tok/s; engine alone in arrival "

@@ -74,12 +74,22 @@ class ParentGate:
         handler: Callable[..., Any],
         finished: Callable[[str, JobStatus, Any], None],
         busy: Callable[[], bool] = child_busy,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.handler = handler
         self.finished = finished
         self.busy = busy
+        #: asks for a `tick` soon; called while messages are held (no timer runs when none are)
+        self.wake = wake
         self.held: deque[_Held] = deque()
+        self.closed = False
+
+    def close(self) -> None:
+        """The consumer restarted: held messages belong to a closed channel (the broker
+        restores them); this gate hands nothing more to anyone."""
+        self.closed = True
+        self.held.clear()
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
@@ -93,13 +103,15 @@ class ParentGate:
         elif status in (JobStatus.QUEUED, JobStatus.RUNNING) and (self.held or self.busy()):
             self.held.append(_Held(job_id, args, kw))
             self.release()
+            if self.held:
+                self.wake()
         else:
             self.handler(*args, **kw)
         return None
 
     def tick(self) -> None:
         """Acknowledge held messages whose job finished meanwhile; feed an idle child."""
-        if not self.held:
+        if not self.held or self.closed:
             return
         held = list(self.held)
         self.held.clear()
@@ -109,10 +121,12 @@ class ParentGate:
             else:
                 self.held.append(item)
         self.release()
+        if self.held:
+            self.wake()
 
     def release(self) -> None:
         """An idle child gets the oldest held message (then it is busy again)."""
-        while self.held and not self.busy():
+        while self.held and not self.closed and not self.busy():
             item = self.held.popleft()
             self.handler(*item.args, **item.kw)
 
@@ -136,24 +150,29 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
             send("task-succeeded", uuid=job_id, result=repr(status.value), runtime=0.0)
         logger.debug("job %s is already %s; its message was acknowledged in the parent", job_id, status)
 
-    gate = ParentGate(JobStore(client, settings.result_ttl_s), handler, finished)
-    global _timer_entry
-    if _timer_entry is not None:  # the consumer restarted (reconnect): the old gate's
-        _timer_entry.cancel()  # held messages belong to a closed channel; the broker restores them
-    _timer_entry = consumer.timer.call_repeatedly(TICK_S, _guarded(gate.tick))
+    armed = False
+
+    def tick() -> None:
+        nonlocal armed
+        armed = False
+        try:
+            gate.tick()
+        except Exception:  # raising here would stop the consumer's event loop
+            logger.exception("re-reading held job messages failed; retrying")
+            gate.wake()
+
+    def wake() -> None:
+        nonlocal armed
+        if not armed:
+            armed = True
+            consumer.timer.call_after(TICK_S, tick)
+
+    gate = ParentGate(JobStore(client, settings.result_ttl_s), handler, finished, wake=wake)
+    global _current
+    if _current is not None:  # the consumer restarted (reconnect)
+        _current.close()
+    _current = gate
     return gate.on_message
 
 
-_timer_entry: Any = None
-
-
-def _guarded(fn: Callable[[], None]) -> Callable[[], None]:
-    """A timer callback that raises would stop the consumer's event loop."""
-
-    def run() -> None:
-        try:
-            fn()
-        except Exception:
-            logger.exception("holding job messages failed; retrying on the next tick")
-
-    return run
+_current: ParentGate | None = None

@@ -42,6 +42,7 @@ class Pool:
     busy: bool = False
     handed: list[str] = field(default_factory=list)
     acked: list[tuple[str, JobStatus]] = field(default_factory=list)
+    wakes: int = 0
 
     def handler(self, message: Message, *_: Any, **__: Any) -> None:
         self.handed.append(message.headers.get("id", "?"))
@@ -50,9 +51,12 @@ class Pool:
     def finished(self, job_id: str, status: JobStatus, ack: Any) -> None:
         self.acked.append((job_id, status))
 
+    def wake(self) -> None:
+        self.wakes += 1
+
 
 def _gate(store: JobStore, pool: Pool) -> ParentGate:
-    return ParentGate(store, pool.handler, pool.finished, busy=lambda: pool.busy)
+    return ParentGate(store, pool.handler, pool.finished, busy=lambda: pool.busy, wake=pool.wake)
 
 
 def _jobs(store: JobStore, n: int) -> list[str]:
@@ -96,6 +100,21 @@ def test_busy_child_holds_unfinished_jobs_until_they_finish_or_it_is_idle(r: red
     pool.busy = False  # the child's task ended: it gets the oldest held message, only that one
     gate.tick()
     assert pool.handed == [queued_a] and [h.job_id for h in gate.held] == [queued_b]
+    assert pool.wakes >= 4  # a tick is asked for while anything is held
+
+
+def test_no_tick_is_asked_for_when_nothing_is_held_and_a_closed_gate_hands_nothing(r: redis.Redis) -> None:
+    store, pool = JobStore(r, 60), Pool()
+    gate = _gate(store, pool)
+    first, second = _jobs(store, 2)
+    _send(gate, first)  # idle child: handed at once
+    assert pool.wakes == 0
+    _send(gate, second)
+    assert pool.wakes == 1 and len(gate.held) == 1
+    gate.close()  # the consumer restarted: its channel's messages are the broker's again
+    pool.busy = False
+    gate.tick()
+    assert pool.handed == [first] and not gate.held
 
 
 def test_idle_child_gets_messages_at_once_but_never_ahead_of_held_ones(r: redis.Redis) -> None:
