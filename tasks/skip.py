@@ -14,18 +14,29 @@ drain ran left its message in the broker; when the drain ended (INFERQ_DRAIN_S) 
 idled while the parent worked through that pile one message at a time (measured: about a
 second idle per five-second drain on the 2-core VM, and the next burst's first batch
 started half a second late). Now the parent keeps fetching while the child works: finished
-jobs' messages are acknowledged at once, the others are held (unacknowledged: crash-safe
-like any reserved message) and re-read together every tick; a held job that finishes is
-acknowledged then, and when the child is idle the oldest held message goes to it, one at a
-time, so no job waits in this parent's pool while its child is busy (another worker's drain
-can take it from the ready list). Anything the parent cannot judge (missing record, Redis
-unreachable) goes the normal way to the child, whose runner stays the only judge: this is a
-shortcut, never a second source of truth.
+jobs' messages are acknowledged at once, the others are held (unacknowledged) and re-read
+together every tick; a held job that finishes is acknowledged then, and when the child is
+idle the oldest held message goes to it, one at a time.
+
+What holding must not break:
+- another worker's work: the child takes its jobs from the shared ready lists, so a
+  draining worker runs a job whatever parent holds its message; a *queued* job's message
+  held longer than HOLD_QUEUED_S while this child stays busy goes back to the broker, where
+  an idle worker (the one blocked longest on the queue) takes it;
+- crash recovery: a parent holds messages only while its child is busy, that is running a
+  job under a lease; if the whole worker dies, the reaper sends that job again, and the task
+  that runs it drains the ready lists, where the held jobs' ids still are (their messages
+  stay unacknowledged on the dead worker until the broker's visibility timeout, and are
+  then skipped as finished);
+- the runner's judgement: anything the parent cannot judge (missing record, Redis
+  unreachable) goes the normal way to the child. This is a shortcut, never a second source
+  of truth.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,19 +54,22 @@ logger = logging.getLogger(__name__)
 
 #: how often held messages are re-read (one pipelined read for all of them)
 TICK_S = 0.02
+#: a queued job's message held this long while the child stays busy goes back to the broker
+HOLD_QUEUED_S = 1.0
 
 
 def read_statuses(store: JobStore, job_ids: list[str]) -> list[JobStatus | None]:
     """The jobs' statuses; None where missing or unreadable (the child decides those)."""
     try:
         return store.statuses(job_ids)
-    except redis.RedisError:
+    except (redis.RedisError, ValueError):
         return [None] * len(job_ids)
 
 
 def child_busy() -> bool:
-    """A request of this worker is reserved or running (the pool has one child)."""
-    return bool(worker_state.reserved_requests)
+    """A request of this worker is reserved or running (the pool has one child). Active
+    too: a reconnect clears the reserved set while the child may still be running."""
+    return bool(worker_state.reserved_requests or worker_state.active_requests)
 
 
 @dataclass
@@ -63,6 +77,7 @@ class _Held:
     job_id: str
     args: tuple[Any, ...]  # (message, body, ack, reject, callbacks) for the default handler
     kw: dict[str, Any]
+    since: float
 
 
 class ParentGate:
@@ -73,23 +88,23 @@ class ParentGate:
         store: JobStore,
         handler: Callable[..., Any],
         finished: Callable[[str, JobStatus, Any], None],
+        requeue: Callable[[Any], None],
+        *,
         busy: Callable[[], bool] = child_busy,
         wake: Callable[[], None] = lambda: None,
+        hold_queued_s: float = HOLD_QUEUED_S,
     ) -> None:
         self.store = store
         self.handler = handler
         self.finished = finished
+        #: gives a message back to the broker (its `reject` callable, requeue=True)
+        self.requeue = requeue
         self.busy = busy
         #: asks for a `tick` soon; called while messages are held (no timer runs when none are)
         self.wake = wake
+        self.hold_queued_s = hold_queued_s
         self.held: deque[_Held] = deque()
         self.closed = False
-
-    def close(self) -> None:
-        """The consumer restarted: held messages belong to a closed channel (the broker
-        restores them); this gate hands nothing more to anyone."""
-        self.closed = True
-        self.held.clear()
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
@@ -101,7 +116,7 @@ class ParentGate:
         if status is not None and status.terminal:
             self.finished(job_id, status, ack)
         elif status in (JobStatus.QUEUED, JobStatus.RUNNING) and (self.held or self.busy()):
-            self.held.append(_Held(job_id, args, kw))
+            self.held.append(_Held(job_id, args, kw, time.monotonic()))
             self.release()
             if self.held:
                 self.wake()
@@ -110,16 +125,22 @@ class ParentGate:
         return None
 
     def tick(self) -> None:
-        """Acknowledge held messages whose job finished meanwhile; feed an idle child."""
+        """Acknowledge held messages whose job finished meanwhile, give back queued ones held
+        too long, feed an idle child."""
         if not self.held or self.closed:
             return
-        held = list(self.held)
-        self.held.clear()
-        for item, status in zip(held, read_statuses(self.store, [h.job_id for h in held]), strict=True):
+        statuses = read_statuses(self.store, [h.job_id for h in self.held])
+        now = time.monotonic()
+        busy = self.busy()
+        keep: deque[_Held] = deque()
+        for item, status in zip(self.held, statuses, strict=True):
             if status is not None and status.terminal:
                 self.finished(item.job_id, status, item.args[2])
+            elif status is JobStatus.QUEUED and busy and now - item.since > self.hold_queued_s:
+                self.requeue(item.args[3])
             else:
-                self.held.append(item)
+                keep.append(item)
+        self.held = keep
         self.release()
         if self.held:
             self.wake()
@@ -128,7 +149,19 @@ class ParentGate:
         """An idle child gets the oldest held message (then it is busy again)."""
         while self.held and not self.closed and not self.busy():
             item = self.held.popleft()
-            self.handler(*item.args, **item.kw)
+            try:
+                self.handler(*item.args, **item.kw)
+            except Exception:  # a message the default strategy refuses: dropped (its job id
+                # stays in the ready list, for the next drain)
+                logger.exception("job %s's message could not be handed to the pool", item.job_id)
+
+    def close(self) -> None:
+        """The consumer restarted: give every held message back (the broker restores any
+        that belong to a closed channel); this gate hands nothing more to anyone."""
+        self.closed = True
+        for item in self.held:
+            self.requeue(item.args[3])
+        self.held.clear()
 
 
 def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -150,6 +183,9 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
             send("task-succeeded", uuid=job_id, result=repr(status.value), runtime=0.0)
         logger.debug("job %s is already %s; its message was acknowledged in the parent", job_id, status)
 
+    def requeue(reject: Any) -> None:
+        reject(logger, consumer.connection_errors, True)
+
     armed = False
 
     def tick() -> None:
@@ -159,7 +195,7 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
             gate.tick()
         except Exception:  # raising here would stop the consumer's event loop
             logger.exception("re-reading held job messages failed; retrying")
-            gate.wake()
+            wake()
 
     def wake() -> None:
         nonlocal armed
@@ -167,9 +203,15 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
             armed = True
             consumer.timer.call_after(TICK_S, tick)
 
-    gate = ParentGate(JobStore(client, settings.result_ttl_s), handler, finished, wake=wake)
+    gate = ParentGate(
+        JobStore(client, settings.result_ttl_s),
+        handler,
+        finished,
+        requeue,
+        wake=wake,
+    )
     global _current
-    if _current is not None:  # the consumer restarted (reconnect)
+    if _current is not None:  # the consumer restarted (reconnect) or reloaded
         _current.close()
     _current = gate
     return gate.on_message

@@ -104,10 +104,11 @@ def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_s
     messages off the broker while its child is busy (it holds them back from the child), so
     no pile of finished jobs' messages is left to work through when the child's task ends."""
     client = redis.Redis.from_url(echo_stack.redis_url)
-    blocker = echo_stack.submit(SLOW_TRIGGER)  # ~1 s
-    time.sleep(0.2)
-    jobs = [echo_stack.submit(f"mate {i}") for i in range(12)]
+    blocker = echo_stack.submit(SLOW_TRIGGER, n=3)  # three slow rows, one after the other: ~3 s
     with echo_stack.client() as api:
+        while api.get(f"/v1/jobs/{blocker}").json()["status"] != "running":
+            time.sleep(0.01)
+        jobs = [echo_stack.submit(f"mate {i}") for i in range(12)]
         while client.llen("inferq.jobs") and api.get(f"/v1/jobs/{blocker}").json()["status"] == "running":
             time.sleep(0.01)
         assert api.get(f"/v1/jobs/{blocker}").json()["status"] == "running"  # queue empty before it ended

@@ -236,3 +236,31 @@ def test_batch_past_its_completion_window_expires(own: Own) -> None:
     assert batch["expired_at"] and done >= 1 and done + len(errs) == 40
     assert {e["error"]["code"] for e in errs if e["error"]} <= {"batch_expired", "batch_cancelled"}
     assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in errs)
+
+
+def test_worker_killed_while_its_parent_holds_queued_jobs_messages(own: Own) -> None:
+    """The worker parent holds queued jobs' messages back from its busy child (tasks.skip).
+    Kill the whole worker then, with nothing else left in the broker: the messages stay
+    unacknowledged on the dead worker (for the broker's visibility timeout, 20 minutes), yet
+    the jobs run: the running job's lease lapses, the new worker's reaper sends it again, and
+    its task drains the ready lists, where the held jobs still are."""
+    r = redis.Redis.from_url(own.env["INFERQ_REDIS_URL"], decode_responses=True)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hold the worker"}]}
+    with httpx.Client(base_url=own.base, timeout=30) as c:
+        blocker = c.post("/v1/jobs", json={**body, "max_tokens": 1500, "temperature": 0.9}).json()["id"]
+        deadline = time.monotonic() + 60
+        while c.get(f"/v1/jobs/{blocker}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ids = [c.post("/v1/jobs", json={**body, "max_tokens": 8}).json()["id"] for _ in range(6)]
+    deadline = time.monotonic() + 10
+    while r.llen("inferq.jobs") or r.hlen("unacked") < len(ids) + 1:  # all held by the parent
+        assert time.monotonic() < deadline, (r.llen("inferq.jobs"), r.hlen("unacked"))
+        time.sleep(0.005)
+    assert _statuses(own.base, [blocker]) == ["running"]
+    worker = next(p for n, p in own.sup.procs if n == "worker")
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    own.start_worker("worker2")
+    jobs = _wait_all(own.base, [blocker, *ids], timeout=120)
+    assert [j["status"] for j in jobs] == ["succeeded"] * (len(ids) + 1)

@@ -5,6 +5,7 @@ order, when it is idle."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -42,6 +43,7 @@ class Pool:
     busy: bool = False
     handed: list[str] = field(default_factory=list)
     acked: list[tuple[str, JobStatus]] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
     wakes: int = 0
 
     def handler(self, message: Message, *_: Any, **__: Any) -> None:
@@ -54,9 +56,20 @@ class Pool:
     def wake(self) -> None:
         self.wakes += 1
 
+    def requeue(self, reject: Any) -> None:
+        self.requeued.append(reject)  # the tests pass the job id as the message's `reject`
 
-def _gate(store: JobStore, pool: Pool) -> ParentGate:
-    return ParentGate(store, pool.handler, pool.finished, busy=lambda: pool.busy, wake=pool.wake)
+
+def _gate(store: JobStore, pool: Pool, hold_queued_s: float = 60.0) -> ParentGate:
+    return ParentGate(
+        store,
+        pool.handler,
+        pool.finished,
+        pool.requeue,
+        busy=lambda: pool.busy,
+        wake=pool.wake,
+        hold_queued_s=hold_queued_s,
+    )
 
 
 def _jobs(store: JobStore, n: int) -> list[str]:
@@ -67,7 +80,7 @@ def _jobs(store: JobStore, n: int) -> list[str]:
 
 
 def _send(gate: ParentGate, job_id: str) -> None:
-    gate.on_message(Message({"id": job_id}), {}, None, None, None)
+    gate.on_message(Message({"id": job_id}), {}, None, job_id, None)
 
 
 def test_finished_jobs_are_acked_in_the_parent(r: redis.Redis) -> None:
@@ -100,7 +113,21 @@ def test_busy_child_holds_unfinished_jobs_until_they_finish_or_it_is_idle(r: red
     pool.busy = False  # the child's task ended: it gets the oldest held message, only that one
     gate.tick()
     assert pool.handed == [queued_a] and [h.job_id for h in gate.held] == [queued_b]
-    assert pool.wakes >= 4  # a tick is asked for while anything is held
+    assert pool.wakes >= 4 and pool.requeued == []  # a tick is asked for while anything is held
+
+
+def test_queued_messages_held_too_long_go_back_to_the_broker(r: redis.Redis) -> None:
+    """So that an idle worker can take them while this one stays busy with a long batch."""
+    store, pool = JobStore(r, 60), Pool(busy=True)
+    gate = _gate(store, pool, hold_queued_s=0.05)
+    running, queued = _jobs(store, 2)
+    store.transition(running, JobStatus.RUNNING, lease_s=30)
+    _send(gate, running)
+    _send(gate, queued)
+    time.sleep(0.1)
+    gate.tick()
+    assert pool.requeued == [queued] and [h.job_id for h in gate.held] == [running]
+    assert pool.handed == []
 
 
 def test_no_tick_is_asked_for_when_nothing_is_held_and_a_closed_gate_hands_nothing(r: redis.Redis) -> None:
@@ -111,10 +138,10 @@ def test_no_tick_is_asked_for_when_nothing_is_held_and_a_closed_gate_hands_nothi
     assert pool.wakes == 0
     _send(gate, second)
     assert pool.wakes == 1 and len(gate.held) == 1
-    gate.close()  # the consumer restarted: its channel's messages are the broker's again
+    gate.close()  # the consumer restarted: held messages go back to the broker
     pool.busy = False
     gate.tick()
-    assert pool.handed == [first] and not gate.held
+    assert pool.handed == [first] and pool.requeued == [second] and not gate.held
 
 
 def test_idle_child_gets_messages_at_once_but_never_ahead_of_held_ones(r: redis.Redis) -> None:
@@ -135,7 +162,6 @@ def test_what_the_parent_cannot_judge_goes_to_the_child(r: redis.Redis) -> None:
     _send(gate, "job_missing")  # no record: the child logs and drops it
     gate.on_message(Message({}), {}, None, None, None)  # not one of ours
     dead = JobStore(redis.Redis(unix_socket_path="/nonexistent/inferq.sock", decode_responses=True), 60)
-    ParentGate(dead, pool.handler, pool.finished, busy=lambda: True).on_message(
-        Message({"id": "job_x"}), {}, None, None, None
-    )  # Redis unreachable
-    assert pool.handed == ["job_missing", "?", "job_x"] and not gate.held
+    unreachable = ParentGate(dead, pool.handler, pool.finished, pool.requeue, busy=lambda: True)
+    unreachable.on_message(Message({"id": "job_x"}), {}, None, None, None)
+    assert pool.handed == ["job_missing", "?", "job_x"] and not gate.held and not unreachable.held
