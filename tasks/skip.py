@@ -21,8 +21,10 @@ idle the oldest held message goes to it, one at a time.
 What holding must not break:
 - another worker's work: the child takes its jobs from the shared ready lists, so a
   draining worker runs a job whatever parent holds its message; a *queued* job's message
-  held longer than HOLD_QUEUED_S while this child stays busy goes back to the broker, where
-  an idle worker (the one blocked longest on the queue) takes it;
+  held longer than HOLD_QUEUED_S while this child stays busy goes back to the broker if its
+  queue there is empty (an idle worker, the one blocked longest on it, takes it; while the
+  queue has messages, idle workers have work to wake up with, and giving messages back would
+  only make every parent fetch each one again and again through a long backlog);
 - crash recovery: a parent holds messages only while its child is busy, that is running a
   job under a lease; if the whole worker dies, the reaper sends that job again, and the task
   that runs it drains the ready lists, where the held jobs' ids still are (their messages
@@ -93,6 +95,7 @@ class ParentGate:
         busy: Callable[[], bool] = child_busy,
         wake: Callable[[], None] = lambda: None,
         hold_queued_s: float = HOLD_QUEUED_S,
+        waiting: Callable[[str], int] = lambda queue: 0,
     ) -> None:
         self.store = store
         self.handler = handler
@@ -103,6 +106,8 @@ class ParentGate:
         #: asks for a `tick` soon; called while messages are held (no timer runs when none are)
         self.wake = wake
         self.hold_queued_s = hold_queued_s
+        #: messages waiting in a broker queue (its name: the message's routing key)
+        self.waiting = waiting
         self.held: deque[_Held] = deque()
         self.closed = False
 
@@ -133,17 +138,32 @@ class ParentGate:
         now = time.monotonic()
         busy = self.busy()
         keep: deque[_Held] = deque()
+        empty: dict[str, bool] = {}
         for item, status in zip(self.held, statuses, strict=True):
             if status is not None and status.terminal:
                 self.finished(item.job_id, status, item.args[2])
             elif status is JobStatus.QUEUED and busy and now - item.since > self.hold_queued_s:
-                self.requeue(item.args[3])
+                if self._queue_empty(item, empty):
+                    self.requeue(item.args[3])
+                    continue
+                item.since = now  # others can wake idle workers: ask again in a while
+                keep.append(item)
             else:
                 keep.append(item)
         self.held = keep
         self.release()
         if self.held:
             self.wake()
+
+    def _queue_empty(self, item: _Held, seen: dict[str, bool]) -> bool:
+        info = getattr(item.args[0], "delivery_info", None) or {}
+        queue = str(info.get("routing_key") or "")
+        if queue not in seen:
+            try:
+                seen[queue] = self.waiting(queue) == 0
+            except redis.RedisError:
+                seen[queue] = False
+        return seen[queue]
 
     def release(self) -> None:
         """An idle child gets the oldest held message (then it is busy again)."""
@@ -209,6 +229,7 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
         finished,
         requeue,
         wake=wake,
+        waiting=lambda queue: int(client.llen(queue)) if queue else 0,
     )
     global _current
     if _current is not None:  # the consumer restarted (reconnect) or reloaded

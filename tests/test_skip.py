@@ -34,6 +34,7 @@ def _no_leases_left(r: redis.Redis) -> Iterator[None]:
 @dataclass
 class Message:
     headers: dict[str, Any]
+    delivery_info: dict[str, Any] = field(default_factory=lambda: {"routing_key": LANE})
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Pool:
     acked: list[tuple[str, JobStatus]] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     wakes: int = 0
+    in_broker: int = 0  # messages waiting in the lane's broker queue
 
     def handler(self, message: Message, *_: Any, **__: Any) -> None:
         self.handed.append(message.headers.get("id", "?"))
@@ -69,6 +71,7 @@ def _gate(store: JobStore, pool: Pool, hold_queued_s: float = 60.0) -> ParentGat
         busy=lambda: pool.busy,
         wake=pool.wake,
         hold_queued_s=hold_queued_s,
+        waiting=lambda queue: pool.in_broker if queue == LANE else -1,
     )
 
 
@@ -116,14 +119,21 @@ def test_busy_child_holds_unfinished_jobs_until_they_finish_or_it_is_idle(r: red
     assert pool.wakes >= 4 and pool.requeued == []  # a tick is asked for while anything is held
 
 
-def test_queued_messages_held_too_long_go_back_to_the_broker(r: redis.Redis) -> None:
-    """So that an idle worker can take them while this one stays busy with a long batch."""
-    store, pool = JobStore(r, 60), Pool(busy=True)
+def test_queued_messages_held_too_long_go_back_to_an_empty_broker_queue(r: redis.Redis) -> None:
+    """So that an idle worker can take them while this one stays busy with a long batch; not
+    while the queue has messages of its own (idle workers wake up with those)."""
+    store, pool = JobStore(r, 60), Pool(busy=True, in_broker=5)
     gate = _gate(store, pool, hold_queued_s=0.05)
     running, queued = _jobs(store, 2)
     store.transition(running, JobStatus.RUNNING, lease_s=30)
     _send(gate, running)
     _send(gate, queued)
+    time.sleep(0.1)
+    gate.tick()
+    assert pool.requeued == [] and len(gate.held) == 2  # the broker still has work to hand out
+    pool.in_broker = 0
+    gate.tick()  # its clock restarted at the last check
+    assert pool.requeued == []
     time.sleep(0.1)
     gate.tick()
     assert pool.requeued == [queued] and [h.job_id for h in gate.held] == [running]
