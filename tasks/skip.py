@@ -123,8 +123,6 @@ class ParentGate:
         elif status in (JobStatus.QUEUED, JobStatus.RUNNING) and (self.held or self.busy()):
             self.held.append(_Held(job_id, args, kw, time.monotonic()))
             self.release()
-            if self.held:
-                self.wake()
         else:
             self.handler(*args, **kw)
         return None
@@ -152,8 +150,6 @@ class ParentGate:
                 keep.append(item)
         self.held = keep
         self.release()
-        if self.held:
-            self.wake()
 
     def _queue_empty(self, item: _Held, seen: dict[str, bool]) -> bool:
         info = getattr(item.args[0], "delivery_info", None) or {}
@@ -166,7 +162,8 @@ class ParentGate:
         return seen[queue]
 
     def release(self) -> None:
-        """An idle child gets the oldest held message (then it is busy again)."""
+        """An idle child gets the oldest held message (then it is busy again); a tick is
+        asked for while any remain."""
         while self.held and not self.closed and not self.busy():
             item = self.held.popleft()
             try:
@@ -174,6 +171,8 @@ class ParentGate:
             except Exception:  # a message the default strategy refuses: dropped (its job id
                 # stays in the ready list, for the next drain)
                 logger.exception("job %s's message could not be handed to the pool", item.job_id)
+        if self.held and not self.closed:
+            self.wake()
 
     def close(self) -> None:
         """The consumer restarted: give every held message back (the broker restores any
