@@ -59,6 +59,40 @@ def last_finish(records: list[dict[str, str]]) -> float:
     return max(float(rec["finished_at"]) for rec in records)
 
 
+def busy_fraction(records: list[dict[str, str]]) -> float:
+    """Share of the span from the first job's start to the last one's finish in which some
+    job was running: below 1 the engine sat idle between batches (a starved or stalled
+    worker), where a low throughput with a busy fraction near 1 means slow batches."""
+    spans = sorted((float(rec["started_at"]), float(rec["finished_at"])) for rec in records)
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start = start
+        cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy / max(max(e for _, e in spans) - spans[0][0], 1e-9)
+
+
+def batches(records: list[dict[str, str]]) -> list[tuple[float, float, int]]:
+    """(start, end, rows) of each engine batch, from the job records: the jobs claimed
+    together share a `started_at`, and a claim that starts while another runs belongs to
+    the same batch (the task's own job is claimed first, its batch-mates just after)."""
+    claims: dict[str, list[float]] = {}
+    for rec in records:
+        c = claims.setdefault(rec["started_at"], [float(rec["started_at"]), 0.0, 0])
+        c[1] = max(c[1], float(rec["finished_at"]))
+        c[2] += 1
+    out: list[list[float]] = []
+    for c in sorted(claims.values()):
+        if out and c[0] < out[-1][1]:
+            out[-1][1] = max(out[-1][1], c[1])
+            out[-1][2] += c[2]
+        else:
+            out.append(list(c))
+    return [(s, e, int(n)) for s, e, n in out]
+
+
 def tokens(records: list[dict[str, str]]) -> int:
     return sum(
         json.loads(rec["result"])["usage"]["completion_tokens"] for rec in records if rec.get("result")

@@ -21,7 +21,7 @@ import httpx
 import redis
 
 from bench._stack import bench_model, stack
-from bench.common import field_all, last_finish, post_all, prompts, stats, tokens, wait_done
+from bench.common import busy_fraction, field_all, last_finish, post_all, prompts, stats, tokens, wait_done
 from core.processes import Supervisor
 
 
@@ -47,7 +47,8 @@ class Direct:
         )
         self.reqs = [InferRequest(messages=[{"role": "user", "content": t}]) for t in texts]
         self.cfg = RequestConfig(max_tokens=max_tokens, temperature=0)
-        self.engine.infer(self.reqs[:batch], self.cfg, use_tqdm=False)  # warm-up, as the worker does
+        # warm-up: one full batch, the only batch size this baseline runs
+        self.engine.infer(self.reqs[:batch], self.cfg, use_tqdm=False)
         self.default = torch.get_num_threads()
         self.settings = sorted({self.default, cpu_threads(0) or self.default})
         #: CPU seconds per completed token in the last round, by thread count
@@ -105,7 +106,8 @@ def jobs_round(
     ids, _ = asyncio.run(post_all(base, bodies))
     records = wait_done(r, ids)
     b1, rows1 = stats(r)
-    span = last_finish(records) - min(float(rec["started_at"]) for rec in records)
+    first_start = min(float(rec["started_at"]) for rec in records)
+    span = last_finish(records) - first_start
     batches = max(b1 - b0, 1)
     return {
         "tps": tokens(records) / (last_finish(records) - t0),
@@ -113,6 +115,8 @@ def jobs_round(
         "worker_tps": tokens(records) / span,
         "mean_batch": (rows1 - rows0) / batches,
         "occupancy": (rows1 - rows0) / batches / batch,
+        "busy": busy_fraction(records),
+        "first_start_s": first_start - t0,
     }
 
 
@@ -169,7 +173,9 @@ def efficiency(
             batch_runs.append(batch_round(c, r, texts, max_tokens))
             print(
                 f"  round {i + 1}: direct {max(direct_runs[-1].values()):.0f} tok/s, /v1/jobs "
-                f"{jobs_runs[-1]['tps']:.0f}, /v1/batches {batch_runs[-1]:.0f}",
+                f"{jobs_runs[-1]['tps']:.0f} (occupancy {jobs_runs[-1]['occupancy']:.2f}, engine busy "
+                f"{jobs_runs[-1]['busy']:.2f}, first start after {jobs_runs[-1]['first_start_s']:.2f} s), "
+                f"/v1/batches {batch_runs[-1]:.0f}",
                 flush=True,
             )
     from workers.swift_backend import cpu_threads

@@ -8,6 +8,9 @@
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION
 # (sdist-only ones: `pip wheel --no-deps` with a Python 3.12). Usage:
 #   bash bench/gpu-run.sh NAME:SIZE:N:MAX_TOKENS:BATCH ...   e.g. efficiency-gpu:0.5b:512:64:32
+# A NAME starting with "timeline" runs the per-batch timeline diagnostic instead, e.g.
+#   INFERQ_WARMUP_BATCH_SIZES=1 bash bench/gpu-run.sh timeline-gpu-nosweep:0.5b:256:64:32
+# (3 rounds each; the 0.5b pair above took about 280 s and 110 s on an H200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
@@ -20,6 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 for spec in "$@"; do
   # spec: name:size:n:max_tokens:batch
   IFS=: read -r out size n mt b <<<"$spec"
-  python3 -m bench.suite efficiency --size "$size" --n "$n" --max-tokens "$mt" --batch "$b" --out "$out"
+  bench=efficiency; case "$out" in timeline*) bench=timeline ;; esac
+  python3 -m bench.suite "$bench" --size "$size" --n "$n" --max-tokens "$mt" --batch "$b" --out "$out"
   [ -n "${OUT:-}" ] && cp "bench/results/$out.json" "$OUT/" || true
 done

@@ -27,6 +27,7 @@ import redis
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
 from bench.efficiency import efficiency, interference, ordering, queue_tps
+from bench.timeline import timeline
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
 RESULTS = ROOT / "bench" / "results"
@@ -240,6 +241,8 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "latency": latency,
     "scaling": scaling,
 }
+#: run only when named (not by `all`): diagnostics with no figure in the report
+DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline}
 
 
 def machine() -> dict[str, Any]:
@@ -257,12 +260,12 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="inferq bench")
-    ap.add_argument("which", nargs="?", default="all", choices=[*BENCHES, "all", "report"])
-    ap.add_argument("--size", default="tiny", help="efficiency only: demo model size (tiny, 0.5b)")
-    ap.add_argument("--n", type=int, default=256, help="efficiency only: requests")
-    ap.add_argument("--max-tokens", type=int, default=32, help="efficiency only")
-    ap.add_argument("--batch", type=int, default=8, help="efficiency only: MAX_BATCH_SIZE")
-    ap.add_argument("--rounds", type=int, default=3, help="efficiency only: best of this many")
+    ap.add_argument("which", nargs="?", default="all", choices=[*BENCHES, *DIAGNOSTICS, "all", "report"])
+    ap.add_argument("--size", default="tiny", help="efficiency, timeline: demo model size (tiny, 0.5b)")
+    ap.add_argument("--n", type=int, default=256, help="efficiency, timeline: requests")
+    ap.add_argument("--max-tokens", type=int, default=32, help="efficiency, timeline")
+    ap.add_argument("--batch", type=int, default=8, help="efficiency, timeline: MAX_BATCH_SIZE")
+    ap.add_argument("--rounds", type=int, default=3, help="efficiency, timeline: rounds")
     ap.add_argument("--out", default="", help="results file name (default: the benchmark's name)")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -273,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(BENCHES) if args.which == "all" else [args.which]
     for name in names:
-        run: Callable[[], dict[str, Any]] = BENCHES[name]
-        if name == "efficiency":
-            run = partial(efficiency, args.n, args.max_tokens, args.batch, args.size, args.rounds)
+        run: Callable[[], dict[str, Any]] = {**BENCHES, **DIAGNOSTICS}[name]
+        if name in ("efficiency", "timeline"):
+            fn = efficiency if name == "efficiency" else timeline
+            run = partial(fn, args.n, args.max_tokens, args.batch, args.size, args.rounds)
         res = {"bench": name, "machine": machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S"), **run()}
         (RESULTS / f"{args.out or name}.json").write_text(json.dumps(res, indent=2, default=str))
     return 0

@@ -57,6 +57,8 @@ class ModelFacts:
     model_id: str
     context_length: int
     demo: bool
+    #: runs on a GPU (the warm-up sweeps batch sizes there)
+    accelerator: bool = False
 
 
 class TokenSink(Protocol):

@@ -150,12 +150,28 @@ def set_resender(fn: Callable[[str, str], None]) -> None:
     _resend = fn
 
 
-def warm_up(engine: Engine) -> float:
-    """One tiny generation, so the first real job does not pay for lazy init."""
+def warmup_sizes(setting: str, max_batch_size: int, accelerator: bool) -> list[int]:
+    """The batch sizes to warm up (see Settings.warmup_batch_sizes), within 1..max_batch_size."""
+    if setting == "auto":
+        return list(range(1, max_batch_size + 1)) if accelerator else [1]
+    return sorted({min(max(int(x), 1), max_batch_size) for x in setting.split(",")})
+
+
+def warm_up(engine: Engine, sizes: list[int]) -> float:
+    """A short generation at each batch size, so real jobs do not pay for lazy init: on a
+    GPU much of it (kernels loaded on first use) comes once per new batch size. Prompts of
+    varied length, as real batches are padded to their longest."""
     t0 = time.monotonic()
-    engine.generate(
-        [GenRequest(messages=[{"role": "user", "content": "hi"}], params=GenParams(max_tokens=2))]
-    )
+    for n in sizes:
+        engine.generate(
+            [
+                GenRequest(
+                    messages=[{"role": "user", "content": "hi " * (1 + (i * 7) % 23)}],
+                    params=GenParams(max_tokens=4),
+                )
+                for i in range(n)
+            ]
+        )
     return time.monotonic() - t0
 
 
@@ -166,7 +182,8 @@ def init_child(**_: Any) -> None:
     t0 = time.monotonic()
     engine = load_engine(settings)
     if settings.warmup:
-        logger.info("warm-up took %.2fs", warm_up(engine))
+        sizes = warmup_sizes(settings.warmup_batch_sizes, settings.max_batch_size, engine.facts.accelerator)
+        logger.info("warm-up (batch sizes %s) took %.2fs", sizes, warm_up(engine, sizes))
     if engine.facts.demo:
         logger.warning(
             "SERVING THE DEMO MODEL %r: random weights, its output is gibberish. "

@@ -228,6 +228,7 @@ class SwiftEngine:
             model_id=settings.model_id,
             context_length=int(self.engine.model_info.max_model_len or self.engine.template.max_length),
             demo=spec.demo,
+            accelerator=torch.cuda.is_available() and _device_map(settings.device_map) != "cpu",
         )
         # Per-call extras the wrapped `generate` reads; one call runs at a time per child.
         self._procs: list[LogitsProcessor] = []
