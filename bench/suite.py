@@ -27,6 +27,7 @@ import redis
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
 from bench.efficiency import efficiency, interference, ordering, queue_tps
+from bench.stepcost import stepcost
 from bench.timeline import timeline
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
@@ -242,7 +243,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "scaling": scaling,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
-DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline}
+DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline, "stepcost": stepcost}
 
 
 def machine() -> dict[str, Any]:

@@ -139,6 +139,15 @@ class DeltaStreamer(BaseStreamer):
     ) -> None:
         self.template = template
         self.tokenizer = template.tokenizer
+        # Every row's windows in one call to the Rust tokenizer, where that is exactly what
+        # `tokenizer.decode` does (a fast tokenizer without space clean-up): through
+        # transformers each call costs more Python than decoding, and on a GPU the rows are
+        # decoded on every step, in the thread that drives it.
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        exact = not getattr(self.tokenizer, "clean_up_tokenization_spaces", True)
+        self._decode_batch: Callable[..., list[str]] | None = (
+            backend.decode_batch if backend is not None and exact else None
+        )
         self.skip_ids = {template.tokenizer.pad_token_id, template.tokenizer.eos_token_id}
         self.sink = sink
         self.interval_s = interval_s
@@ -165,23 +174,34 @@ class DeltaStreamer(BaseStreamer):
             self._decode_rows()
 
     def _decode_rows(self) -> None:
-        for row, ids in enumerate(self.ids):
-            start, read = self.prefix_offset[row], self.read_offset[row]
-            if len(ids) == read:
-                continue
-            prefix = self._decode(ids[start:read]) if read > start else ""
-            text = self._decode(ids[start:])
+        rows = [row for row, ids in enumerate(self.ids) if len(ids) > self.read_offset[row]]
+        if not rows:
+            return
+        windows: list[list[int]] = []
+        for row in rows:  # per row: the window up to what was read before, and up to now
+            ids, start = self.ids[row], self.prefix_offset[row]
+            windows += [ids[start : self.read_offset[row]], ids[start:]]
+        texts = self._decode_many(windows)
+        for k, row in enumerate(rows):
+            prefix, text = texts[2 * k], texts[2 * k + 1]
             if text.endswith("\ufffd") or len(text) <= len(prefix):
                 continue  # an incomplete UTF-8 sequence (or a stop token): wait for more tokens
-            self.prefix_offset[row], self.read_offset[row] = read, len(ids)
+            self.prefix_offset[row], self.read_offset[row] = self.read_offset[row], len(self.ids[row])
             delta = self.filters[row].feed(text[len(prefix) :])
             self.sink.on_delta(row, delta)
             self.emitted[row] += delta
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode_many(self, windows: list[list[int]]) -> list[str]:
         # The tokenizer directly: the template's decode re-tokenizes its stop words on every
         # call (a third of the streaming cost). `settle` reconciles the rare difference.
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False))
+        if self._decode_batch is not None:
+            return self._decode_batch(windows, skip_special_tokens=False)
+        return [
+            str(self.tokenizer.decode(w, skip_special_tokens=False, spaces_between_special_tokens=False))
+            if w
+            else ""
+            for w in windows
+        ]
 
     def end(self) -> None:
         self._decode_rows()

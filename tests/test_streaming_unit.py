@@ -1,0 +1,109 @@
+"""The token path inside a worker child, without a worker: the sink's one-command writes on a
+real Valkey, and the streamer's batched decoding against the tokenizer's own `decode`."""
+
+import random
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+import torch
+
+from core import keys
+from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from workers.streaming import StreamSink, Target
+
+
+class Recorder:
+    """A sink that keeps what it is given."""
+
+    def __init__(self, rows: int) -> None:
+        self.deltas: list[list[str]] = [[] for _ in range(rows)]
+
+    def on_delta(self, i: int, text: str) -> None:
+        if text:
+            self.deltas[i].append(text)
+
+    def on_reset(self, i: int) -> None:
+        self.deltas[i].append("<reset>")
+
+    def flush(self) -> None:
+        pass
+
+    def should_stop(self, i: int) -> bool:
+        return False
+
+    def any_stop(self) -> bool:
+        return False
+
+    def wants_tokens(self, i: int) -> bool:
+        return True
+
+
+def test_flush_writes_one_token_event_per_job_in_one_command(r: redis.Redis) -> None:
+    jobs = [f"unit-{uuid.uuid4().hex}" for _ in range(3)]
+    for j in jobs[:2]:  # the third job's stream is gone (its job expired)
+        r.xadd(keys.job_events(j), {"type": "status"})
+        r.expire(keys.job_events(j), 100)
+    sink = StreamSink(r, [Target(jobs[0], 0), Target(jobs[1], 2, attempt=3), Target(jobs[2], 0)])
+    sink.on_delta(0, "Hel")  # the first delta goes out at once (time to first token)
+    sink.on_delta(1, "a")  # the others wait for the flush period ...
+    sink.on_delta(0, "lo")
+    sink.on_delta(2, "x")
+    sink.flush()  # ... and go out together
+
+    def events(job: str) -> list[dict[str, str]]:
+        return [dict(fields) for _, fields in cast(list[Any], r.xrange(keys.job_events(job)))][1:]
+
+    assert events(jobs[0]) == [
+        {"type": "token", "index": "0", "text": "Hel", "attempt": "1"},
+        {"type": "token", "index": "0", "text": "lo", "attempt": "1"},
+    ]
+    assert events(jobs[1]) == [{"type": "token", "index": "2", "text": "a", "attempt": "3"}]
+    assert not r.exists(keys.job_events(jobs[2]))  # not re-created without a TTL
+    assert 0 < r.ttl(keys.job_events(jobs[0])) <= 100
+    sink.flush()  # nothing pending: nothing written
+    assert len(events(jobs[0])) == 2
+
+
+@pytest.fixture(scope="module")
+def template(demo_model: Path) -> Any:
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    return get_template(
+        get_processor(str(demo_model), model_type=DEMO_MODEL_TYPE), template_type=DEMO_TEMPLATE
+    )
+
+
+def test_batched_decoding_gives_the_tokenizers_own_text(template: Any) -> None:
+    from workers.swift_backend import DeltaStreamer
+
+    rows, steps = 6, 40
+    rng = random.Random(7)
+    ids = [[rng.randrange(0, template.tokenizer.vocab_size) for _ in range(rows)] for _ in range(steps)]
+
+    def run(batched: bool) -> list[list[str]]:
+        sink = Recorder(rows)
+        st = DeltaStreamer(template, sink, [], rows, interval_s=0.0)
+        assert st._decode_batch is not None  # the demo tokenizer is a fast one
+        if not batched:
+            st._decode_batch = None
+        st.put(torch.zeros(rows, 3, dtype=torch.long))  # the prompt, which is skipped
+        for step in ids:
+            st.put(torch.tensor(step))
+        st.end()
+        return sink.deltas
+
+    batched, per_row = run(True), run(False)
+    assert batched == per_row
+    skip = {template.tokenizer.pad_token_id, template.tokenizer.eos_token_id}
+    for row in range(rows):
+        full = template.tokenizer.decode(
+            [s[row] for s in ids if s[row] not in skip], skip_special_tokens=False
+        )
+        # held back, if anything: an incomplete character at the end, settled by the final text
+        streamed = "".join(batched[row])
+        assert full.startswith(streamed)
+        assert full == streamed or full.endswith("\ufffd")
