@@ -1,15 +1,27 @@
 """The job record and state machine on a real Valkey/Redis, and the runner with the fake engine."""
 
 import time
+from collections.abc import Iterator
 
+import pytest
 import redis
 
 from core import keys
 from core.jobs import JobStore
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import ChatCompletionRequest
+from tests.conftest import with_db
 from workers.fake import FAIL_TRIGGER, EchoEngine
 from workers.runner import run_job
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A database of its own: the test stacks' workers reap lapsed leases in theirs every 2 s,
+    and one of them took this module's lapsed job before the test could see it (a CI flake)."""
+    client = redis.Redis.from_url(with_db(redis_url, 11), decode_responses=True)
+    yield client
+    client.close()
 
 
 def _req(text: str = "one two three", **kw: object) -> ChatCompletionRequest:
