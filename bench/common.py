@@ -59,21 +59,6 @@ def last_finish(records: list[dict[str, str]]) -> float:
     return max(float(rec["finished_at"]) for rec in records)
 
 
-def busy_fraction(records: list[dict[str, str]]) -> float:
-    """Share of the span from the first job's start to the last one's finish in which some
-    job was running: below 1 the engine sat idle between batches (a starved or stalled
-    worker), where a low throughput with a busy fraction near 1 means slow batches."""
-    spans = sorted((float(rec["started_at"]), float(rec["finished_at"])) for rec in records)
-    busy, (cur_start, cur_end) = 0.0, spans[0]
-    for start, end in spans[1:]:
-        if start > cur_end:
-            busy += cur_end - cur_start
-            cur_start = start
-        cur_end = max(cur_end, end)
-    busy += cur_end - cur_start
-    return busy / max(max(e for _, e in spans) - spans[0][0], 1e-9)
-
-
 def batches(records: list[dict[str, str]]) -> list[tuple[float, float, int]]:
     """(start, end, rows) of each engine batch, from the job records: the jobs claimed
     together share a `started_at`, and a claim that starts while another runs belongs to
@@ -91,6 +76,15 @@ def batches(records: list[dict[str, str]]) -> list[tuple[float, float, int]]:
         else:
             out.append(list(c))
     return [(s, e, int(n)) for s, e, n in out]
+
+
+def busy_fraction(records: list[dict[str, str]]) -> float:
+    """Share of the span from the first job's start to the last one's finish in which some
+    job was running: below 1 the engine sat idle between batches (a starved or stalled
+    worker), where a low throughput with a busy fraction near 1 means slow batches."""
+    runs = batches(records)
+    span = max(e for _, e, _ in runs) - runs[0][0]
+    return sum(e - s for s, e, _ in runs) / max(span, 1e-9)
 
 
 def tokens(records: list[dict[str, str]]) -> int:

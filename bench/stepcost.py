@@ -24,7 +24,6 @@ import redis
 from bench._stack import bench_model
 from core import keys
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from core.jobs import EVENTS_MAXLEN
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for
 from workers.streaming import StreamSink, Target
 
@@ -36,25 +35,21 @@ class PipelineSink(StreamSink):
         self._last_flush = time.monotonic()
         if not self._pending:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for i, parts in self._pending.items():
-            t = self.targets[i]
-            fields = {
-                "type": "token",
-                "index": str(t.index),
-                "text": "".join(parts),
-                "attempt": str(t.attempt),
-            }
-            pipe.xadd(
-                self._streams[i],
-                fields,  # type: ignore[arg-type]
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
-                nomkstream=True,
+        entries = [
+            (
+                self.targets[i].job_id,
+                {
+                    "type": "token",
+                    "index": str(self.targets[i].index),
+                    "text": "".join(parts),
+                    "attempt": str(self.targets[i].attempt),
+                },
             )
+            for i, parts in self._pending.items()
+        ]
         self._pending.clear()
         self._pending_chars = 0
-        pipe.execute()
+        self._xadd_many(entries)
 
 
 def _one(
