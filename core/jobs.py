@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,14 +26,38 @@ from schemas.openai import ChatCompletion, ChatCompletionRequest
 #: from the front (clients that fell that far behind get the final result instead).
 EVENTS_MAXLEN = 10_000
 
-#: LPOP from the first non-empty list, in the order given (lanes by priority): one round
-#: trip per pick instead of one per lane.
-_POP_FIRST_LUA = """
-for _, key in ipairs(KEYS) do
-  local v = redis.call('LPOP', key)
-  if v then return v end
+#: Take up to ARGV[1] ids off the first non-empty ready list (lanes in priority order) into
+#: that lane's claiming list, and register the claim with its deadline: one round trip, and
+#: an id is never only in the memory of a process that can die (a popped id was the only
+#: way to a queued job whose message a dead worker parent held until the visibility timeout).
+#: KEYS: CLAIMS, then (ready, claiming) per lane; ARGV: count, deadline, ttl, member per lane.
+_POP_CLAIM_LUA = """
+for i = 2, #KEYS, 2 do
+  local ids = redis.call('LPOP', KEYS[i], tonumber(ARGV[1]))
+  if ids then
+    for j = 1, #ids, 1000 do  -- unpack is bounded by Lua's stack
+      redis.call('RPUSH', KEYS[i + 1], unpack(ids, j, math.min(j + 999, #ids)))
+    end
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3 + i / 2])
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    return ids
+  end
 end
-return false
+return {}
+"""
+
+#: Put a lapsed claim's ids back at the head of their lane, in order, unless the claim was
+#: renewed meanwhile. KEYS: CLAIMS, claiming, ready; ARGV: member, now, ttl.
+_RESTORE_CLAIM_LUA = """
+local at = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+if at > tonumber(ARGV[2]) then return -1 end
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+for i = #ids, 1, -1 do redis.call('LPUSH', KEYS[3], ids[i]) end
+if #ids > 0 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return #ids
 """
 
 _TRANSITION_LUA = """
@@ -288,11 +312,55 @@ class JobStore:
         self.r = client
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION_LUA)
-        self._pop_first = client.register_script(_POP_FIRST_LUA)
+        self._pop_claim = client.register_script(_POP_CLAIM_LUA)
+        self._restore_claim = client.register_script(_RESTORE_CLAIM_LUA)
 
-    def pop_ready(self, queues: Sequence[str]) -> str | None:
-        """The next ready job id from the first of `queues` (priority order) that has one."""
-        return cast(str | None, self._pop_first(keys=[keys.ready(q) for q in queues]))
+    def pop_ready(self, queues: Sequence[str], owner: str, lease_s: float) -> str | None:
+        """The next ready job id from the first of `queues` (priority order) that has one,
+        kept in `owner`'s claim until `end_claim` (see `pop_window`)."""
+        ids = self.pop_window(queues, 1, owner, lease_s)
+        return ids[0] if ids else None
+
+    def pop_window(self, queues: Sequence[str], count: int, owner: str, lease_s: float) -> list[str]:
+        """Up to `count` ready ids off the first of `queues` that has any. They stay in
+        `owner`'s claiming list until `end_claim`; if `owner` dies first, `restore_claims`
+        (the reaper) puts them back once `lease_s` has passed."""
+        claim_keys = [keys.CLAIMS]
+        for q in queues:
+            claim_keys += [keys.ready(q), keys.claiming(owner, q)]
+        args: list[str | int | float] = [count, time.time() + lease_s, self.ttl]
+        args += [keys.claim_member(owner, q) for q in queues]
+        return cast(list[str], self._pop_claim(keys=claim_keys, args=args))
+
+    def end_claim(
+        self, owner: str, queues: Sequence[str], held: Mapping[str, list[str]] | None = None
+    ) -> None:
+        """The batch is filled: the ids looked at but not taken (`held`, by lane) go back to
+        the head of their lane in their order, and the claim is dropped, in one MULTI."""
+        if not queues:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        for q in queues:
+            if ids := (held or {}).get(q):
+                pipe.lpush(keys.ready(q), *reversed(ids))
+                pipe.expire(keys.ready(q), self.ttl)
+            pipe.delete(keys.claiming(owner, q))
+        pipe.zrem(keys.CLAIMS, *(keys.claim_member(owner, q) for q in queues))
+        pipe.execute()
+
+    def restore_claims(self, limit: int = 100) -> int:
+        """Put back the ids of claims whose worker died mid-claim; returns how many."""
+        now = time.time()
+        members = cast(list[str], self.r.zrangebyscore(keys.CLAIMS, "-inf", now, start=0, num=limit))
+        restored = 0
+        for member in members:
+            owner, _, queue = member.partition("|")
+            n = self._restore_claim(
+                keys=[keys.CLAIMS, keys.claiming(owner, queue), keys.ready(queue)],
+                args=[member, now, self.ttl],
+            )
+            restored += max(int(n), 0)
+        return restored
 
     def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
         job_id = new_job_id()

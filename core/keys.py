@@ -86,6 +86,22 @@ def ready(queue: str) -> str:
     return f"{PREFIX}ready:{queue}"
 
 
+def claiming(owner: str, queue: str) -> str:
+    """List: ids a worker child took off a lane's ready list while it fills a batch. Gone
+    when the batch is filled (the ids it did not take go back to the head of the lane); if
+    the child died meanwhile, the reaper puts all of them back. TTL: result_ttl_s."""
+    return f"{PREFIX}claiming:{owner}:{queue}"
+
+
+def claim_member(owner: str, queue: str) -> str:
+    """A claim's member in CLAIMS (owner ids never hold a '|')."""
+    return f"{owner}|{queue}"
+
+
+#: Sorted set claim member -> deadline of the claims in progress; the reaper restores the
+#: lapsed ones (their worker died mid-claim). TTL: result_ttl_s, refreshed on every claim.
+CLAIMS = f"{PREFIX}claims"
+
 #: Sorted set job id -> lease deadline of running jobs; the reaper re-sends jobs whose
 #: worker stopped renewing. Members are removed when the job ends.
 LEASES = f"{PREFIX}leases"

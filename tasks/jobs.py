@@ -32,6 +32,7 @@ def run_job(job_id: str) -> str | None:
         running=st.current,
         max_attempts=s.max_attempts,
         timeout_s=s.job_timeout_s,
+        owner=st.worker_id,
     )
     try:
         outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)

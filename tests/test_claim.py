@@ -1,6 +1,11 @@
 """Filling a batch (workers.claim) and the batched store calls it relies on, on a real
-Valkey/Redis: which ready jobs join, and what happens to the ones that don't."""
+Valkey/Redis: which ready jobs join, what happens to the ones that don't, and to the ones a
+worker killed mid-claim had taken off the list."""
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,12 +15,15 @@ import pytest
 import redis
 
 from core import keys
+from core.config import Settings
 from core.jobs import JobRecord, JobStore, Move
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
+from tests.conftest import ROOT, with_db
+from workers import lifecycle
 from workers.claim import claim_more, closest_by_length
 from workers.fake import EchoEngine
-from workers.runner import RunOptions, run_batch
+from workers.runner import RunOptions, drain, run_batch
 
 LANE = "inferq.test-claim"
 
@@ -86,6 +94,13 @@ def test_claim_takes_closest_lengths_and_puts_the_rest_back_in_order(r: redis.Re
     assert all(_record(store, c.job.id).status is JobStatus.RUNNING for c in claimed)
     # all 8 were looked at (3 free rows x 4 > 8); the others are back at the head, in order
     assert _ready(r) == [ids[0], ids[2], ids[4], ids[6], ids[7]]
+    _assert_no_claim(r, opts.owner)
+
+
+def _assert_no_claim(r: redis.Redis, owner: str) -> None:
+    """The claim ended: nothing is left for the reaper to put back."""
+    assert not r.exists(keys.claiming(owner, LANE))
+    assert r.zscore(keys.CLAIMS, keys.claim_member(owner, LANE)) is None
 
 
 def test_claim_with_window_one_is_arrival_order(r: redis.Redis) -> None:
@@ -134,6 +149,77 @@ def test_batch_finishes_every_job_and_skips_their_later_messages(r: redis.Redis)
     assert {_record(store, j).job.batch_size for j in ids} == {4}
     # each job's own message arrives later and finds it finished
     assert [o.skipped for o in run_batch(ids[2], store, EchoEngine("echo"), opts)] == [True]
+    _assert_no_claim(r, opts.owner)
+
+
+def test_drain_ends_its_claims_whatever_it_finds(r: redis.Redis) -> None:
+    """The drain claims the next ready id before it starts it: a job that runs alone
+    (seeded) and a lane holding only a finished job's stale id end the claim too."""
+    store = JobStore(r, ttl=100)
+    opts = RunOptions(max_batch_size=3, lanes=(LANE,), length_window=1, lease_s=30)
+    first = store.create(_req(), LANE, prompt_tokens=3)  # the message's job
+    mates = _enqueue(store, [3, 4])
+    seeded = store.create(_req().model_copy(update={"seed": 7}), LANE, prompt_tokens=3)
+    store.r.rpush(keys.ready(LANE), seeded)
+    stale = _enqueue(store, [3])
+    store.transition(stale[0], JobStatus.CANCELLED)
+    outcomes = drain(first, store, EchoEngine("echo"), opts, budget_s=5)
+    assert [o.status for o in outcomes] == [JobStatus.SUCCEEDED] * 4
+    assert all(store.status(j) is JobStatus.SUCCEEDED for j in [first, *mates, seeded])
+    assert _ready(r) == []
+    _assert_no_claim(r, opts.owner)
+
+
+_CLAIM_AND_HANG = """
+import sys, redis
+from core.jobs import JobStore
+from workers.claim import claim_more
+from workers.runner import RunOptions
+r = redis.Redis.from_url(sys.argv[1], decode_responses=True)
+store = JobStore(r, ttl=100)
+first = store.get(sys.argv[2])
+opts = RunOptions(max_batch_size=8, lanes=(sys.argv[3],), length_window=4, lease_s=0.5,
+                  collect_s=60, collect_max_s=60, owner="dead-host:1")
+# nothing fits: every id looked at is held while the batch waits for more (a long while)
+claim_more(store, first, opts, 1, lambda rec: False)
+"""
+
+
+def test_ids_a_killed_worker_had_claimed_go_back_to_the_head_of_their_lane(redis_url: str) -> None:
+    """kill -9 while a worker fills a batch: the ids it took off the ready list come back,
+    in order, once its claim lapses. Before, they were only in the dead process's memory,
+    and a queued job whose message the dead worker's parent held waited for the broker's
+    visibility timeout (20 minutes): the outage test hung about one run in four."""
+    url = with_db(redis_url, 10)  # apart from the test stacks' workers, whose reapers would race ours
+    r = redis.Redis.from_url(url, decode_responses=True)
+    r.flushdb()
+    store = JobStore(r, ttl=100)
+    first = store.create(_req(), LANE, prompt_tokens=5)
+    ids = _enqueue(store, [5, 6, 7])
+    child = subprocess.Popen([sys.executable, "-c", _CLAIM_AND_HANG, url, first, LANE], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while r.llen(keys.claiming("dead-host:1", LANE)) < 3:
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert _ready(r) == []  # taken off the lane, waiting in the claim
+        assert 0 < r.ttl(keys.claiming("dead-host:1", LANE)) <= 100 and 0 < r.ttl(keys.CLAIMS) <= 100
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        child.kill()
+    state = lifecycle.WorkerState(Settings(redis_url=url), EchoEngine("echo"))
+    assert store.restore_claims() == 0  # the claim has not lapsed yet: it may be alive
+    time.sleep(0.6)
+    state.reap()
+    assert _ready(r) == ids  # back at the head, in their order
+    assert r.zcard(keys.CLAIMS) == 0 and not r.exists(keys.claiming("dead-host:1", LANE))
+    assert [
+        o.status
+        for o in run_batch(
+            ids[0], store, EchoEngine("echo"), RunOptions(max_batch_size=4, lanes=(LANE,), lease_s=30)
+        )
+    ] == [JobStatus.SUCCEEDED] * 3
 
 
 def test_collect_waits_once_for_a_lone_job_and_longer_for_a_burst(r: redis.Redis) -> None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from core import keys
 from core.jobs import JobRecord, JobStore, Move
 from schemas.jobs import JobStatus
 
@@ -46,7 +45,7 @@ def claim_more(
     compatible: Callable[[JobRecord], bool],
 ) -> list[JobRecord]:
     """Pull queued jobs that can share `first`'s generate call (`compatible`), up to
-    `max_batch_size` rows.
+    `max_batch_size` rows, and end this worker's claim (`JobStore.end_claim`).
 
     Their own Celery messages stay in the queue: when they arrive later, the job is already
     finished and the message is skipped, so each job still has its own task in Flower."""
@@ -71,9 +70,7 @@ def claim_more(
                 break
             time.sleep(wait)
     finally:
-        for lane, ids in held.items():
-            if ids:
-                store.r.lpush(keys.ready(lane), *reversed(ids))
+        store.end_claim(opts.owner, opts.lanes, held)
     return claimed
 
 
@@ -92,7 +89,7 @@ def _claim_lane(
     free = opts.max_batch_size - rows
     if free <= 0:
         return 0
-    ids = cast(list[str] | None, store.r.lpop(keys.ready(lane), free * opts.length_window)) or []
+    ids = store.pop_window([lane], free * opts.length_window, opts.owner, opts.lease_s)
     now = time.time()
     fits: list[JobRecord] = []
     keep: list[str] = []

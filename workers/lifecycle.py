@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ class WorkerState:
             settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
         )
         self.store = JobStore(self.redis, settings.result_ttl_s)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = runner.process_owner()
         self.started_at = time.time()
         self.jobs_done = 0
         #: the jobs whose generation is running now (the watchdog fails them if it hangs)
@@ -119,7 +118,12 @@ class WorkerState:
 
     def reap(self) -> int:
         """Send again the running jobs whose worker stopped renewing their lease (it died).
-        Their old message, if it is ever redelivered, finds the job finished and is skipped."""
+        Their old message, if it is ever redelivered, finds the job finished and is skipped.
+        First, put back the ready ids a dead worker had taken off a lane to fill a batch: for
+        a queued job whose message that worker's parent held, they are the only way to it
+        before the broker's visibility timeout."""
+        if restored := self.store.restore_claims():
+            logger.warning("put back %d ready job ids claimed by a worker that died", restored)
         sent = 0
         for job_id in self.store.expired_leases():
             record = self.store.get(job_id)

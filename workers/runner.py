@@ -8,8 +8,10 @@ message therefore can never produce a second result.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from core import batch_lines, keys
@@ -99,6 +101,11 @@ def fail(store: JobStore, job_id: str, error: JobError) -> None:
         )
 
 
+def process_owner() -> str:
+    """This process's id in Redis (heartbeats, claims): host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class RunOptions:
     default_max_tokens: int = 512
@@ -124,6 +131,8 @@ class RunOptions:
     max_attempts: int = 3
     #: generation time limit when the record has none
     timeout_s: float = 600.0
+    #: whose claim the ready ids this process takes off the lanes are kept in (workers.claim)
+    owner: str = field(default_factory=process_owner)
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
@@ -163,23 +172,38 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     return record if started.ok else None
 
 
-def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
-    """Run the job of this message together with compatible queued jobs, in one `generate`.
-    Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
-    rows within a step; each job ends on its own (one failing request fails alone)."""
-    first = _start(store, job_id, opts)
-    if first is None:
-        return [RunOutcome(None, skipped=True)]
-    records = [first]
-    params = gen_params(first.request, opts.default_max_tokens)
-    # A job that was already tried (its worker died) runs alone: it may be what killed it.
-    # A seeded one too: its text must not depend on its batch-mates.
-    if not first.job.attempts and params.seed is None:
+def _fill(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
+    """This message's job (none if it is not to run) and the queued jobs that can share its
+    `generate` call. Ends this process's claim on the lanes in every case: `drain` may have
+    claimed the job's id."""
+    ended = False
+    try:
+        first = _start(store, job_id, opts)
+        if first is None:
+            return []
+        params = gen_params(first.request, opts.default_max_tokens)
+        # A job that was already tried (its worker died) runs alone: it may be what killed it.
+        # A seeded one too: its text must not depend on its batch-mates.
+        if first.job.attempts or params.seed is not None:
+            return [first]
 
         def compatible(rec: JobRecord) -> bool:
             return gen_params(rec.request, opts.default_max_tokens) == params
 
-        records += claim_more(store, first, opts, first.request.n, compatible)
+        ended = True  # claim_more ends the claim, however it returns
+        return [first, *claim_more(store, first, opts, first.request.n, compatible)]
+    finally:
+        if not ended:
+            store.end_claim(opts.owner, opts.lanes)
+
+
+def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
+    """Run the job of this message together with compatible queued jobs, in one `generate`.
+    Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
+    rows within a step; each job ends on its own (one failing request fails alone)."""
+    records = _fill(store, job_id, opts)
+    if not records:
+        return [RunOutcome(None, skipped=True)]
     if opts.running is not None:
         opts.running[:] = [rec.job.id for rec in records]
     requests: list[GenRequest] = []
@@ -222,9 +246,12 @@ def drain(
 
 
 def _next_ready(store: JobStore, opts: RunOptions) -> str | None:
-    while job_id := store.pop_ready(opts.lanes):
+    """The next queued job off the lanes, kept in this process's claim until `run_batch`
+    has started it (a worker killed in between loses nothing: the reaper puts it back)."""
+    while job_id := store.pop_ready(opts.lanes, opts.owner, opts.lease_s):
         if store.status(job_id) is JobStatus.QUEUED:
             return job_id
+    store.end_claim(opts.owner, opts.lanes)
     return None
 
 
