@@ -75,4 +75,6 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     text = (tmp_path / "run.log").read_text(errors="replace")
     assert code == 0, text[-3000:]
     assert "DEMO" in text and "gibberish" in text.lower()
+    # the worker child's own lines reach the log (ms-swift's import used to mute them)
+    assert "SERVING THE DEMO MODEL" in text and "worker child" in text, text[-3000:]
     assert _procs_with(f"INFERQ_HOME={home}") == []

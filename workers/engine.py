@@ -8,7 +8,8 @@ fake engine that behaves the same from the outside.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -167,14 +168,29 @@ def run_split(
         return run_split(run, idxs[:half], on_retry) + run_split(run, idxs[half:], on_retry)
 
 
+@contextmanager
+def _root_log_levels_kept() -> Iterator[None]:
+    """ms-swift, on import, sets every plain StreamHandler of the root logger to ERROR (to
+    quiet PyTorch DDP ranks). In a worker child that is Celery's handler: every INFO and
+    WARNING line of the child, Celery's and ours (the reaper, the watchdog, the demo-model
+    warning), was dropped. The levels are put back once ms-swift is loaded."""
+    levels = [(h, h.level) for h in logging.getLogger().handlers]
+    try:
+        yield
+    finally:
+        for handler, level in levels:
+            handler.setLevel(level)
+
+
 def load_engine(settings: Settings) -> Engine:
     if settings.engine == "echo":
         from workers.fake import EchoEngine
 
         return EchoEngine(settings.model_id, oom_above=settings.echo_oom_above)
-    from workers.swift_backend import SwiftEngine
+    with _root_log_levels_kept():
+        from workers.swift_backend import SwiftEngine
 
-    return SwiftEngine(resolve_model(settings), settings)
+        return SwiftEngine(resolve_model(settings), settings)
 
 
 def load_prompt_counter(settings: Settings) -> PromptCounter:
@@ -182,6 +198,7 @@ def load_prompt_counter(settings: Settings) -> PromptCounter:
         from workers.fake import EchoEngine
 
         return EchoEngine(settings.model_id)
-    from workers.swift_backend import SwiftPromptCounter
+    with _root_log_levels_kept():
+        from workers.swift_backend import SwiftPromptCounter
 
-    return SwiftPromptCounter(resolve_model(settings), settings)
+        return SwiftPromptCounter(resolve_model(settings), settings)
