@@ -52,6 +52,7 @@ def test_flush_writes_one_token_event_per_job_in_one_command(r: redis.Redis) -> 
     sink.on_delta(0, "lo")
     sink.on_delta(2, "x")
     sink.flush()  # ... and go out together
+    sink.drain()  # written by the writer thread by now
 
     def events(job: str) -> list[dict[str, str]]:
         return [dict(fields) for _, fields in cast(list[Any], r.xrange(keys.job_events(job)))][1:]
@@ -64,7 +65,35 @@ def test_flush_writes_one_token_event_per_job_in_one_command(r: redis.Redis) -> 
     assert not r.exists(keys.job_events(jobs[2]))  # not re-created without a TTL
     assert 0 < r.ttl(keys.job_events(jobs[0])) <= 100
     sink.flush()  # nothing pending: nothing written
+    sink.drain()
     assert len(events(jobs[0])) == 2
+    sink.stop()
+
+
+def test_writer_keeps_order_and_a_reset_follows_the_tokens_it_voids(r: redis.Redis) -> None:
+    job = f"unit-{uuid.uuid4().hex}"
+    r.xadd(keys.job_events(job), {"type": "status"})
+    r.expire(keys.job_events(job), 100)
+    sink = StreamSink(r, [Target(job, 0)], flush_interval_s=0)  # every delta flushes
+    for k in range(50):
+        sink.on_delta(0, f"{k},")
+    sink.on_reset(0)  # no drain before: on_reset waits for the tokens itself
+    fields = [dict(f) for _, f in cast(list[Any], r.xrange(keys.job_events(job)))][1:]
+    assert "".join(f["text"] for f in fields[:-1]) == "".join(f"{k}," for k in range(50))
+    assert fields[-1]["type"] == "reset"
+    sink.stop()
+
+
+def test_a_failed_write_is_raised_in_the_generating_thread_once() -> None:
+    from core.processes import free_port
+
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    sink = StreamSink(dead, [Target("x", 0)], flush_interval_s=0)
+    sink.on_delta(0, "a")  # handed to the writer: no error here
+    with pytest.raises(redis.ConnectionError):
+        sink.drain()
+    sink.drain()  # raised once, not again
+    sink.stop()
 
 
 @pytest.fixture(scope="module")

@@ -221,9 +221,12 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     sink.deadlines = {rec.job.id: started + (rec.timeout_s or opts.timeout_s) for rec in records}
     try:
         outs = engine.generate(requests, sink)
+        sink.drain()  # every token event is written before the jobs' final events
     except Exception as exc:  # the engine broke as a whole: every job of the call fails
         logger.exception("generate failed for %d jobs", len(records))
         outs = [exc] * len(requests)
+    finally:
+        sink.stop()
     _count_batch(store, len(requests))
     return _finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
 

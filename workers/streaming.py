@@ -8,10 +8,12 @@ instead of waiting for the next one.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -87,7 +89,13 @@ return #KEYS
 
 @dataclass
 class StreamSink:
-    """Receives deltas from the engine (one thread) and writes them to job streams."""
+    """Receives deltas from the engine (one thread) and writes them to job streams.
+
+    Token events are written by a background thread, in order: on a GPU a flush comes every
+    generation step, and the generating thread would otherwise wait for each Redis round
+    trip while the GPU idles. A write that fails is raised in the generating thread at its
+    next flush (or at `drain`), as a direct write would have been; `drain` before anything
+    that must follow the tokens (a reset, the jobs' final events)."""
 
     client: redis.Redis
     targets: list[Target]
@@ -102,10 +110,15 @@ class StreamSink:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: job id -> time.time() after which its rows stop (its time limit)
     deadlines: dict[str, float] = field(default_factory=dict)
+    #: False: write in the calling thread (no background writer)
+    background: bool = True
 
     def __post_init__(self) -> None:
         self._streams = [keys.job_events(t.job_id) for t in self.targets]
         self._xadd_tokens = self.client.register_script(_XADD_TOKENS_LUA)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._error: Exception | None = None
 
     def on_delta(self, i: int, text: str) -> None:
         if not text or not self.targets[i].publish:
@@ -119,6 +132,7 @@ class StreamSink:
     def on_reset(self, i: int) -> None:
         """The request is being run again (its batch failed): clients drop its partial text."""
         self._pending.pop(i, None)
+        self.drain()  # the reset must follow the tokens it voids
         if not self.targets[i].publish:
             return
         t = self.targets[i]
@@ -136,7 +150,44 @@ class StreamSink:
             args += [t.index, "".join(parts), t.attempt]
         self._pending.clear()
         self._pending_chars = 0
-        self._xadd_tokens(keys=streams, args=args)
+        self._raise_failed_write()
+        if not self.background:
+            self._xadd_tokens(keys=streams, args=args)
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="inferq-token-writer", daemon=True)
+            self._writer.start()
+        self._queue.put((streams, args))
+
+    def drain(self) -> None:
+        """Return once every token event handed over so far is written (or raise its error)."""
+        if self._writer is not None:
+            written = threading.Event()
+            self._queue.put(written)
+            written.wait()
+        self._raise_failed_write()
+
+    def stop(self) -> None:
+        """End the writer thread (after what it holds); call once the call is over."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            elif self._error is None:  # after a failure, drop writes until it is raised
+                try:
+                    self._xadd_tokens(keys=item[0], args=item[1])
+                except Exception as exc:  # raised in the generating thread, see the class doc
+                    self._error = exc
+
+    def _raise_failed_write(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
     def _xadd_many(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         pipe = self.client.pipeline(transaction=False)
