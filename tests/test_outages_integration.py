@@ -108,9 +108,15 @@ def test_worker_killed_with_200_jobs_in_flight(own: Own) -> None:
     while _statuses(own.base, ids[:40]).count("succeeded") < 10:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    r = redis.Redis(port=own.port, decode_responses=True)
+    deadline = time.monotonic() + 60
+    while not r.zcard(keys.LEASES):  # kill while a batch runs, not between two
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     worker = next(p for n, p in own.sup.procs if n == "worker")
     os.killpg(worker.pid, signal.SIGKILL)  # main process and pool child at once
     worker.wait()
+    in_flight = set(r.zrange(keys.LEASES, 0, -1))  # running when it died: nobody ends them now
     own.start_worker("worker2")
     jobs = _wait_all(own.base, ids, timeout=300)
     assert [j["status"] for j in jobs].count("succeeded") == 200
@@ -119,7 +125,9 @@ def test_worker_killed_with_200_jobs_in_flight(own: Own) -> None:
             with c.stream("GET", f"/v1/jobs/{j['id']}/events") as resp:
                 done_events = sum(1 for line in resp.iter_lines() if line == "event: done")
             assert done_events == 1  # one result per job, however often it was started
-    assert any(j["attempts"] >= 2 for j in jobs)  # some were in flight when the worker died
+    # the jobs in flight when the worker died were run again (a batch's end can slip in
+    # between the lease check and the kill; then there were none)
+    assert all(j["attempts"] >= 2 for j in jobs if j["id"] in in_flight)
 
 
 def test_redis_down_then_back(own: Own) -> None:
