@@ -2,11 +2,9 @@
 # The GPU half of docs/benchmarks.md, as run on a lent GPU machine with no package index:
 # inferq's dependencies travel as cp312 wheels in .whl/ (see docs/benchmarks.md), the
 # machine's own torch/transformers are used. Results land in bench/results/ and in $OUT.
-# Make .whl/ (ignored by git) on a machine with an index: for each package of inferq's
-# install that the GPU image lacks (ms-swift and its needs, celery, kombu, fastapi, ...):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION
-# (sdist-only ones: `pip wheel --no-deps` with a Python 3.12). Usage:
+# Make .whl/ (ignored by git) on a machine with an index, from the project's .venv:
+#   .venv/bin/python -m bench.gpu_wheels     (66 wheels, 38 MB, about two minutes)
+# Then carry it: run(command="bash bench/gpu-run.sh ...", carry=[".whl"]). Usage:
 #   bash bench/gpu-run.sh NAME:SIZE:N:MAX_TOKENS:BATCH ...   e.g. efficiency-gpu:0.5b:512:64:32
 # A NAME starting with "timeline" runs the per-batch timeline diagnostic instead, e.g.
 #   INFERQ_WARMUP_BATCH_SIZES=1 bash bench/gpu-run.sh timeline-gpu-nosweep:0.5b:256:64:32
