@@ -2,7 +2,8 @@
 side by side in one run on this machine. Results go to bench/results/*.json; `report`
 renders docs/benchmarks.md and its plot from them.
 
-    inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling | report
+    inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling
+                 | mixed | report
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import redis
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
 from bench.efficiency import efficiency, interference, ordering, queue_tps
+from bench.mixed import mixed
 from bench.stepcost import stepcost
 from bench.timeline import timeline
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
@@ -241,6 +243,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "ingest": ingest,
     "latency": latency,
     "scaling": scaling,
+    "mixed": mixed,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline, "stepcost": stepcost}

@@ -24,11 +24,14 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class GenParams:
-    """Generation settings; requests with equal params can share one `generate` call."""
+    """One request's generation settings. Requests with any settings share a `generate`
+    call: each row is limited, stopped and sampled with its own (workers.rows)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    #: None: the model's default (its generation_config); 0: no top-k cut
+    top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     presence_penalty: float = 0.0

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from core import batch_lines, keys
@@ -36,6 +36,7 @@ def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenPa
         max_tokens=request.token_limit or default_max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=None if request.top_k is None else max(request.top_k, 0),
         stop=tuple(request.stop_list),
         seed=request.seed,
         presence_penalty=request.presence_penalty,
@@ -45,10 +46,20 @@ def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenPa
 
 def gen_requests(job_id: str, request: ChatCompletionRequest, default_max_tokens: int) -> list[GenRequest]:
     """`n` choices become `n` sibling requests: ms-swift's own `n` breaks its streaming path,
-    and siblings batch together anyway."""
+    and siblings batch together anyway. With a `seed`, sibling i samples from its own seed
+    derived from it (the same choices for the same seed, but not n copies of one)."""
     messages = [m.for_engine() for m in request.messages]
     params = gen_params(request, default_max_tokens)
-    return [GenRequest(messages=messages, params=params, tag=f"{job_id}#{i}") for i in range(request.n)]
+    return [
+        GenRequest(messages=messages, params=_sibling(params, i), tag=f"{job_id}#{i}")
+        for i in range(request.n)
+    ]
+
+
+def _sibling(params: GenParams, i: int) -> GenParams:
+    if params.seed is None or i == 0:
+        return params
+    return replace(params, seed=(params.seed + i * 0x9E3779B97F4A7C15) % 2**63)
 
 
 def build_completion(job_id: str, model: str, results: list[GenResult]) -> ChatCompletion:
@@ -181,14 +192,13 @@ def _fill(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
         first = _start(store, job_id, opts)
         if first is None:
             return []
-        params = gen_params(first.request, opts.default_max_tokens)
         # A job that was already tried (its worker died) runs alone: it may be what killed it.
-        # A seeded one too: its text must not depend on its batch-mates.
-        if first.job.attempts or params.seed is not None:
+        # Any other settings share the call: the engine applies each row's own (workers.rows).
+        if first.job.attempts:
             return [first]
 
         def compatible(rec: JobRecord) -> bool:
-            return gen_params(rec.request, opts.default_max_tokens) == params
+            return not rec.job.attempts
 
         ended = True  # claim_more ends the claim, however it returns
         return [first, *claim_more(store, first, opts, first.request.n, compatible)]

@@ -4,12 +4,14 @@ Only the worker child (and the API's prompt counter) import this module, never t
 Celery parent: importing torch before fork breaks CUDA in the children.
 
 What we add around ms-swift 4.6, and why:
+- one `generate` call takes one config, so requests with different settings would each
+  need their own call; instead every call is greedy with the largest row's token limit,
+  and each row gets its own limit, stop sequences, sampling settings, penalties and seed
+  back through per-row hooks (workers.rows);
 - `seed`, `presence_penalty` and `frequency_penalty` are silently ignored by the engine;
-  we honour them ourselves (torch seed per call; an OpenAI-style additive penalty as a
-  logits processor) instead of dropping them.
-- requests are grouped by generation settings, since one `generate` call takes one config;
-- OpenAI leaves the stop sequence out of the text; the engine keeps it, so we cut it.
-- a failing batch is retried request by request, so one bad request fails alone.
+  we honour them there too (a generator per seeded row, an OpenAI-style additive penalty);
+- OpenAI leaves the stop sequence out of the text; the engine keeps it, so we cut it;
+- a failing batch is retried in halves, so one bad request fails alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -39,32 +40,10 @@ from workers.engine import (
     run_split,
     truncate_at_stop,
 )
+from workers.rows import RowLimits, RowPenalties, RowSampler
 from workers.streaming import StopFilter
 
 logger = logging.getLogger(__name__)
-
-
-class PenaltyProcessor(LogitsProcessor):
-    """OpenAI's presence/frequency penalties: logits -= presence*[seen] + frequency*count,
-    counted over generated tokens only (the prompt is left padded, so generated tokens
-    are the columns past the first call's width)."""
-
-    def __init__(self, presence: float, frequency: float) -> None:
-        self.presence = presence
-        self.frequency = frequency
-        self.prompt_width: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_width is None:
-            self.prompt_width = input_ids.shape[1]
-        generated = input_ids[:, self.prompt_width :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype)
-        )
-        penalised = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-        return cast(torch.FloatTensor, penalised)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -135,7 +114,12 @@ class DeltaStreamer(BaseStreamer):
     """
 
     def __init__(
-        self, template: Any, sink: TokenSink, stops: Sequence[str], rows: int, interval_s: float = 0.02
+        self,
+        template: Any,
+        sink: TokenSink,
+        stops: Sequence[Sequence[str]],
+        rows: int,
+        interval_s: float = 0.02,
     ) -> None:
         self.template = template
         self.tokenizer = template.tokenizer
@@ -156,7 +140,8 @@ class DeltaStreamer(BaseStreamer):
         # incremental detokenization (as vLLM does): decode a short window, not the whole text
         self.prefix_offset = [0] * rows
         self.read_offset = [0] * rows
-        self.filters = [StopFilter(stops) for _ in range(rows)]
+        #: stops[row]: that row's stop sequences (an empty list: none for any row)
+        self.filters = [StopFilter(stops[row] if row < len(stops) else ()) for row in range(rows)]
         self._prompt_seen = False
         self._last_decode: float | None = None
 
@@ -254,6 +239,8 @@ class SwiftEngine:
         self._procs: list[LogitsProcessor] = []
         self._stoppers: list[StoppingCriteria] = []
         self._streamer: DeltaStreamer | None = None
+        # a row that sets no top_k gets the model's (as ms-swift's own config would)
+        self._default_top_k = int(getattr(self.engine.generation_config, "top_k", None) or 0)
         self._progress: float | None = None
         self._lock = threading.Lock()
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
@@ -288,90 +275,77 @@ class SwiftEngine:
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None
     ) -> list[GenResult | Exception]:
-        results: list[GenResult | Exception | None] = [None] * len(requests)
-        groups: dict[GenParams, list[int]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            groups[req.params].append(i)
+        results: list[GenResult | Exception] = []
         with self._lock:
             self._progress = time.monotonic()
             try:
-                self._generate_groups(requests, groups, results, sink)
+                for start in range(0, len(requests), self.max_batch_size):
+                    chunk = list(range(start, min(start + self.max_batch_size, len(requests))))
+                    results += self._run_isolated(requests, chunk, sink)
             finally:
                 self._progress = None
-        return [r if r is not None else RuntimeError("no result") for r in results]
-
-    def _generate_groups(
-        self,
-        requests: Sequence[GenRequest],
-        groups: dict[GenParams, list[int]],
-        results: list[GenResult | Exception | None],
-        sink: TokenSink | None,
-    ) -> None:
-        for params, idxs in groups.items():
-            for start in range(0, len(idxs), self.max_batch_size):
-                chunk = idxs[start : start + self.max_batch_size]
-                outs = self._run_isolated(requests, chunk, params, sink)
-                for i, out in zip(chunk, outs, strict=True):
-                    results[i] = out
+        return results
 
     def _run_isolated(
-        self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
+        self, requests: Sequence[GenRequest], idxs: list[int], sink: TokenSink | None
     ) -> list[GenResult | Exception]:
         return run_split(
-            lambda part: self._run(requests, part, params, sink),
+            lambda part: self._run(requests, part, sink),
             idxs,
             sink.on_reset if sink is not None else None,
         )
 
     def _run(
-        self, requests: Sequence[GenRequest], idxs: list[int], params: GenParams, sink: TokenSink | None
+        self, requests: Sequence[GenRequest], idxs: list[int], sink: TokenSink | None
     ) -> list[GenResult | Exception]:
-        config = RequestConfig(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=list(params.stop),
-        )
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        params = [requests[i].params for i in idxs]
+        # greedy for the call as a whole: RowSampler samples the rows that ask for it
+        config = RequestConfig(max_tokens=max(p.max_tokens for p in params), temperature=0)
         self._procs = []
-        if params.presence_penalty or params.frequency_penalty:
-            self._procs = [PenaltyProcessor(params.presence_penalty, params.frequency_penalty)]
-        self._stoppers = [RowStopper(_SubSink(sink, idxs))] if sink is not None else []
-        infer_requests = [InferRequest(messages=requests[i].messages) for i in idxs]
-        try:
-            if sink is None or not any(sink.wants_tokens(i) for i in idxs):
-                # nobody watches these rows (batch lines): no step-by-step detokenizing
-                outs = self.engine.infer(infer_requests, config, use_tqdm=False)
-                return [self._to_result(out, params) for out in outs]
-            return self._stream(infer_requests, config, params, _SubSink(sink, idxs))
-        finally:
-            self._procs, self._stoppers = [], []
-
-    def _stream(
-        self, infer_requests: list[InferRequest], config: RequestConfig, params: GenParams, sink: TokenSink
-    ) -> list[GenResult | Exception]:
-        streamer = DeltaStreamer(self.engine.template, sink, params.stop, len(infer_requests))
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            self._procs.append(RowPenalties(params))
+        sampler = RowSampler(params, self._default_top_k)
+        if sampler.active:
+            self._procs.append(sampler)
+        limits = RowLimits(params, self._decode_tails)
+        self._stoppers = [limits]
+        if sink is not None:
+            self._stoppers.append(RowStopper(_SubSink(sink, idxs)))
+        # nobody watches the rows (batch lines): no step-by-step detokenizing
+        streamer: DeltaStreamer | None = None
+        if sink is not None and any(sink.wants_tokens(i) for i in idxs):
+            stops = [p.stop for p in params]
+            streamer = DeltaStreamer(self.engine.template, _SubSink(sink, idxs), stops, len(idxs))
         self._streamer = streamer
+        infer_requests = [InferRequest(messages=requests[i].messages) for i in idxs]
         try:
             outs = self.engine.infer(infer_requests, config, use_tqdm=False)
         finally:
-            self._streamer = None
-        results = [self._to_result(out, params) for out in outs]
-        for row, res in enumerate(results):
-            if isinstance(res, GenResult):
-                streamer.settle(row, res.text)
-        sink.flush()
+            self._procs, self._stoppers, self._streamer = [], [], None
+        results = [
+            self._to_result(out, p, row in limits.stopped)
+            for row, (out, p) in enumerate(zip(outs, params, strict=True))
+        ]
+        if streamer is not None:
+            for row, res in enumerate(results):
+                if isinstance(res, GenResult):
+                    streamer.settle(row, res.text)
+            streamer.sink.flush()
         return results
 
+    def _decode_tails(self, tails: list[list[int]]) -> list[str]:
+        return [str(t) for t in self.engine.tokenizer.batch_decode(tails, skip_special_tokens=False)]
+
     @staticmethod
-    def _to_result(out: Any, params: GenParams) -> GenResult | Exception:
+    def _to_result(out: Any, params: GenParams, stop_seen: bool) -> GenResult | Exception:
+        """Finish reason by the row's own settings: the call's limit is the largest row's."""
         if isinstance(out, Exception):
             return out
         choice = out.choices[0]
-        text, stopped = truncate_at_stop(choice.message.content or "", params.stop)
-        finish: FinishReason = "stop" if stopped or choice.finish_reason == "stop" else "length"
-        return GenResult(text, finish, out.usage.prompt_tokens, out.usage.completion_tokens)
+        text, cut = truncate_at_stop(choice.message.content or "", params.stop)
+        tokens = out.usage.completion_tokens
+        finish: FinishReason = "length" if tokens >= params.max_tokens and not (cut or stop_seen) else "stop"
+        return GenResult(text, finish, out.usage.prompt_tokens, tokens)
 
 
 class _SubSink:

@@ -1,0 +1,111 @@
+"""Requests with different settings share engine calls on a real worker (real ms-swift,
+tiny model): a mixed backlog runs in batches > 1, each greedy job's text equals the same
+request run alone, each job keeps its own `max_tokens` and `stop`, a seeded job its text,
+and a bad request still fails alone."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
+
+pytestmark = pytest.mark.integration
+
+
+def _block_worker(stack: Stack) -> str:
+    """A long job keeps the worker busy so that what follows piles up as a backlog."""
+    job = stack.submit("hold the worker", max_tokens=600, temperature=0.9)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return job
+
+
+def _content(job: dict[str, Any]) -> str:
+    return str(job["result"]["choices"][0]["message"]["content"])
+
+
+def test_a_mixed_settings_backlog_shares_engine_calls_and_keeps_each_jobs_settings(stack: Stack) -> None:
+    greedy = [(f"greedy {i} " + "w " * (3 * i), 20 + 7 * i) for i in range(3)]
+    alone = [stack.wait_job(stack.submit(p, max_tokens=mt, temperature=0)) for p, mt in greedy]
+    # a stop sequence that the first greedy text is known to contain, early in it (plain
+    # characters: the gibberish model also says bytes that are no text on their own)
+    text0 = _content(alone[0])
+    at = next(
+        i for i in range(2, len(text0)) if text0[i : i + 2].isascii() and text0[i : i + 2].isprintable()
+    )
+    stop = text0[at : at + 2]
+    cut = text0[: text0.find(stop)]
+    seeded = {"max_tokens": 24, "temperature": 1.0, "seed": 7, "top_p": 0.95}
+    seeded_alone = stack.wait_job(stack.submit("seeded", **seeded))
+    assert all(j["batch_size"] == 1 for j in [*alone, seeded_alone])
+
+    _block_worker(stack)
+    mixed: list[tuple[str, dict[str, Any]]] = [
+        (greedy[0][0], {"max_tokens": greedy[0][1], "temperature": 0, "stop": [stop]}),
+        ("sampled a", {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9}),
+        (greedy[1][0], {"max_tokens": greedy[1][1], "temperature": 0}),
+        ("sampled b", {"max_tokens": 40, "temperature": 1.2, "top_k": 5, "presence_penalty": 1.0}),
+        ("seeded", seeded),
+        (greedy[2][0], {"max_tokens": greedy[2][1], "temperature": 0}),
+        ("sampled c", {"max_tokens": 13, "temperature": 1.0, "frequency_penalty": 0.5, "n": 2}),
+    ]
+    ids = [stack.submit(p, **kw) for p, kw in mixed]
+    done = [stack.wait_job(j) for j in ids]
+    assert all(j["status"] == "succeeded" for j in done), done
+    assert all(j["batch_size"] > 1 for j in done), [j["batch_size"] for j in done]
+
+    # greedy rows: the text they give alone, whatever their batch-mates ask
+    assert _content(done[0]) == cut and done[0]["result"]["choices"][0]["finish_reason"] == "stop"
+    assert done[0]["result"]["usage"]["completion_tokens"] < greedy[0][1]
+    for k, a in ((2, alone[1]), (5, alone[2])):
+        assert _content(done[k]) == _content(a)
+        assert done[k]["result"]["usage"] == a["result"]["usage"]
+    # every row stops at its own limit (the demo model never says EOS)
+    for job, (_p, kw) in zip(done, mixed, strict=True):
+        if "stop" not in kw:
+            n = kw.get("n", 1)
+            assert job["result"]["usage"]["completion_tokens"] == kw["max_tokens"] * n
+            assert all(c["finish_reason"] == "length" for c in job["result"]["choices"])
+    # a seeded job: the same text in a mixed batch as alone
+    assert _content(done[4]) == _content(seeded_alone)
+    # n siblings of a seeded or unseeded job are not copies of each other
+    assert len({c["message"]["content"] for c in done[6]["result"]["choices"]}) == 2
+
+
+def test_a_bad_setting_is_refused_by_name_and_its_batch_mates_run(stack: Stack) -> None:
+    resp = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_k": -5},
+        timeout=30,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_k", resp.text
+
+
+def test_a_poisoned_request_in_a_mixed_batch_fails_alone(echo_stack: Stack) -> None:
+    blocker = echo_stack.submit(SLOW_TRIGGER)  # keeps the worker busy while the others queue up
+    time.sleep(0.2)
+    settings: list[dict[str, Any]] = [
+        {"max_tokens": 3, "temperature": 0},
+        {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9},
+        {"max_tokens": 5, "temperature": 1.0},
+        {"max_tokens": 2, "stop": ["zz"]},
+        {"max_tokens": 7, "seed": 3},
+    ]
+    jobs = [
+        echo_stack.submit(FAIL_TRIGGER if i == 2 else f"ok {i} a b c d e f g h i j", **kw)
+        for i, kw in enumerate(settings)
+    ]
+    results = [echo_stack.wait_job(j) for j in jobs]
+    echo_stack.wait_job(blocker)
+    assert [r["status"] for r in results] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
+    assert all(r["batch_size"] == 5 for r in results)  # one engine call for all five
+    for r, kw in zip(results, settings, strict=True):
+        if r["status"] == "succeeded":
+            assert r["result"]["usage"]["completion_tokens"] == kw["max_tokens"]

@@ -1,0 +1,210 @@
+"""Per-row generation settings inside one HF `generate` call.
+
+Why: one `generate` takes one `GenerationConfig`, so a worker used to batch only requests
+with identical settings, and real traffic (every client its own `max_tokens`,
+`temperature`, `stop`) ran at batch size ~1. Here the call itself is greedy with the
+largest row's token limit, and each row gets its own settings back from three hooks that
+HF applies per step:
+
+- `RowSampler` (a logits processor, last in the chain) samples each non-greedy row with its
+  own temperature / top-k / top-p and hands HF a one-hot row, so HF's argmax takes exactly
+  that token. Greedy rows are left untouched: their tokens are what the same request gives
+  alone. A row's randomness is a hash of its seed and token position (`gumbel_noise`), so a
+  seeded row's text depends on its seed and not on its batch-mates.
+- `RowPenalties`: OpenAI's presence / frequency penalties, per row (ms-swift ignores both).
+- `RowLimits` (a stopping criterion): a row stops at its own `max_tokens`, or once its text
+  holds one of its own stop sequences.
+
+Only the worker child imports this module (torch).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from workers.engine import GenParams
+
+
+class RowPenalties(LogitsProcessor):
+    """logits -= presence*[seen] + frequency*count, per row, counted over generated tokens
+    only (prompts are left padded, so generated tokens are the columns past the first
+    call's width)."""
+
+    def __init__(self, params: Sequence[GenParams]) -> None:
+        self.presence = [p.presence_penalty for p in params]
+        self.frequency = [p.frequency_penalty for p in params]
+        self.prompt_width: int | None = None
+        self._t: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.shape[1]
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        if self._t is None:
+            dev, dt = scores.device, scores.dtype
+            self._t = (
+                torch.tensor(self.presence, device=dev, dtype=dt)[:, None],
+                torch.tensor(self.frequency, device=dev, dtype=dt)[:, None],
+            )
+        presence, frequency = self._t
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
+        penalised = scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+        return cast(torch.FloatTensor, penalised)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise for (row seed, token position, vocabulary index), from a counter-based
+    hash (splitmix64's finaliser) instead of a stateful generator.
+
+    Why: argmax(logits / T + noise) is an exact sample of softmax(logits / T), and the noise
+    of a row depends only on its seed and position, so a seeded row gives the same text
+    whatever rows share its forward pass, in a static batch or a continuous one, with no
+    per-row generator and no host round trip per step."""
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.long)[None, :]
+    x = seeds[:, None] * _GOLDEN + steps[:, None] * _MIX1 + idx * _MIX2
+    x = x ^ _shr(x, 30)
+    x = x * _MIX1
+    x = x ^ _shr(x, 27)
+    x = x * _MIX2
+    x = x ^ _shr(x, 31)
+    u = (_shr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(u))
+
+
+def sample(
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    truncate: bool = True,
+) -> torch.Tensor:
+    """One token per row: argmax where temperature is 0, else a sample of the row's own
+    temperature / top-k / top-p distribution (columns [B] each; top_k >= vocab: off)."""
+    greedy = scores.argmax(-1)
+    logits = scores.float() / temperature.clamp(min=1e-6)[:, None]
+    if truncate:
+        # the cut is found in sorted order and applied in vocabulary order
+        ranked, order = logits.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(scores.shape[1], device=scores.device)[None, :]
+        cut = ranks >= top_k[:, None]
+        probs = ranked.masked_fill(cut, float("-inf")).softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cut |= ((probs.cumsum(-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0)
+        logits = logits.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), float("-inf"))
+    drawn = (logits + gumbel_noise(seeds, steps, scores.shape[1])).argmax(-1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def random_seed() -> int:
+    return secrets.randbits(62)
+
+
+class RowSampler(LogitsProcessor):
+    """Samples the non-greedy rows, each with its own settings, inside a greedy `generate`,
+    and hands HF a one-hot row for each (greedy rows are left as they are)."""
+
+    def __init__(self, params: Sequence[GenParams], default_top_k: int = 0) -> None:
+        self.rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        self.temperature = [params[i].temperature for i in self.rows]
+        self.top_p = [params[i].top_p for i in self.rows]
+        top_k = [params[i].top_k for i in self.rows]
+        self.top_k = [default_top_k if k is None else k for k in top_k]
+        seeds = [params[i].seed for i in self.rows]
+        self.seeds = [random_seed() if s is None else s for s in seeds]
+        self.prompt_width: int | None = None
+        self._dev: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows)
+
+    def _setup(self, scores: torch.Tensor) -> dict[str, Any]:
+        dev, vocab = scores.device, scores.shape[1]
+        return {
+            "rows": torch.tensor(self.rows, device=dev),
+            "temperature": torch.tensor(self.temperature, device=dev, dtype=torch.float32),
+            "top_p": torch.tensor(self.top_p, device=dev, dtype=torch.float32),
+            "top_k": torch.tensor([k if 0 < k < vocab else vocab for k in self.top_k], device=dev),
+            "truncate": any(p < 1.0 for p in self.top_p) or any(0 < k < vocab for k in self.top_k),
+            "seeds": torch.tensor(self.seeds, device=dev, dtype=torch.long),
+        }
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.rows:
+            return scores
+        if self._dev is None:
+            self._dev = self._setup(scores)
+            self.prompt_width = input_ids.shape[1]
+        d = self._dev
+        assert self.prompt_width is not None
+        step = torch.full_like(d["seeds"], input_ids.shape[1] - self.prompt_width)
+        tokens = sample(
+            scores.index_select(0, d["rows"]),
+            d["temperature"],
+            d["top_p"],
+            d["top_k"],
+            d["seeds"],
+            step,
+            d["truncate"],
+        )
+        out = scores.index_fill(0, d["rows"], float("-inf"))
+        out[d["rows"], tokens] = 0.0
+        return cast(torch.FloatTensor, out)
+
+
+class RowLimits(StoppingCriteria):
+    """Each row stops at its own `max_tokens`, or once its text holds one of its stop
+    sequences (checked on the last few tokens, only for rows that have stops)."""
+
+    def __init__(self, params: Sequence[GenParams], decode: Callable[[list[list[int]]], list[str]]) -> None:
+        self.max_tokens = [p.max_tokens for p in params]
+        self.stops = [tuple(s for s in p.stop if s) for p in params]
+        self.decode = decode
+        # a token is at least one byte, so a stop sequence spans at most its byte length
+        self.window = [max((len(s.encode()) for s in st), default=0) + 1 for st in self.stops]
+        self.with_stops = [i for i, st in enumerate(self.stops) if st]
+        #: rows that ended on a stop sequence (their finish_reason is "stop")
+        self.stopped: set[int] = set()
+        self.prompt_width: int | None = None
+        self._limits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        if self.prompt_width is None:  # called once a token was appended
+            self.prompt_width = input_ids.shape[1] - 1
+            self._limits = torch.tensor(self.max_tokens, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_width
+        assert self._limits is not None
+        done = self._limits <= generated
+        live = [i for i in self.with_stops if i not in self.stopped and self.max_tokens[i] >= generated]
+        if live:
+            tails = [input_ids[i, -min(self.window[i], generated) :].tolist() for i in live]
+            for i, text in zip(live, self.decode(tails), strict=True):
+                if any(s in text for s in self.stops[i]):
+                    self.stopped.add(i)
+        if self.stopped:
+            done = done.clone()
+            done[list(self.stopped)] = True
+        return cast(torch.BoolTensor, done)
