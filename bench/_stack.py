@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
 
 
-def bench_model(size: str = "tiny") -> Path:
+def bench_model(size: str = "tiny", eos_free: bool = True) -> Path:
+    """`eos_free`: every request runs to its max_tokens (equal work on both sides); without
+    it the random model says EOS at random points (output lengths from 1 to hundreds)."""
     # outside any temp dir: the direct-engine half of a benchmark loads it after the stack stops
-    return build_demo_model(
-        Path.home() / ".cache" / "inferq" / f"bench-{size}-eosfree", size=size, eos_free=True
-    )
+    name = f"bench-{size}-eosfree" if eos_free else f"bench-{size}-eos"
+    return build_demo_model(Path.home() / ".cache" / "inferq" / name, size=size, eos_free=eos_free)
 
 
 @contextmanager

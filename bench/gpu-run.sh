@@ -6,6 +6,8 @@
 #   .venv/bin/python -m bench.gpu_wheels     (66 wheels, 38 MB, about two minutes)
 # Then carry it: run(command="bash bench/gpu-run.sh ...", carry=[".whl"]). Usage:
 #   bash bench/gpu-run.sh NAME:SIZE:N:MAX_TOKENS:BATCH ...   e.g. efficiency-gpu:0.5b:512:64:32
+# A NAME starting with "engines" runs static vs continuous batching on SIZE, e.g.
+#   bash bench/gpu-run.sh engines-gpu:0.5b:0:0:0
 # A NAME starting with "timeline" runs the per-batch timeline diagnostic instead, e.g.
 #   INFERQ_WARMUP_BATCH_SIZES=1 bash bench/gpu-run.sh timeline-gpu-nosweep:0.5b:256:64:32
 # (3 rounds each; the 0.5b pair above took about 280 s and 110 s on an H200).
@@ -21,7 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 for spec in "$@"; do
   # spec: name:size:n:max_tokens:batch
   IFS=: read -r out size n mt b <<<"$spec"
-  bench=efficiency; case "$out" in timeline*) bench=timeline ;; esac
-  python3 -m bench.suite "$bench" --size "$size" --n "$n" --max-tokens "$mt" --batch "$b" --out "$out"
+  bench=efficiency; case "$out" in timeline*) bench=timeline ;; engines*) bench=engines ;; esac
+  if [ "$bench" = engines ]; then
+    python3 -m bench.suite engines --sizes "$size" --out "$out"
+  else
+    python3 -m bench.suite "$bench" --size "$size" --n "$n" --max-tokens "$mt" --batch "$b" --out "$out"
+  fi
   [ -n "${OUT:-}" ] && cp "bench/results/$out.json" "$OUT/" || true
 done

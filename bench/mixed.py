@@ -1,9 +1,10 @@
 """Real traffic has mixed settings: every client sends its own `max_tokens`, `temperature`,
 `top_p`, `stop`. The same stack and the same prompts, uniform settings beside mixed ones,
 in one run: (a) a backlog through `/v1/jobs` (occupancy = mean rows per engine call /
-MAX_BATCH_SIZE, tokens/s), (b) closed-loop `/v1/chat/completions` clients (requests/s,
-tokens/s); then (c) the mixed requests through `swift deploy` and through the engine called
-directly in full batches with per-row limits (the static upper bound).
+MAX_BATCH_SIZE; in continuous mode mean rows per generation step), tokens/s; (b)
+closed-loop `/v1/chat/completions` clients (requests/s, tokens/s), for each engine mode;
+then (c) the mixed requests through `swift deploy` and through the engine called directly
+in full batches with per-row limits (the static upper bound).
 """
 
 from __future__ import annotations
@@ -137,21 +138,23 @@ def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, fl
 
 def mixed(n: int = 192, batch: int = 16, clients: int = 64, loop_n: int = 256) -> dict[str, Any]:
     res: dict[str, Any] = {"n": n, "max_batch_size": batch, "clients": clients, "closed_loop_n": loop_n}
-    with stack(INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, env, _sup):
-        r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
-        closed_loop(base, bodies(clients, True, offset=1000), clients)  # warm-up
-        for kind in ("uniform", "mixed"):
-            jr = jobs_round(base, r, bodies(n, kind == "mixed"), batch)
-            res[f"backlog_{kind}_occupancy"] = round(jr["occupancy"], 3)
-            res[f"backlog_{kind}_tokens_per_s"] = round(jr["tps"], 1)
-            cl = closed_loop(base, bodies(loop_n, kind == "mixed"), clients)
-            res[f"closed_loop_{kind}_requests_per_s"] = round(cl["requests_per_s"], 1)
-            res[f"closed_loop_{kind}_tokens_per_s"] = round(cl["tokens_per_s"], 1)
-            print(
-                f"  {kind}: backlog occupancy {jr['occupancy']:.2f}, {jr['tps']:.0f} tok/s; closed loop "
-                f"{cl['requests_per_s']:.1f} req/s, {cl['tokens_per_s']:.0f} tok/s",
-                flush=True,
-            )
+    for mode in ("static", "continuous"):
+        prefix = "" if mode == "static" else "continuous_"
+        with stack(INFERQ_MAX_BATCH_SIZE=str(batch), INFERQ_ENGINE_MODE=mode) as (base, _model, env, _sup):
+            r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
+            closed_loop(base, bodies(clients, True, offset=1000), clients)  # warm-up
+            for kind in ("uniform", "mixed"):
+                jr = jobs_round(base, r, bodies(n, kind == "mixed"), batch)
+                res[f"{prefix}backlog_{kind}_occupancy"] = round(jr["occupancy"], 3)
+                res[f"{prefix}backlog_{kind}_tokens_per_s"] = round(jr["tps"], 1)
+                cl = closed_loop(base, bodies(loop_n, kind == "mixed"), clients)
+                res[f"{prefix}closed_loop_{kind}_requests_per_s"] = round(cl["requests_per_s"], 1)
+                res[f"{prefix}closed_loop_{kind}_tokens_per_s"] = round(cl["tokens_per_s"], 1)
+                print(
+                    f"  {mode} {kind}: backlog occupancy {jr['occupancy']:.2f}, {jr['tps']:.0f} tok/s; "
+                    f"closed loop {cl['requests_per_s']:.1f} req/s, {cl['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
     model = bench_model("tiny")
     sd = _swift_deploy(model, batch, bodies(loop_n, True), clients)
     res["swift_deploy_mixed_requests_per_s"] = round(sd["requests_per_s"], 1)

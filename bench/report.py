@@ -59,6 +59,103 @@ def _efficiency_rows(eff: dict[str, Any]) -> list[str]:
     )
 
 
+def _mixed_section(results: Path, docs: Path) -> list[str]:
+    """Mixed settings (bench.mixed, before/after) and static vs continuous (bench.engines)."""
+    mix, before, eng = (_load(results, n) for n in ("mixed", "mixed-before", "engines"))
+    lines: list[str] = []
+    if mix:
+        lines += [
+            "## Mixed settings: every request its own max_tokens, temperature, top_p, stop",
+            "",
+            f"Tiny model, MAX_BATCH_SIZE={mix['max_batch_size']}; backlog of {mix['n']} `/v1/jobs`; "
+            f"{mix['clients']} closed-loop `/v1/chat/completions` clients, {mix['closed_loop_n']} requests; "
+            f"run at {mix['at']}. Occupancy: mean rows per engine call / MAX_BATCH_SIZE (continuous: "
+            "mean rows per generation step / MAX_BATCH_SIZE).",
+            "",
+            "| | backlog occupancy | backlog tok/s | closed loop req/s | closed loop tok/s |",
+            "|---|---|---|---|---|",
+        ]
+        runs = [("", mix)] + ([("before this change: ", before)] if before else [])
+        for label, r in runs:
+            for mode in ("", "continuous_"):
+                if f"{mode}backlog_uniform_occupancy" not in r:
+                    continue
+                name = "continuous" if mode else "static"
+                for kind in ("uniform", "mixed"):
+                    lines.append(
+                        f"| {label}{name}, {kind} | {r[f'{mode}backlog_{kind}_occupancy']} | "
+                        f"{r[f'{mode}backlog_{kind}_tokens_per_s']} | "
+                        f"{r[f'{mode}closed_loop_{kind}_requests_per_s']} | "
+                        f"{r[f'{mode}closed_loop_{kind}_tokens_per_s']} |"
+                    )
+        lines += [
+            f"| `swift deploy --max_batch_size {mix['max_batch_size']}`, mixed | | | "
+            f"{mix['swift_deploy_mixed_requests_per_s']} | {mix['swift_deploy_mixed_tokens_per_s']} |",
+            f"| engine called directly, full batches with per-row limits, mixed | | | "
+            f"{mix['direct_mixed_requests_per_s']} | {mix['direct_mixed_tokens_per_s']} |",
+            "",
+            f"Goals: mixed occupancy >= 0.9 of uniform: x{mix['occupancy_mixed_over_uniform']}; closed-loop "
+            f"mixed req/s >= 0.8 of uniform: x{mix['closed_loop_mixed_over_uniform']}; ahead of `swift "
+            f"deploy` on the mixed workload: x{mix['closed_loop_mixed_over_swift_deploy']}.",
+            "",
+            "![mixed settings](benchmarks-mixed.png)",
+            "",
+        ]
+    if eng:
+        lines += [
+            "## Static vs continuous batching (engine called directly, greedy)",
+            "",
+            f"{eng['n']} requests, MAX_BATCH_SIZE={eng['max_batch_size']}; run at {eng['at']}. "
+            "`eos-random`: the demo model with its EOS row kept, so outputs end at random points "
+            "(1 to 256 tokens).",
+            "",
+            "| model / output lengths | static tok/s | continuous tok/s | continuous / static |",
+            "|---|---|---|---|",
+            *[
+                f"| {k} | {v['static_tokens_per_s']} | {v['continuous_tokens_per_s']} | "
+                f"x{v['continuous_over_static']} |"
+                for k, v in eng["runs"].items()
+            ],
+            "",
+        ]
+    if mix:
+        _plot_mixed(mix, eng, docs / "benchmarks-mixed.png")
+    return lines
+
+
+def _plot_mixed(mix: dict[str, Any], eng: dict[str, Any] | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    labels, values = [], []
+    for mode, name in (("", "static"), ("continuous_", "continuous")):
+        for kind in ("uniform", "mixed"):
+            key = f"{mode}closed_loop_{kind}_requests_per_s"
+            if key in mix:
+                labels.append(f"{name}\n{kind}")
+                values.append(mix[key])
+    labels += ["swift deploy\nmixed", "direct\nmixed"]
+    values += [mix["swift_deploy_mixed_requests_per_s"], mix["direct_mixed_requests_per_s"]]
+    a.bar(
+        labels,
+        values,
+        color=["#4c72b0", "#dd8452", "#4c72b0", "#dd8452", "#999999", "#55a868"][: len(values)],
+    )
+    a.set_ylabel("requests/s (closed loop, tiny model)")
+    a.set_title("Uniform vs mixed settings")
+    if eng:
+        keys = list(eng["runs"])
+        b.barh(keys, [eng["runs"][k]["continuous_over_static"] for k in keys])
+        b.axvline(1.0, color="black", linewidth=0.8)
+        b.set_xlabel("continuous / static tokens/s (CPU)")
+        b.set_title("Static vs continuous batching")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def render(results: Path, docs: Path) -> None:
     eff, flo, ing, lat, sca = (
         _load(results, n) for n in ("efficiency", "floor", "ingest", "latency", "scaling")
@@ -139,6 +236,7 @@ def render(results: Path, docs: Path) -> None:
             "",
         ]
         _plot(sca, docs / "benchmarks.png")
+    lines += _mixed_section(results, docs)
     gpu = _load(results, "efficiency-gpu")
     if gpu:
         m = gpu["machine"]

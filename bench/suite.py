@@ -3,7 +3,7 @@ side by side in one run on this machine. Results go to bench/results/*.json; `re
 renders docs/benchmarks.md and its plot from them.
 
     inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling
-                 | mixed | report
+                 | mixed | engines | report
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import redis
 from bench._stack import QUEUES, ROOT, stack
 from bench.common import last_finish, post_all, prompts, wait_done
 from bench.efficiency import efficiency, interference, ordering, queue_tps
+from bench.engines import engines
 from bench.mixed import mixed
 from bench.stepcost import stepcost
 from bench.timeline import timeline
@@ -244,6 +245,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "latency": latency,
     "scaling": scaling,
     "mixed": mixed,
+    "engines": engines,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline, "stepcost": stepcost}
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="efficiency, timeline")
     ap.add_argument("--batch", type=int, default=8, help="efficiency, timeline: MAX_BATCH_SIZE")
     ap.add_argument("--rounds", type=int, default=3, help="efficiency, timeline: rounds")
+    ap.add_argument("--sizes", default="tiny,small", help="engines: demo model sizes, comma-separated")
     ap.add_argument("--out", default="", help="results file name (default: the benchmark's name)")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("efficiency", "timeline"):
             fn = efficiency if name == "efficiency" else timeline
             run = partial(fn, args.n, args.max_tokens, args.batch, args.size, args.rounds)
+        if name == "engines":
+            run = partial(engines, sizes=tuple(args.sizes.split(",")))
         res = {"bench": name, "machine": machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S"), **run()}
         (RESULTS / f"{args.out or name}.json").write_text(json.dumps(res, indent=2, default=str))
     return 0

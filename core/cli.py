@@ -49,6 +49,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument(
+        "--engine-mode",
+        choices=["static", "continuous"],
+        default=None,
+        help="static batches (default) or transformers' continuous batching",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow binding off loopback without API keys / Flower auth (not recommended)",
@@ -71,6 +77,8 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
         env["INFERQ_SERVED_MODEL_NAME"] = args.served_model_name
     if args.max_batch_size:
         env["INFERQ_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.engine_mode:
+        env["INFERQ_ENGINE_MODE"] = args.engine_mode
     return env
 
 

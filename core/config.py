@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device_map: str = "auto"
     max_batch_size: int = Field(default=8, ge=1, le=1024)
+    #: How a worker child batches. `static`: up to MAX_BATCH_SIZE jobs in one `generate` call
+    #: that runs until its longest row ends. `continuous`: transformers' continuous batching
+    #: (a persistent generation loop, paged attention): a job joins the running batch at once
+    #: and a finished row frees its slot at once, up to MAX_BATCH_SIZE rows at a time. Which
+    #: is faster depends on the hardware and the spread of output lengths: measure
+    #: (`inferq bench engines`, docs/benchmarks.md); static is the default.
+    engine_mode: Literal["static", "continuous"] = "static"
+    #: Continuous mode: KV-cache pages (0: transformers sizes it from free GPU memory; on a
+    #: CPU, enough for MAX_BATCH_SIZE rows of the context length) and tokens per page.
+    kv_cache_blocks: int = Field(default=0, ge=0)
+    kv_page_size: int = Field(default=0, ge=0)
     #: torch's CPU threads in a worker child; 0 = auto: on a CPU-only machine one core is
     #: left to the API and Redis (all of them minus one), with a GPU torch's default.
     #: Why: torch's spinning OpenMP threads on every core starve the API and Valkey beside

@@ -47,6 +47,15 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
         num_key_value_heads=2,
         initializer_range=0.4,
     ),
+    # compute-bound on a CPU, where "tiny" is overhead-bound (benchmarks only)
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        initializer_range=0.4,
+    ),
     "0.5b": dict(
         hidden_size=896,
         intermediate_size=4864,

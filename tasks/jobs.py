@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from core.config import get_settings
 from tasks.app import app
 from workers import lifecycle, runner
+from workers.continuous_runner import ContinuousEngine, drain_continuous
 
 RUN_JOB = "inferq.run_job"
 
@@ -35,7 +38,11 @@ def run_job(job_id: str) -> str | None:
         owner=st.worker_id,
     )
     try:
-        outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
+        if s.engine_mode == "continuous" and s.engine == "swift":
+            engine = cast(ContinuousEngine, st.engine)
+            outcomes = drain_continuous(job_id, st.store, engine, opts, s.drain_s)
+        else:
+            outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
     finally:
         st.current.clear()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)

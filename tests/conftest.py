@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -80,6 +81,10 @@ class Stack:
     env: dict[str, str]
     sup: Supervisor
     log: Path
+
+    @property
+    def continuous(self) -> bool:
+        return self.env.get("INFERQ_ENGINE_MODE") == "continuous"
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30)
@@ -182,3 +187,25 @@ def stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFac
     st = start_stack(stack_env(redis_url, demo_model, home), home)
     yield st
     st.sup.stop_all()
+
+
+@pytest.fixture(scope="session")
+def continuous_stack(
+    redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The real stack with the worker in continuous-batching mode, in its own db."""
+    url = with_db(redis_url, 9)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    home = tmp_path_factory.mktemp("continuous-home")
+    st = start_stack(stack_env(url, demo_model, home, INFERQ_ENGINE_MODE="continuous"), home)
+    yield st
+    st.sup.stop_all()
+
+
+@pytest.fixture(params=["static", "continuous"])
+def any_stack(request: pytest.FixtureRequest) -> Stack:
+    """The real stack in each engine mode."""
+    name = "stack" if request.param == "static" else "continuous_stack"
+    return cast(Stack, request.getfixturevalue(name))

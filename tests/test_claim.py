@@ -21,7 +21,7 @@ from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
 from tests.conftest import ROOT, with_db
 from workers import lifecycle
-from workers.claim import claim_more, closest_by_length
+from workers.claim import claim_more, closest_fits
 from workers.fake import EchoEngine
 from workers.runner import RunOptions, drain, run_batch
 
@@ -71,16 +71,33 @@ def _record(store: JobStore, job_id: str) -> JobRecord:
     return rec
 
 
-def test_closest_by_length_prefers_near_lengths_and_counts_rows(r: redis.Redis) -> None:
+def test_closest_fits_prefers_near_lengths_and_counts_rows(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     ids = _enqueue(store, [100, 12, 9, 50, 11])
     recs = store.get_many(ids)
     assert all(recs)
-    chosen = closest_by_length(10, [x for x in recs if x], 3)
+    first = _record(store, store.create(_req(), LANE, prompt_tokens=10))
+    chosen = closest_fits(first, [x for x in recs if x], 3)
     assert [c.prompt_tokens for c in chosen] == [12, 9, 11]  # the 3 closest, in arrival order
     wide = store.create(_req(n=3), LANE, prompt_tokens=10)
-    picked = closest_by_length(10, [_record(store, wide), *[x for x in recs if x]], 2)
+    picked = closest_fits(first, [_record(store, wide), *[x for x in recs if x]], 2)
     assert [c.job.id for c in picked] == [ids[2], ids[4]]  # n=3 does not fit in 2 rows
+
+
+def test_closest_fits_prefers_near_token_limits_over_near_lengths(r: redis.Redis) -> None:
+    store = JobStore(r, ttl=100)
+
+    def make(max_tokens: int | None, prompt: int) -> JobRecord:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+        req = ChatCompletionRequest.model_validate(body)
+        return _record(store, store.create(req, LANE, prompt_tokens=prompt))
+
+    first = make(8, 10)
+    far, near_long, near, default = make(48, 10), make(9, 40), make(8, 30), make(600, 10)
+    assert closest_fits(first, [far, near_long, near, default], 2) == [near_long, near]
+    # no max_tokens: the server's default counts
+    nolimit = make(None, 10)
+    assert closest_fits(make(512, 10), [default, nolimit], 1, default_max_tokens=512) == [nolimit]
 
 
 def test_claim_takes_closest_lengths_and_puts_the_rest_back_in_order(r: redis.Redis) -> None:

@@ -51,7 +51,8 @@ def test_hung_generation_is_failed_and_the_worker_recovers(echo_stack: Stack) ->
     assert again["status"] == "failed" and again["attempts"] == 1  # the requeued message was skipped
 
 
-def test_child_killed_mid_stream_is_redelivered_with_reset(stack: Stack, r: redis.Redis) -> None:
+def test_child_killed_mid_stream_is_redelivered_with_reset(any_stack: Stack, r: redis.Redis) -> None:
+    stack = any_stack
     job_id = stack.submit("crash me", max_tokens=1500, temperature=0.8)
     events = []
     with httpx.stream("GET", f"{stack.base_url}/v1/jobs/{job_id}/events", timeout=120) as resp:

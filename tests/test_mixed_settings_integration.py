@@ -6,6 +6,7 @@ and a bad request still fails alone."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,9 +18,24 @@ from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
 pytestmark = pytest.mark.integration
 
 
+_blockers: list[tuple[Stack, str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_blockers() -> Iterator[None]:
+    """In continuous mode the blocking job runs on beside its batch-mates: end it with its test."""
+    yield
+    while _blockers:
+        stack, job = _blockers.pop()
+        httpx.post(f"{stack.base_url}/v1/jobs/{job}/cancel", timeout=30)
+        stack.wait_job(job)
+
+
 def _block_worker(stack: Stack) -> str:
-    """A long job keeps the worker busy so that what follows piles up as a backlog."""
+    """A long job keeps the worker busy so that what follows piles up as a backlog (in
+    continuous mode the others join it instead)."""
     job = stack.submit("hold the worker", max_tokens=600, temperature=0.9)
+    _blockers.append((stack, job))
     deadline = time.monotonic() + 30
     while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
         assert time.monotonic() < deadline
@@ -31,7 +47,8 @@ def _content(job: dict[str, Any]) -> str:
     return str(job["result"]["choices"][0]["message"]["content"])
 
 
-def test_a_mixed_settings_backlog_shares_engine_calls_and_keeps_each_jobs_settings(stack: Stack) -> None:
+def test_a_mixed_settings_backlog_shares_engine_calls_and_keeps_each_jobs_settings(any_stack: Stack) -> None:
+    stack = any_stack
     greedy = [(f"greedy {i} " + "w " * (3 * i), 20 + 7 * i) for i in range(3)]
     alone = [stack.wait_job(stack.submit(p, max_tokens=mt, temperature=0)) for p, mt in greedy]
     # a stop sequence that the first greedy text is known to contain, early in it (plain
@@ -79,7 +96,7 @@ def test_a_mixed_settings_backlog_shares_engine_calls_and_keeps_each_jobs_settin
     assert len({c["message"]["content"] for c in done[6]["result"]["choices"]}) == 2
 
 
-def test_a_bad_setting_is_refused_by_name_and_its_batch_mates_run(stack: Stack) -> None:
+def test_a_bad_setting_is_refused_by_name(stack: Stack) -> None:
     resp = httpx.post(
         f"{stack.base_url}/v1/jobs",
         json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_k": -5},
@@ -109,3 +126,28 @@ def test_a_poisoned_request_in_a_mixed_batch_fails_alone(echo_stack: Stack) -> N
     for r, kw in zip(results, settings, strict=True):
         if r["status"] == "succeeded":
             assert r["result"]["usage"]["completion_tokens"] == kw["max_tokens"]
+
+
+def test_continuous_an_interactive_request_starts_while_long_jobs_hold_every_row(
+    continuous_stack: Stack,
+) -> None:
+    stack = continuous_stack
+    long_jobs = [stack.submit(f"long {i}", max_tokens=1500, temperature=0.8) for i in range(8)]
+    deadline = time.monotonic() + 60
+    with stack.client() as c:
+        while sum(c.get(f"/v1/jobs/{j}").json()["status"] == "running" for j in long_jobs) < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        queued = stack.submit("behind the long ones", max_tokens=4)  # /v1/jobs: waits for a row
+        resp = c.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "now"}], "max_tokens": 4},
+        )
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+        states = [c.get(f"/v1/jobs/{j}").json()["status"] for j in long_jobs]
+        assert states == ["running"] * 8  # it did not wait for a row to free
+        assert c.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+        for j in [*long_jobs, queued]:
+            c.post(f"/v1/jobs/{j}/cancel")
+    for j in long_jobs:
+        assert stack.wait_job(j)["status"] == "cancelled"

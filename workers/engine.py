@@ -191,6 +191,10 @@ def load_engine(settings: Settings) -> Engine:
 
         return EchoEngine(settings.model_id, oom_above=settings.echo_oom_above)
     with _root_log_levels_kept():
+        if settings.engine_mode == "continuous":
+            from workers.continuous import ContinuousEngine
+
+            return ContinuousEngine(resolve_model(settings), settings)
         from workers.swift_backend import SwiftEngine
 
         return SwiftEngine(resolve_model(settings), settings)

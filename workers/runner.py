@@ -183,7 +183,7 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     return record if started.ok else None
 
 
-def _fill(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
+def fill_batch(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
     """This message's job (none if it is not to run) and the queued jobs that can share its
     `generate` call. Ends this process's claim on the lanes in every case: `drain` may have
     claimed the job's id."""
@@ -211,7 +211,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     """Run the job of this message together with compatible queued jobs, in one `generate`.
     Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
     rows within a step; each job ends on its own (one failing request fails alone)."""
-    records = _fill(store, job_id, opts)
+    records = fill_batch(store, job_id, opts)
     if not records:
         return [RunOutcome(None, skipped=True)]
     if opts.running is not None:
@@ -237,8 +237,8 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         outs = [exc] * len(requests)
     finally:
         sink.stop()
-    _count_batch(store, len(requests))
-    return _finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
+    count_batch(store, len(requests))
+    return finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
 
 
 def drain(
@@ -251,14 +251,14 @@ def drain(
     outcomes = run_batch(job_id, store, engine, opts)
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
-        nxt = _next_ready(store, opts)
+        nxt = next_ready(store, opts)
         if nxt is None:
             break
         outcomes += run_batch(nxt, store, engine, opts)
     return outcomes
 
 
-def _next_ready(store: JobStore, opts: RunOptions) -> str | None:
+def next_ready(store: JobStore, opts: RunOptions) -> str | None:
     """The next queued job off the lanes, kept in this process's claim until `run_batch`
     has started it (a worker killed in between loses nothing: the reaper puts it back)."""
     while job_id := store.pop_ready(opts.lanes, opts.owner, opts.lease_s):
@@ -268,15 +268,16 @@ def _next_ready(store: JobStore, opts: RunOptions) -> str | None:
     return None
 
 
-def _count_batch(store: JobStore, rows: int) -> None:
+def count_batch(store: JobStore, rows: int, batches: int = 1) -> None:
+    """Engine calls and the rows they ran (occupancy); in continuous mode generation steps."""
     pipe = store.r.pipeline(transaction=False)
-    pipe.hincrby(keys.stats(), "batches", 1)
+    pipe.hincrby(keys.stats(), "batches", batches)
     pipe.hincrby(keys.stats(), "batch_rows", rows)
     pipe.expire(keys.stats(), store.ttl)
     pipe.execute()
 
 
-def _finish_all(
+def finish_all(
     store: JobStore, runs: list[tuple[JobRecord, list[GenResult | Exception]]], sink: StreamSink, rows: int
 ) -> list[RunOutcome]:
     """Every job of the call ends on its own terms, in one round trip for the whole batch."""

@@ -119,6 +119,21 @@ class StreamSink:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._error: Exception | None = None
+        self._retired: set[str] = set()
+
+    def extend(self, targets: list[Target], deadline: float | None = None) -> range:
+        """More rows, for jobs that join a running call (continuous batching)."""
+        start = len(self.targets)
+        self.targets.extend(targets)
+        self._streams += [keys.job_events(t.job_id) for t in targets]
+        if deadline is not None:
+            self.deadlines.update({t.job_id: deadline for t in targets})
+        return range(start, len(self.targets))
+
+    def retire(self, job_id: str) -> None:
+        """The job ended: its cancel flag and time limit are no longer watched."""
+        self._retired.add(job_id)
+        self.deadlines.pop(job_id, None)
 
     def on_delta(self, i: int, text: str) -> None:
         if not text or not self.targets[i].publish:
@@ -207,8 +222,8 @@ class StreamSink:
         if now - self._last_poll >= self.cancel_poll_s and self._lock.acquire(blocking=False):
             try:
                 self._last_poll = now
-                ids = sorted({t.job_id for t in self.targets})
-                flags = self.client.mget([keys.cancel(j) for j in ids])
+                ids = sorted({t.job_id for t in self.targets} - self._retired)
+                flags = self.client.mget([keys.cancel(j) for j in ids]) if ids else []
                 self._cancelled = {j for j, f in zip(ids, flags, strict=True) if f}
             except redis.RedisError:
                 pass  # keep generating; a cancel is retried on the next poll

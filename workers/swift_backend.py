@@ -145,6 +145,25 @@ class DeltaStreamer(BaseStreamer):
         self._prompt_seen = False
         self._last_decode: float | None = None
 
+    def add_row(self, stops: Sequence[str]) -> None:
+        """One more row (continuous batching: a request joined the running loop)."""
+        self.ids.append([])
+        self.emitted.append("")
+        self.prefix_offset.append(0)
+        self.read_offset.append(0)
+        self.filters.append(StopFilter(stops))
+
+    def feed(self, row: int, tokens: Sequence[int]) -> None:
+        """New tokens of one row, outside HF `generate`; decoded at most every `interval_s`
+        (call `decode` when the row's tokens must be out now)."""
+        self.ids[row] += [t for t in tokens if t not in self.skip_ids]
+
+    def decode(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or self._last_decode is None or now - self._last_decode >= self.interval_s:
+            self._last_decode = now
+            self._decode_rows()
+
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # HF first hands over the prompt
             self._prompt_seen = True

@@ -1,0 +1,411 @@
+"""Continuous batching: transformers' `ContinuousBatchingManager` behind our `Engine` seam.
+
+Why: a static `generate` call runs until its longest row ends, and takes no row once it has
+started. The manager runs a persistent generation loop (paged attention, CUDA graphs on a
+GPU): a request joins it at once, and a finished row frees its slot at once.
+
+What we add around the manager, and why:
+- per-request settings: the manager samples for the loop as a whole (one `do_sample`), so it
+  runs greedy and `SlotSampler`, a logits processor of its own kind, picks each row's token
+  by that row's temperature / top-k / top-p, seed and penalties (`workers.rows.sample`), from
+  per-slot tables kept on the device: no host round trip per step, and a greedy row's tokens
+  are the argmax, as alone;
+- streaming, stop sequences and cancels are ours: tokens are decoded in the caller's thread
+  (`DeltaStreamer`), a row whose text holds one of its stop sequences is cancelled, and a
+  cancelled row ends with what it has (the manager says nothing more about it);
+- a manager whose loop died fails the rows it had and is started anew.
+
+Only the worker child imports this module (torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from swift.infer_engine import InferRequest
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+)
+
+from core.config import Settings
+from workers.continuous_runner import interactive_reserve
+from workers.engine import (
+    FinishReason,
+    GenParams,
+    GenRequest,
+    GenResult,
+    ModelSpec,
+    TokenSink,
+    truncate_at_stop,
+)
+from workers.rows import random_seed, sample
+from workers.swift_backend import DeltaStreamer, SwiftEngine
+
+logger = logging.getLogger(__name__)
+
+_KWARG = "inferq_slot"
+
+
+class SlotSampler(ContinuousBatchingLogitsProcessor):
+    """Each row's token by its own settings, read from per-slot tables on the device (slot 0:
+    greedy, for requests that are not ours, such as the manager's warm-up)."""
+
+    supported_kwargs: dict[str, type] = {_KWARG: int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.slots, self.device = slots, device
+        self.temperature = torch.zeros(slots, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.presence = torch.zeros(slots, device=device)
+        self.frequency = torch.zeros(slots, device=device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
+        self.counts: torch.Tensor | None = None  # [slots, vocab] generated-token counts, with penalties
+        #: host-side: which slots sample, truncate, penalise (no device read per step)
+        self.sampling: set[int] = set()
+        self.truncating: set[int] = set()
+        self.penalised: set[int] = set()
+        #: generation steps and rows run (occupancy); read and reset by the engine
+        self.steps_run = 0
+        self.rows_run = 0
+
+    def assign(self, slot: int, p: GenParams, default_top_k: int) -> None:
+        top_k = default_top_k if p.top_k is None else p.top_k
+        self.temperature[slot] = p.temperature
+        self.top_p[slot] = p.top_p
+        self.top_k[slot] = top_k
+        self.seeds[slot] = random_seed() if p.seed is None else p.seed
+        self.presence[slot] = p.presence_penalty
+        self.frequency[slot] = p.frequency_penalty
+        self.steps[slot] = 0
+        if self.counts is not None:
+            self.counts[slot] = 0
+        for flag, on in (
+            (self.sampling, p.temperature > 0),
+            (self.truncating, p.temperature > 0 and (p.top_p < 1.0 or top_k > 0)),
+            (self.penalised, bool(p.presence_penalty or p.frequency_penalty)),
+        ):
+            if on:
+                flag.add(slot)
+            else:
+                flag.discard(slot)
+
+    def release(self, slot: int) -> None:
+        self.sampling.discard(slot)
+        self.truncating.discard(slot)
+        self.penalised.discard(slot)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        slots = [r.state.logit_processor_kwargs.get(_KWARG, 0) for r in requests_with_new_token]
+        return torch.tensor(slots, dtype=torch.int32, device="cpu")
+
+    def __call__(self, logits: torch.FloatTensor, tensor_arg: torch.Tensor) -> torch.FloatTensor:
+        scores: torch.Tensor = logits
+        rows, vocab = scores.shape
+        self.steps_run += 1
+        self.rows_run += rows
+        slots = tensor_arg[:rows].long()
+        if self.penalised:
+            if self.counts is None:
+                self.counts = torch.zeros(self.slots, vocab, device=scores.device)
+            c = self.counts.index_select(0, slots)
+            scores = scores - self.frequency[slots, None] * c - self.presence[slots, None] * (c > 0).float()
+        if self.sampling:
+            top_k = self.top_k[slots]
+            top_k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+            tokens = sample(
+                scores,
+                self.temperature[slots],
+                self.top_p[slots],
+                top_k,
+                self.seeds[slots],
+                self.steps[slots],
+                truncate=bool(self.truncating),
+            )
+        else:
+            tokens = scores.argmax(-1)
+        self.steps.index_add_(0, slots, torch.ones_like(slots))
+        if self.counts is not None:
+            self.counts.index_put_(
+                (slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True
+            )
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, tokens[:, None], 0.0)
+        return out  # type: ignore[return-value]
+
+
+@dataclass
+class _Row:
+    row: int  # the sink's row
+    rid: str  # the manager's request id
+    slot: int
+    params: GenParams
+    prompt_tokens: int
+    template_inputs: Any = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class ContinuousEngine(SwiftEngine):
+    """The same model as the static engine, run by a continuous-batching loop. `generate`
+    works as the static engine's (warm-up, direct use); the runner's continuous drain uses
+    `open` / `add` / `poll` / `cancel` / `close`, so jobs join while others run."""
+
+    mode = "continuous"
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(spec, settings)
+        self.settings = settings
+        self.engine.template.set_mode("transformers")
+        self.stop_token_ids = self._stop_token_ids()
+        self.rows_max = settings.max_batch_size + interactive_reserve(settings.max_batch_size)
+        self._slots: deque[int] = deque(range(1, 2 * self.rows_max + 2))
+        self._rows: dict[str, _Row] = {}
+        self._by_row: dict[int, _Row] = {}
+        self._sink: TokenSink | None = None
+        self._streamer: DeltaStreamer | None = None
+        self._count = 0
+        self._last_output: float | None = None
+        self.manager: Any = None
+        self.sampler = SlotSampler(len(self._slots) + 1, self.engine.model.device)
+        self._start_manager()
+
+    def _stop_token_ids(self) -> list[int]:
+        """Template stop words that are one token (as ms-swift's static path stops at them),
+        and the model's EOS."""
+        tok = self.engine.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_eos = getattr(self.engine.generation_config, "eos_token_id", None)
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        for word in self.engine.template.template_meta.stop_words:
+            if isinstance(word, str):
+                enc = tok.encode(word, add_special_tokens=False)
+                if len(enc) == 1:
+                    ids.add(enc[0])
+        return sorted(ids)
+
+    def _start_manager(self) -> None:
+        gc = copy.deepcopy(self.engine.generation_config)
+        # greedy for the loop as a whole: SlotSampler samples each row by its own settings
+        gc.do_sample = False
+        gc.temperature, gc.top_p, gc.top_k = None, None, None
+        # the manager hands processors only the newest tokens, not the sequence so far
+        gc.repetition_penalty = None
+        gc.eos_token_id = self.stop_token_ids
+        gc.max_new_tokens = self.settings.default_max_tokens
+        cfg = ContinuousBatchingConfig(
+            max_requests_per_batch=self.rows_max,
+            per_request_processors=False,
+            allow_block_sharing=False,
+            **self._cache_size(),
+        )
+        self.manager = self.engine.model.init_continuous_batching(
+            generation_config=gc, continuous_batching_config=cfg
+        )
+        lp = self.manager.logit_processor
+        lp.logits_processor.append(self.sampler)
+        lp.tensors_required += 1
+        lp.supported_keys.update(SlotSampler.supported_kwargs)
+        lp.do_processing = True
+        if self.facts.accelerator:
+            self.manager.warmup()
+        self.manager.start()
+
+    def _cache_size(self) -> dict[str, Any]:
+        s = self.settings
+        size: dict[str, Any] = {}
+        if s.kv_page_size:
+            size["page_size"] = s.kv_page_size
+        if s.kv_cache_blocks:
+            size["num_blocks"] = s.kv_cache_blocks
+        elif not self.facts.accelerator:
+            # no GPU memory to size it from: every row at the full context length
+            page = s.kv_page_size or 256
+            size["page_size"] = page
+            size["num_blocks"] = self.rows_max * (-(-self.facts.context_length // page)) + 2
+            size["max_batch_tokens"] = max(512, min(4096, self.facts.context_length))
+        else:
+            size["max_memory_percent"] = 0.8  # room for the sampler's vocabulary-sized tensors
+        return size
+
+    # --- the incremental interface (workers.continuous_runner) ----------------------
+
+    def open(self, sink: TokenSink | None) -> None:
+        self._sink = sink
+        self._streamer = None if sink is None else DeltaStreamer(self.engine.template, sink, [], 0)
+
+    def add(self, row: int, request: GenRequest) -> None:
+        enc = self.engine.template.encode(
+            InferRequest(messages=request.messages), return_template_inputs=True
+        )
+        input_ids = list(enc["input_ids"])
+        slot = self._slots.popleft()
+        self.sampler.assign(slot, request.params, self._default_top_k)
+        self._count += 1
+        rid = f"r{self._count}"
+        r = _Row(row, rid, slot, request.params, len(input_ids), enc.get("template_inputs"))
+        self._rows[rid] = r
+        self._by_row[row] = r
+        if self._streamer is not None:  # rows are added in order
+            while len(self._streamer.ids) < row:
+                self._streamer.add_row(())
+            if len(self._streamer.ids) == row:
+                self._streamer.add_row(request.params.stop)
+        if self._last_output is None:
+            self._last_output = time.monotonic()
+        self.manager.add_request(
+            input_ids,
+            request_id=rid,
+            max_new_tokens=request.params.max_tokens,
+            streaming=True,
+            eos_token_id=self.stop_token_ids,
+            **{_KWARG: slot},
+        )
+
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    def take_step_counts(self) -> tuple[int, int]:
+        """(generation steps, rows over those steps) since the last call."""
+        steps, rows = self.sampler.steps_run, self.sampler.rows_run
+        self.sampler.steps_run = self.sampler.rows_run = 0
+        return steps, rows
+
+    def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]:
+        """Rows that ended since the last call (waits up to `timeout_s` for the first output)."""
+        done: list[tuple[int, GenResult | Exception]] = []
+        outq = self.manager.output_router.output_queue
+        try:
+            out = outq.get(timeout=timeout_s) if timeout_s > 0 else outq.get_nowait()
+            while True:
+                self._handle(out, done)
+                out = outq.get_nowait()
+        except queue.Empty:
+            pass
+        if self._streamer is not None:
+            self._streamer.decode()
+        if self._rows and not self.manager.is_running():
+            done += self._restart("the continuous-batching loop stopped")
+        return done
+
+    def cancel(self, row: int) -> GenResult | None:
+        """End a row now with what it has (the manager drops it within a step)."""
+        r = self._by_row.get(row)
+        if r is None:
+            return None
+        self.manager.cancel_request(r.rid)
+        return self._end(r, stop_seen=False)
+
+    def close(self) -> None:
+        for r in list(self._rows.values()):
+            self.manager.cancel_request(r.rid)
+            self._release(r)
+        self._sink = self._streamer = None
+        self._last_output = None
+
+    def progress(self) -> float | None:
+        return self._last_output if self._rows else None
+
+    # --- internals ------------------------------------------------------------------
+
+    def _handle(self, out: Any, done: list[tuple[int, GenResult | Exception]]) -> None:
+        r = self._rows.get(out.request_id)
+        if r is None:
+            return  # cancelled, or ended on a stop sequence: already answered
+        self._last_output = time.monotonic()
+        new = list(out.generated_tokens[len(r.tokens) :])
+        stop_seen = False
+        if r.params.stop:
+            for k, tok in enumerate(new):
+                r.tokens.append(tok)
+                if self._holds_stop(r):
+                    new, stop_seen = new[: k + 1], True
+                    break
+        else:
+            r.tokens += new
+        if self._streamer is not None and new:
+            first = not self._streamer.ids[r.row]
+            self._streamer.feed(r.row, new)
+            if first:
+                self._streamer.decode(force=True)  # time to first token
+        if out.error is not None:
+            self._release(r)
+            done.append((r.row, RuntimeError(out.error)))
+        elif stop_seen:
+            self.manager.cancel_request(r.rid)
+            done.append((r.row, self._end(r, stop_seen=True)))
+        elif out.is_finished():
+            done.append((r.row, self._end(r, stop_seen=False)))
+
+    def _holds_stop(self, r: _Row) -> bool:
+        window = max(len(s.encode()) for s in r.params.stop) + 1
+        text = str(self.engine.tokenizer.decode(r.tokens[-window:], skip_special_tokens=False))
+        return any(s in text for s in r.params.stop)
+
+    def _end(self, r: _Row, stop_seen: bool) -> GenResult:
+        text = self.engine.template.decode_generate_ids(r.tokens, template_inputs=r.template_inputs)
+        text, cut = truncate_at_stop(str(text), r.params.stop)
+        n = len(r.tokens)
+        finish: FinishReason = "length" if n >= r.params.max_tokens and not (cut or stop_seen) else "stop"
+        if self._streamer is not None:
+            self._streamer.decode(force=True)
+            self._streamer.settle(r.row, text)
+        self._release(r)
+        return GenResult(text, finish, r.prompt_tokens, n)
+
+    def _release(self, r: _Row) -> None:
+        self._rows.pop(r.rid, None)
+        self._by_row.pop(r.row, None)
+        self.sampler.release(r.slot)
+        self._slots.append(r.slot)  # reused last: a cancelled row may still be in a step
+
+    def _restart(self, why: str) -> list[tuple[int, GenResult | Exception]]:
+        error = getattr(self.manager.background_thread_status, "fatal_error", None)
+        logger.error("%s (%s); failing its %d rows and starting it again", why, error, len(self._rows))
+        failed: list[tuple[int, GenResult | Exception]] = []
+        for r in list(self._rows.values()):
+            self._release(r)
+            failed.append((r.row, RuntimeError(f"{why}: {error}")))
+        self.engine.model.destroy_cached_continuous_batching_manager()
+        self._start_manager()
+        return failed
+
+    # --- the Engine interface ---------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenRequest], sink: TokenSink | None = None
+    ) -> list[GenResult | Exception]:
+        """All requests through the loop, up to MAX_BATCH_SIZE rows at a time."""
+        results: dict[int, GenResult | Exception] = {}
+        pending = list(range(len(requests)))
+        self.open(sink)
+        try:
+            while len(results) < len(requests):
+                while pending and self.active_rows() < self.max_batch_size:
+                    i = pending.pop(0)
+                    self.add(i, requests[i])
+                for row, res in self.poll(0.05):
+                    results[row] = res
+                if sink is not None and sink.any_stop():
+                    for row in [r.row for r in self._rows.values() if sink.should_stop(r.row)]:
+                        if (partial := self.cancel(row)) is not None:
+                            results[row] = partial
+            if sink is not None:
+                sink.flush()
+        finally:
+            self.close()
+        self.take_step_counts()
+        return [results[i] for i in range(len(requests))]
