@@ -129,7 +129,7 @@ def _plot_mixed(mix: dict[str, Any], eng: dict[str, Any] | None, out: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
     labels, values = [], []
     for mode, name in (("", "static"), ("continuous_", "continuous")):
         for kind in ("uniform", "mixed"):
@@ -145,6 +145,7 @@ def _plot_mixed(mix: dict[str, Any], eng: dict[str, Any] | None, out: Path) -> N
         color=["#4c72b0", "#dd8452", "#4c72b0", "#dd8452", "#999999", "#55a868"][: len(values)],
     )
     a.set_ylabel("requests/s (closed loop, tiny model)")
+    a.tick_params(axis="x", labelsize=8)
     a.set_title("Uniform vs mixed settings")
     if eng:
         keys = list(eng["runs"])

@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     #: submitted fills the first batch instead of starting it nearly empty).
     batch_collect_max_ms: float = 50.0
     #: Micro-batching: ready jobs looked at per free batch row; the batch takes those closest
-    #: in prompt length to its first job (less padding). 1: strict arrival order.
+    #: in token limit, then prompt length, to its first job. 1: strict arrival order.
     batch_length_window: int = Field(default=4, ge=1, le=64)
     #: Job messages a worker parent may hold unacknowledged (tasks/skip.py): it keeps
     #: acknowledging finished jobs' messages while its child drains the backlog. 0: auto,
@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     #: After its own job, a task keeps running batches of ready jobs for up to this long,
     #: so the engine does not idle between Celery deliveries (0: one batch per task).
     drain_s: float = 5.0
+    #: Continuous mode: a task adds ready jobs to the running loop for up to this long, then
+    #: lets its rows finish and returns to Celery. Longer than `drain_s` because the loop's
+    #: rows idle while the last ones finish; bounded because a task must end well inside
+    #: Celery's hard time limit (`job_time_limit_s`).
+    continuous_drain_s: float = Field(default=60.0, gt=0)
     #: A generation with no step for this long is hung (ms-swift/CUDA can deadlock): the
     #: watchdog fails its jobs with `engine_stalled` and restarts the pool child.
     stall_timeout_s: float = 120.0

@@ -40,7 +40,7 @@ def run_job(job_id: str) -> str | None:
     try:
         if s.engine_mode == "continuous" and s.engine == "swift":
             engine = cast(ContinuousEngine, st.engine)
-            outcomes = drain_continuous(job_id, st.store, engine, opts, s.drain_s)
+            outcomes = drain_continuous(job_id, st.store, engine, opts, s.continuous_drain_s)
         else:
             outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
     finally:

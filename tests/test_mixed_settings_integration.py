@@ -5,6 +5,7 @@ and a bad request still fails alone."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -151,3 +152,51 @@ def test_continuous_an_interactive_request_starts_while_long_jobs_hold_every_row
             c.post(f"/v1/jobs/{j}/cancel")
     for j in long_jobs:
         assert stack.wait_job(j)["status"] == "cancelled"
+
+
+def test_a_batch_file_with_mixed_settings_shares_engine_calls(any_stack: Stack) -> None:
+    """Batch lines (no token streaming) with their own settings, one of them invalid."""
+    stack = any_stack
+    settings: list[dict[str, Any]] = [
+        {"max_tokens": 3 + i, "temperature": [0, 0.7, 1.0][i % 3], "top_p": [0.9, 1.0][i % 2]}
+        for i in range(11)
+    ]
+    settings[5] = {"max_tokens": 4, "temperature": 9}  # invalid: the line fails, not the batch
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "tiny", "messages": [{"role": "user", "content": f"line {i}"}], **kw},
+            }
+        )
+        for i, kw in enumerate(settings)
+    ]
+    with stack.client() as c:
+        f = c.post(
+            "/v1/files", files={"file": ("m.jsonl", "\n".join(lines).encode())}, data={"purpose": "batch"}
+        )
+        body = {
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        batch = c.post("/v1/batches", json=body).json()
+        deadline = time.monotonic() + 120
+        while (batch := c.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.1)
+        assert batch["request_counts"] == {"total": 11, "completed": 10, "failed": 1}
+        out = [json.loads(x) for x in c.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+        err = [json.loads(x) for x in c.get(f"/v1/files/{batch['error_file_id']}/content").text.splitlines()]
+    assert [e["custom_id"] for e in err] == ["c5"]
+    for line in out:
+        i = int(line["custom_id"][1:])
+        usage = line["response"]["body"]["usage"]
+        assert usage["completion_tokens"] == settings[i]["max_tokens"]
+    sizes = [
+        stack.wait_job(line["response"]["body"]["id"].replace("chatcmpl-", "job_"))["batch_size"]
+        for line in out
+    ]
+    assert max(sizes) > 1

@@ -91,6 +91,10 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         self.steps[slot] = 0
         if self.counts is not None:
             self.counts[slot] = 0
+        if self.device.type == "cuda":
+            # the loop reads these on its own stream: they must be written before the request
+            # is added
+            torch.cuda.current_stream(self.device).synchronize()
         for flag, on in (
             (self.sampling, p.temperature > 0),
             (self.truncating, p.temperature > 0 and (p.top_p < 1.0 or top_k > 0)),
@@ -156,6 +160,8 @@ class _Row:
     params: GenParams
     prompt_tokens: int
     template_inputs: Any = None
+    #: someone watches its tokens (not a batch line): decode as they come
+    stream: bool = True
     tokens: list[int] = field(default_factory=list)
 
 
@@ -256,7 +262,8 @@ class ContinuousEngine(SwiftEngine):
         self.sampler.assign(slot, request.params, self._default_top_k)
         self._count += 1
         rid = f"r{self._count}"
-        r = _Row(row, rid, slot, request.params, len(input_ids), enc.get("template_inputs"))
+        stream = self._sink is not None and self._sink.wants_tokens(row)
+        r = _Row(row, rid, slot, request.params, len(input_ids), enc.get("template_inputs"), stream)
         self._rows[rid] = r
         self._by_row[row] = r
         if self._streamer is not None:  # rows are added in order
@@ -336,7 +343,7 @@ class ContinuousEngine(SwiftEngine):
                     break
         else:
             r.tokens += new
-        if self._streamer is not None and new:
+        if self._streamer is not None and r.stream and new:
             first = not self._streamer.ids[r.row]
             self._streamer.feed(r.row, new)
             if first:
@@ -360,7 +367,7 @@ class ContinuousEngine(SwiftEngine):
         text, cut = truncate_at_stop(str(text), r.params.stop)
         n = len(r.tokens)
         finish: FinishReason = "length" if n >= r.params.max_tokens and not (cut or stop_seen) else "stop"
-        if self._streamer is not None:
+        if self._streamer is not None and r.stream:
             self._streamer.decode(force=True)
             self._streamer.settle(r.row, text)
         self._release(r)
