@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from core.config import Settings
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
 from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
 
@@ -24,6 +25,18 @@ def bench_model(size: str = "tiny", eos_free: bool = True) -> Path:
     # outside any temp dir: the direct-engine half of a benchmark loads it after the stack stops
     name = f"bench-{size}-eosfree" if eos_free else f"bench-{size}-eos"
     return build_demo_model(Path.home() / ".cache" / "inferq" / name, size=size, eos_free=eos_free)
+
+
+def bench_settings(model: Path, batch: int, mode: str = "static") -> Settings:
+    """The worker's settings for the engine called directly in a benchmark process."""
+    return Settings(
+        model_path=str(model),
+        model_type=DEMO_MODEL_TYPE,
+        template=DEMO_TEMPLATE,
+        max_batch_size=batch,
+        served_model_name="tiny",
+        engine_mode=mode,  # type: ignore[arg-type]
+    )
 
 
 @contextmanager

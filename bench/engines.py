@@ -12,10 +12,8 @@ import gc
 import time
 from typing import Any
 
-from bench._stack import bench_model
+from bench._stack import bench_model, bench_settings
 from bench.common import prompts
-from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from workers.engine import GenParams, GenRequest, load_engine
 
 WORKLOADS = {
@@ -38,15 +36,7 @@ def _requests(n: int, workload: str) -> list[GenRequest]:
 
 def _tps(mode: str, size: str, workload: str, n: int, batch: int) -> float:
     model = bench_model(size, eos_free=not WORKLOADS[workload][1])
-    settings = Settings(
-        model_path=str(model),
-        model_type=DEMO_MODEL_TYPE,
-        template=DEMO_TEMPLATE,
-        max_batch_size=batch,
-        served_model_name="tiny",
-        engine_mode=mode,  # type: ignore[arg-type]
-    )
-    engine = load_engine(settings)
+    engine = load_engine(bench_settings(model, batch, mode))
     reqs = _requests(n, workload)
     engine.generate(reqs[:batch])  # warm-up
     t0 = time.perf_counter()

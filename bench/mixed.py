@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench._stack import bench_model, stack
+from bench._stack import bench_model, bench_settings, stack
 from bench.common import prompts
 from bench.efficiency import jobs_round
 from bench.loadgen import post_many
@@ -114,19 +114,11 @@ def _swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: 
 def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, float]:
     """Our engine in this process, all requests at once: it runs them in full batches of
     `batch` rows, each row with its own settings (the static upper bound)."""
-    from core.config import Settings
     from schemas.openai import ChatCompletionRequest
     from workers.engine import load_engine
     from workers.runner import gen_requests
 
-    settings = Settings(
-        model_path=str(model),
-        model_type=DEMO_MODEL_TYPE,
-        template=DEMO_TEMPLATE,
-        max_batch_size=batch,
-        served_model_name="tiny",
-    )
-    engine = load_engine(settings)
+    engine = load_engine(bench_settings(model, batch))
     gen = [g for i, b in enumerate(reqs) for g in gen_requests(f"d{i}", ChatCompletionRequest(**b), 512)]
     engine.generate(gen[:batch])  # warm-up
     t0 = time.perf_counter()

@@ -86,6 +86,17 @@ class Stack:
     def continuous(self) -> bool:
         return self.env.get("INFERQ_ENGINE_MODE") == "continuous"
 
+    def block_worker(self) -> str:
+        """A long job keeps the worker busy so that what follows piles up as a backlog (in
+        continuous mode the others join it instead); it is cancelled when the test ends."""
+        job = self.submit("hold the worker", max_tokens=600, temperature=0.9)
+        _blockers.append((self, job))
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{self.base_url}/v1/jobs/{job}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        return job
+
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30)
 
@@ -105,6 +116,19 @@ class Stack:
                     return job
                 time.sleep(0.05)
         raise TimeoutError(f"job {job_id} not finished in {timeout}s")
+
+
+_blockers: list[tuple[Stack, str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_blockers() -> Iterator[None]:
+    """In continuous mode a blocking job runs on beside its batch-mates: end it with its test."""
+    yield
+    while _blockers:
+        stack, job = _blockers.pop()
+        httpx.post(f"{stack.base_url}/v1/jobs/{job}/cancel", timeout=30)
+        stack.wait_job(job)
 
 
 def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,31 +20,6 @@ from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
 pytestmark = pytest.mark.integration
 
 
-_blockers: list[tuple[Stack, str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _cancel_blockers() -> Iterator[None]:
-    """In continuous mode the blocking job runs on beside its batch-mates: end it with its test."""
-    yield
-    while _blockers:
-        stack, job = _blockers.pop()
-        httpx.post(f"{stack.base_url}/v1/jobs/{job}/cancel", timeout=30)
-        stack.wait_job(job)
-
-
-def _block_worker(stack: Stack) -> str:
-    """A long job keeps the worker busy so that what follows piles up as a backlog (in
-    continuous mode the others join it instead)."""
-    job = stack.submit("hold the worker", max_tokens=600, temperature=0.9)
-    _blockers.append((stack, job))
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return job
-
-
 def test_backlog_runs_in_batches_with_the_same_results_as_alone(any_stack: Stack) -> None:
     stack = any_stack
     prompts = [f"batch me {i} " + "x " * i for i in range(6)]
@@ -53,7 +27,7 @@ def test_backlog_runs_in_batches_with_the_same_results_as_alone(any_stack: Stack
     for p in prompts:  # one at a time: each runs alone
         alone.append(stack.wait_job(stack.submit(p, max_tokens=20, temperature=0)))
     assert all(j["batch_size"] == 1 for j in alone)
-    _block_worker(stack)
+    stack.block_worker()
     together = [stack.submit(p, max_tokens=20, temperature=0) for p in prompts]
     done = [stack.wait_job(j) for j in together]
     assert max(j["batch_size"] for j in done) > 1
@@ -67,7 +41,7 @@ def test_backlog_runs_in_batches_with_the_same_results_as_alone(any_stack: Stack
 
 def test_jobs_of_a_batch_stream_concurrently(any_stack: Stack) -> None:
     stack = any_stack
-    _block_worker(stack)
+    stack.block_worker()
     jobs = [stack.submit(f"concurrent {i}", max_tokens=200, temperature=0.7) for i in range(4)]
     for j in jobs:
         stack.wait_job(j)
@@ -97,7 +71,7 @@ def test_poisoned_request_fails_alone(echo_stack: Stack) -> None:
 
 def test_kill_pool_child_mid_batch_every_job_succeeds_once(any_stack: Stack, r: redis.Redis) -> None:
     stack = any_stack
-    _block_worker(stack)
+    stack.block_worker()
     jobs = [stack.submit(f"survive {i}", max_tokens=500, temperature=0.8) for i in range(6)]
     deadline = time.monotonic() + 60
     while True:  # wait for the backlog's batch to be running

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,31 +16,6 @@ from tests.conftest import Stack
 from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
 
 pytestmark = pytest.mark.integration
-
-
-_blockers: list[tuple[Stack, str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _cancel_blockers() -> Iterator[None]:
-    """In continuous mode the blocking job runs on beside its batch-mates: end it with its test."""
-    yield
-    while _blockers:
-        stack, job = _blockers.pop()
-        httpx.post(f"{stack.base_url}/v1/jobs/{job}/cancel", timeout=30)
-        stack.wait_job(job)
-
-
-def _block_worker(stack: Stack) -> str:
-    """A long job keeps the worker busy so that what follows piles up as a backlog (in
-    continuous mode the others join it instead)."""
-    job = stack.submit("hold the worker", max_tokens=600, temperature=0.9)
-    _blockers.append((stack, job))
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{stack.base_url}/v1/jobs/{job}").json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return job
 
 
 def _content(job: dict[str, Any]) -> str:
@@ -64,7 +38,7 @@ def test_a_mixed_settings_backlog_shares_engine_calls_and_keeps_each_jobs_settin
     seeded_alone = stack.wait_job(stack.submit("seeded", **seeded))
     assert all(j["batch_size"] == 1 for j in [*alone, seeded_alone])
 
-    _block_worker(stack)
+    stack.block_worker()
     mixed: list[tuple[str, dict[str, Any]]] = [
         (greedy[0][0], {"max_tokens": greedy[0][1], "temperature": 0, "stop": [stop]}),
         ("sampled a", {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9}),
