@@ -181,6 +181,7 @@ class ContinuousEngine(SwiftEngine):
         self._slots: deque[int] = deque(range(1, 2 * self.rows_max + 2))
         self._rows: dict[str, _Row] = {}
         self._by_row: dict[int, _Row] = {}
+        self._refused: list[tuple[int, Exception]] = []
         self._sink: TokenSink | None = None
         self._streamer: DeltaStreamer | None = None
         self._count = 0
@@ -254,6 +255,17 @@ class ContinuousEngine(SwiftEngine):
         self._streamer = None if sink is None else DeltaStreamer(self.engine.template, sink, [], 0)
 
     def add(self, row: int, request: GenRequest) -> None:
+        """Start a row; a request that cannot start (its prompt does not encode, the loop
+        refuses it) ends at the next `poll` with its error, alone."""
+        try:
+            self._add(row, request)
+        except Exception as exc:
+            logger.warning("request for row %d could not join the loop: %s", row, exc)
+            if (r := self._by_row.get(row)) is not None:
+                self._release(r)
+            self._refused.append((row, exc))
+
+    def _add(self, row: int, request: GenRequest) -> None:
         enc = self.engine.template.encode(
             InferRequest(messages=request.messages), return_template_inputs=True
         )
@@ -293,7 +305,10 @@ class ContinuousEngine(SwiftEngine):
 
     def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]:
         """Rows that ended since the last call (waits up to `timeout_s` for the first output)."""
-        done: list[tuple[int, GenResult | Exception]] = []
+        done: list[tuple[int, GenResult | Exception]] = list(self._refused)
+        self._refused.clear()
+        if done:
+            timeout_s = 0.0
         outq = self.manager.output_router.output_queue
         try:
             out = outq.get(timeout=timeout_s) if timeout_s > 0 else outq.get_nowait()

@@ -200,7 +200,9 @@ class RowLimits(StoppingCriteria):
         done = self._limits <= generated
         live = [i for i in self.with_stops if i not in self.stopped and self.max_tokens[i] >= generated]
         if live:
-            tails = [input_ids[i, -min(self.window[i], generated) :].tolist() for i in live]
+            width = min(max(self.window[i] for i in live), generated)
+            rows = input_ids[live, -width:].tolist()  # one device read for all of them
+            tails = [row[-min(self.window[i], width) :] for i, row in zip(live, rows, strict=True)]
             for i, text in zip(live, self.decode(tails), strict=True):
                 if any(s in text for s in self.stops[i]):
                     self.stopped.add(i)

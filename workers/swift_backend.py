@@ -353,7 +353,13 @@ class SwiftEngine:
         return results
 
     def _decode_tails(self, tails: list[list[int]]) -> list[str]:
-        return [str(t) for t in self.engine.tokenizer.batch_decode(tails, skip_special_tokens=False)]
+        """Stop checks run every step: the Rust tokenizer directly, where it decodes exactly as
+        `batch_decode` does (no space clean-up), skips transformers' per-call Python."""
+        tok = self.engine.tokenizer
+        backend = getattr(tok, "_tokenizer", None)
+        if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", True):
+            return list(backend.decode_batch(tails, skip_special_tokens=False))
+        return [str(t) for t in tok.batch_decode(tails, skip_special_tokens=False)]
 
     @staticmethod
     def _to_result(out: Any, params: GenParams, stop_seen: bool) -> GenResult | Exception:
