@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -128,25 +129,42 @@ def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, fl
     return {"requests_per_s": len(gen) / wall, "tokens_per_s": toks / wall}
 
 
-def mixed(n: int = 192, batch: int = 16, clients: int = 64, loop_n: int = 256) -> dict[str, Any]:
-    res: dict[str, Any] = {"n": n, "max_batch_size": batch, "clients": clients, "closed_loop_n": loop_n}
+def mixed(
+    n: int = 192, batch: int = 16, clients: int = 64, loop_n: int = 256, rounds: int = 5
+) -> dict[str, Any]:
+    """Medians of `rounds` alternating uniform / mixed rounds on each stack."""
+    res: dict[str, Any] = {
+        "n": n,
+        "max_batch_size": batch,
+        "clients": clients,
+        "closed_loop_n": loop_n,
+        "rounds": rounds,
+    }
     for mode in ("static", "continuous"):
         prefix = "" if mode == "static" else "continuous_"
         with stack(INFERQ_MAX_BATCH_SIZE=str(batch), INFERQ_ENGINE_MODE=mode) as (base, _model, env, _sup):
             r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
             closed_loop(base, bodies(clients, True, offset=1000), clients)  # warm-up
-            for kind in ("uniform", "mixed"):
-                jr = jobs_round(base, r, bodies(n, kind == "mixed"), batch)
-                res[f"{prefix}backlog_{kind}_occupancy"] = round(jr["occupancy"], 3)
-                res[f"{prefix}backlog_{kind}_tokens_per_s"] = round(jr["tps"], 1)
-                cl = closed_loop(base, bodies(loop_n, kind == "mixed"), clients)
-                res[f"{prefix}closed_loop_{kind}_requests_per_s"] = round(cl["requests_per_s"], 1)
-                res[f"{prefix}closed_loop_{kind}_tokens_per_s"] = round(cl["tokens_per_s"], 1)
-                print(
-                    f"  {mode} {kind}: backlog occupancy {jr['occupancy']:.2f}, {jr['tps']:.0f} tok/s; "
-                    f"closed loop {cl['requests_per_s']:.1f} req/s, {cl['tokens_per_s']:.0f} tok/s",
-                    flush=True,
-                )
+            runs: dict[str, list[dict[str, float]]] = {"uniform": [], "mixed": []}
+            for i in range(rounds):  # alternating: this VM's speed drifts over tens of seconds
+                for kind in ("uniform", "mixed") if i % 2 == 0 else ("mixed", "uniform"):
+                    jr = jobs_round(base, r, bodies(n, kind == "mixed"), batch)
+                    cl = closed_loop(base, bodies(loop_n, kind == "mixed"), clients)
+                    runs[kind].append({**{f"backlog_{k}": v for k, v in jr.items()}, **cl})
+                    print(
+                        f"  {mode} {kind} round {i + 1}: backlog occupancy {jr['occupancy']:.2f}, "
+                        f"{jr['tps']:.0f} tok/s; closed loop {cl['requests_per_s']:.1f} req/s",
+                        flush=True,
+                    )
+            for kind, got in runs.items():
+
+                def med(key: str, got: list[dict[str, float]] = got) -> float:
+                    return statistics.median(x[key] for x in got)
+
+                res[f"{prefix}backlog_{kind}_occupancy"] = round(med("backlog_occupancy"), 3)
+                res[f"{prefix}backlog_{kind}_tokens_per_s"] = round(med("backlog_tps"), 1)
+                res[f"{prefix}closed_loop_{kind}_requests_per_s"] = round(med("requests_per_s"), 1)
+                res[f"{prefix}closed_loop_{kind}_tokens_per_s"] = round(med("tokens_per_s"), 1)
     model = bench_model("tiny")
     sd = _swift_deploy(model, batch, bodies(loop_n, True), clients)
     res["swift_deploy_mixed_requests_per_s"] = round(sd["requests_per_s"], 1)

@@ -69,8 +69,8 @@ def _mixed_section(results: Path, docs: Path) -> list[str]:
             "",
             f"Tiny model, MAX_BATCH_SIZE={mix['max_batch_size']}; backlog of {mix['n']} `/v1/jobs`; "
             f"{mix['clients']} closed-loop `/v1/chat/completions` clients, {mix['closed_loop_n']} requests; "
-            f"run at {mix['at']}. Occupancy: mean rows per engine call / MAX_BATCH_SIZE (continuous: "
-            "mean rows per generation step / MAX_BATCH_SIZE).",
+            f"medians of {mix.get('rounds', 1)} alternating rounds; run at {mix['at']}. Occupancy: mean rows "
+            "per engine call / MAX_BATCH_SIZE (continuous: mean rows per generation step / MAX_BATCH_SIZE).",
             "",
             "| | backlog occupancy | backlog tok/s | closed loop req/s | closed loop tok/s |",
             "|---|---|---|---|---|",
