@@ -31,9 +31,12 @@ INLINE_COUNT_CHARS = 4096
 class CounterHolder:
     """Loads the prompt counter (the model's template, no weights) off the event loop."""
 
+    RETRY_S = 10.0
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._task: asyncio.Task[PromptCounter] | None = None
+        self._failed_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -45,10 +48,24 @@ class CounterHolder:
         return self._task is not None and self._task.done() and self._task.exception() is None
 
     async def get(self) -> PromptCounter:
-        if self._task is None:
+        """The counter, or a 503 naming why the model could not be loaded (a failed load is
+        tried again after `RETRY_S`: the model directory may have been fixed meanwhile)."""
+        if self._task is None or (self._failed_at and time.monotonic() - self._failed_at > self.RETRY_S):
+            self._failed_at = 0.0
             self.start()
         assert self._task is not None
-        return await asyncio.shield(self._task)
+        try:
+            return await asyncio.shield(self._task)
+        except Exception as exc:
+            if not self._failed_at:
+                self._failed_at = time.monotonic()
+                logger.error("the model could not be loaded: %s", exc)
+            raise APIError(
+                503,
+                f"The model is not available: it could not be loaded ({type(exc).__name__}: {exc}).",
+                code="model_unavailable",
+                type_="server_error",
+            ) from exc
 
 
 async def prepare(

@@ -115,6 +115,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
         )
         return 2
+    model = args.model or settings.model_path
+    if model and (args.engine or settings.engine) == "swift":
+        from core.preflight import model_problems
+
+        problems = model_problems(
+            model,
+            args.model_type or settings.model_type,
+            args.template or settings.template,
+            args.adapters or list(settings.adapters),
+        )
+        for problem in problems:
+            logger.error("%s", problem)
+        if problems:
+            return 2
     if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
         from core.demo_model import build_demo_model
 
@@ -179,6 +193,7 @@ def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) ->
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    started = time.time()
 
     def ready() -> bool:
         if sup.exited():
@@ -186,6 +201,11 @@ def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) ->
             raise RuntimeError(f"{name} exited with code {code} during start-up")
         if callable(stopping) and stopping():
             return True
+        for name in client.scan_iter(match=keys.WORKER_FAILURE_PATTERN, count=100):
+            raw = client.get(name)
+            info = json.loads(raw) if raw else {}
+            if info.get("at", 0) >= started:
+                raise RuntimeError(f"a worker child could not load its engine: {info.get('error')}")
         with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
             if resp.status != 200:
                 return False

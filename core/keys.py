@@ -22,6 +22,16 @@ def worker(worker_id: str) -> str:
 WORKER_PATTERN = f"{PREFIX}worker:*"
 
 
+def worker_failure(worker_id: str) -> str:
+    """String (JSON `at`, `error`): why a worker child could not load its engine, for
+    `inferq run` to print. TTL: 1 hour."""
+    return f"{PREFIX}worker-failed:{worker_id}"
+
+
+WORKER_FAILURE_PATTERN = f"{PREFIX}worker-failed:*"
+WORKER_FAILURE_TTL_S = 3600
+
+
 def job_events(job_id: str) -> str:
     """Stream: status changes and token deltas of one job. MAXLEN ~ and TTL: result_ttl_s."""
     return f"{PREFIX}events:{job_id}"

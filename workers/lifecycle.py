@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -179,12 +179,27 @@ def warm_up(engine: Engine, sizes: list[int]) -> float:
     return time.monotonic() - t0
 
 
+def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
+    """A child that cannot load its engine says why in Redis (for `inferq run`, which stops
+    waiting and prints it) and exits: left running it would take jobs and fail them all."""
+    logger.exception("this worker child could not load its engine: %s", exc)
+    with contextlib.suppress(redis.RedisError):
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
+        client.set(keys.worker_failure(runner.process_owner()), info, ex=keys.WORKER_FAILURE_TTL_S)
+    logging.shutdown()
+    os._exit(3)
+
+
 def init_child(**_: Any) -> None:
     """`worker_process_init` handler: load, warm up, announce."""
     global _state
     settings = get_settings()
     t0 = time.monotonic()
-    engine = load_engine(settings)
+    try:
+        engine = load_engine(settings)
+    except Exception as exc:
+        _report_load_failure(settings, exc)
     if settings.warmup:
         sizes = warmup_sizes(settings.warmup_batch_sizes, settings.max_batch_size, engine.facts.accelerator)
         logger.info("warm-up (batch sizes %s) took %.2fs", sizes, warm_up(engine, sizes))

@@ -1,0 +1,88 @@
+"""Set-up mistakes fail fast and say what to fix: a model path that is not there, a template
+ms-swift does not know, weights that do not load in the worker; an API without a model
+answers 503 with the reason, never 500."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.processes import Supervisor, api_argv, free_port, port_open, wait_for
+from tests.conftest import ROOT, stack_env, with_db
+
+pytestmark = pytest.mark.integration
+
+
+def _run(tmp_path: Path, *args: str, timeout: float) -> tuple[int, str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
+    env.update(INFERQ_HOME=str(tmp_path / "home"))
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), "--no-flower", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+def test_a_model_path_that_is_not_there_fails_at_once_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "Qwen2.5-0.5B-Instruct"
+    code, out, took = _run(
+        tmp_path, "--model", str(missing), "--model-type", "qwen2", "--template", "qwen2_5", timeout=60
+    )
+    assert code == 2 and f"--model {missing}: no such directory" in out, out[-2000:]
+    assert took < 30
+    assert "Traceback" not in out
+
+
+def test_an_unknown_template_fails_at_once_with_suggestions(tmp_path: Path, demo_model: Path) -> None:
+    code, out, _ = _run(
+        tmp_path, "--model", str(demo_model), "--model-type", "qwen2", "--template", "qwen2.5", timeout=120
+    )
+    assert code == 2 and "--template qwen2.5: not a template ms-swift knows (did you mean" in out, out[-2000:]
+    assert "qwen2_5" in out
+
+
+def test_weights_that_do_not_load_stop_the_run_with_the_childs_error(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    code, out, took = _run(
+        tmp_path, "--model", str(broken), "--model-type", "qwen2", "--template", "qwen2_5", timeout=280
+    )
+    assert code == 1 and "a worker child could not load its engine" in out, out[-3000:]
+    assert took < 240
+
+
+def test_an_api_without_a_model_answers_503_with_the_reason(redis_url: str, tmp_path: Path) -> None:
+    missing = tmp_path / "no-model-here"
+    env = stack_env(with_db(redis_url, 8), missing, tmp_path)
+    port = free_port()
+    sup = Supervisor()
+    try:
+        proc = sup.start("api", api_argv("127.0.0.1", port), env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_for(lambda: port_open(port), 60, "api", proc)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(2):  # the first load fails, and so does the answer to the next request
+            resp = httpx.get(f"{base}/v1/models", timeout=60)
+            assert resp.status_code == 503, resp.text
+            err = resp.json()["error"]
+            assert err["code"] == "model_unavailable" and "could not be loaded" in err["message"]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        resp = httpx.post(f"{base}/v1/jobs", json=body, timeout=60)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_unavailable"
+    finally:
+        sup.stop_all()
