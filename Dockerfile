@@ -12,5 +12,5 @@ COPY schemas schemas
 COPY tasks tasks
 COPY workers workers
 RUN pip install .
-RUN useradd --create-home inferq
+RUN useradd --create-home inferq && mkdir -p /data/files && chown inferq /data/files
 USER inferq

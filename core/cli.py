@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from core import batch_cli, keys
 from core.config import Settings
@@ -129,6 +130,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             logger.error("%s", problem)
         if problems:
             return 2
+    lock = _lock_home(settings.home)
+    if lock is None:
+        logger.error(
+            "Another `inferq run` is using INFERQ_HOME=%s (its embedded Valkey's AOF, its files): "
+            "two cannot share one. Stop that one, or give this one its own home, e.g. "
+            "INFERQ_HOME=%s-2 inferq run ...",
+            settings.home,
+            settings.home,
+        )
+        return 2
     if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
         from core.demo_model import build_demo_model
 
@@ -185,6 +196,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         sup.stop_all()
         logger.info("stopped")
+
+
+def _lock_home(home: Path) -> IO[bytes] | None:
+    """An exclusive lock on the home for this process's life (None: another run holds it).
+    flock, so a run killed with SIGKILL leaves no stale lock behind."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    fh = (home / "run.lock").open("ab")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
 
 
 def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) -> None:

@@ -46,3 +46,13 @@ def test_config_is_env_driven() -> None:
         assert env["INFERQ_MODEL_PATH"].startswith("${INFERQ_MODEL_PATH:?")
         assert env["INFERQ_API_KEYS"].startswith("${INFERQ_API_KEYS:?")  # a published API needs keys
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_batch_files_live_on_a_named_volume_for_every_service_that_uses_them() -> None:
+    """Recreating the API container must not lose uploads and batch output files while the
+    batch records survive in Valkey."""
+    data = _compose()
+    assert "inferq-files" in data["volumes"]
+    api = data["services"]["api"]  # the one service that reads or writes them (api/files.py, api/batches.py)
+    assert api["environment"]["INFERQ_FILES_DIR"] == "/data/files"
+    assert "inferq-files:/data/files" in api["volumes"]

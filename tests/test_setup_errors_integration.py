@@ -86,3 +86,16 @@ def test_an_api_without_a_model_answers_503_with_the_reason(redis_url: str, tmp_
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_unavailable"
     finally:
         sup.stop_all()
+
+
+def test_a_second_run_on_the_same_home_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with (home / "run.lock").open("ab") as held:  # as a first `inferq run` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out, took = _run(tmp_path, timeout=60)
+    assert code == 2 and f"INFERQ_HOME={home}" in out and "its own home" in out, out[-2000:]
+    assert took < 30
+    assert not (home / "valkey").exists()  # nothing was started
