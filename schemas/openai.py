@@ -142,6 +142,8 @@ class ChatCompletionRequest(StrictModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    #: required (nullable) in OpenAI's published schema; this server never refuses
+    refusal: None = None
 
 
 class Choice(BaseModel):

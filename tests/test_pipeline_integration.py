@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_jobs_match_reference_decoding(any_stack: Stack, reference) -> None:
         assert result["object"] == "chat.completion" and result["model"] == "tiny"
         text, prompt_tokens, completion_tokens = reference(prompt, 24)
         choice = result["choices"][0]
-        assert choice["message"] == {"role": "assistant", "content": text}
+        assert choice["message"] == {"role": "assistant", "content": text, "refusal": None}
         assert choice["finish_reason"] == ("length" if completion_tokens == 24 else "stop")
         assert result["usage"] == {
             "prompt_tokens": prompt_tokens,
@@ -257,3 +258,15 @@ def test_transport_level_bad_input(stack: Stack, r: redis.Redis) -> None:
     assert bad_utf8.status_code == 400
     assert httpx.get(f"{stack.base_url}/health").status_code == 200  # still serving
     assert _job_keys(r) == before
+
+
+def test_a_prompt_over_the_context_gets_context_length_exceeded_with_the_counts(stack: Stack) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "tell me about gpus " * 2000}]}
+    with stack.client() as c:
+        resp = c.post("/v1/jobs", json=body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert re.search(
+        r"maximum context length is 2048 tokens; the messages use \d{4,} ?\.?", err["message"]
+    ), err
