@@ -34,6 +34,10 @@ from core.processes import (
 
 logger = logging.getLogger("inferq")
 
+#: a process that exits this many times within CRASH_WINDOW_S is not started again
+MAX_RESTARTS = 5
+CRASH_WINDOW_S = 300.0
+
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
@@ -148,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
             settings.demo_model_dir,
         )
-    sup = Supervisor()
+    sup = Supervisor(die_with_parent=True)
     stopping = False
 
     def _on_signal(signum: int, _: FrameType | None) -> None:
@@ -183,11 +187,30 @@ def cmd_run(args: argparse.Namespace) -> int:
                 base,
                 "" if args.no_flower else f", Flower http://{args.host}:{args.flower_port}",
             )
+        crashes: dict[str, list[float]] = {}
         while not stopping:
-            dead = sup.exited()
-            if dead:
-                logger.error("%s exited (code %s); stopping the rest", *dead[0])
-                return 1
+            for name, code in sup.exited():
+                now = time.monotonic()
+                recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S]
+                if len(recent) >= MAX_RESTARTS:
+                    logger.error(
+                        "%s exited (code %s) %d times in %.0f s: it cannot stay up; stopping everything. "
+                        "Its own log lines above say why.",
+                        name,
+                        code,
+                        len(recent) + 1,
+                        CRASH_WINDOW_S,
+                    )
+                    return 1
+                delay = min(30.0, 2.0 ** len(recent))
+                logger.error("%s exited (code %s); starting it again in %.0f s", name, code, delay)
+                end = time.monotonic() + delay
+                while not stopping and time.monotonic() < end:
+                    time.sleep(0.1)
+                if stopping:
+                    break
+                sup.restart(name)
+                crashes[name] = [*recent, now]
             time.sleep(0.5)
         return 0
     except (RuntimeError, TimeoutError) as exc:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -140,11 +141,36 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-class Supervisor:
-    """Owns child processes; stops them in reverse start order, whole groups at a time."""
+#: Runs a command with PR_SET_PDEATHSIG (Linux): the kernel sends it SIGTERM when the
+#: supervisor dies, even by SIGKILL, so no orphan keeps the model or the ports. A wrapper
+#: that execs rather than a `preexec_fn`: that runs in the forked child of a threaded
+#: parent, where taking any lock (an import, malloc) can deadlock.
+DIE_WITH_PARENT = [
+    sys.executable,
+    "-c",
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # 1: PR_SET_PDEATHSIG
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "  # the parent died before prctl
+    "os.execvp(sys.argv[2], sys.argv[2:])",
+]
 
-    def __init__(self) -> None:
+
+@dataclass
+class _Spec:
+    argv: list[str]
+    env: dict[str, str] | None
+    cwd: Path | None
+    stdout: int | None
+
+
+class Supervisor:
+    """Owns child processes; stops them in reverse start order, whole groups at a time, and
+    can start a dead one again with what it was started with."""
+
+    def __init__(self, die_with_parent: bool = False) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._specs: dict[str, _Spec] = {}
+        self.die_with_parent = die_with_parent and sys.platform == "linux"
 
     def start(
         self,
@@ -154,17 +180,37 @@ class Supervisor:
         cwd: Path | None = None,
         stdout: int | None = None,
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            list(argv),
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-        )
+        spec = _Spec(list(argv), dict(env) if env is not None else None, cwd, stdout)
+        self._specs[name] = spec
+        proc = self._spawn(spec)
         self.procs.append((name, proc))
         logger.info("started %s (pid %d)", name, proc.pid)
         return proc
+
+    def _spawn(self, spec: _Spec) -> subprocess.Popen[bytes]:
+        wrap = [*DIE_WITH_PARENT, str(os.getpid())] if self.die_with_parent else []
+        return subprocess.Popen(
+            [*wrap, *spec.argv],
+            env=spec.env,
+            cwd=spec.cwd,
+            start_new_session=True,
+            stdout=spec.stdout,
+            stderr=subprocess.STDOUT if spec.stdout is not None else None,
+        )
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start `name` again (after its group is killed: a dead Celery parent's pool child,
+        holding the model and the ports it had, would otherwise live on)."""
+        for i, (n, old) in enumerate(self.procs):
+            if n == name:
+                _signal_group(old, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    old.wait()
+                proc = self._spawn(self._specs[name])
+                self.procs[i] = (name, proc)
+                logger.info("restarted %s (pid %d)", name, proc.pid)
+                return proc
+        raise KeyError(name)
 
     def exited(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]

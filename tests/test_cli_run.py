@@ -78,3 +78,50 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     # the worker child's own lines reach the log (ms-swift's import used to mute them)
     assert "SERVING THE DEMO MODEL" in text and "worker child" in text, text[-3000:]
     assert _procs_with(f"INFERQ_HOME={home}") == []
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> None:
+    """kill -9 of the worker's main process: `inferq run` starts it again and every job
+    accepted before completes; kill -9 of `inferq run` itself: nothing it started lives on."""
+    home = tmp_path / "inferq-home"
+    api_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
+    env.update(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5", INFERQ_LEASE_S="3")
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--no-flower"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_ready(base, timeout=180)
+        body = {"model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+        jobs = [httpx.post(f"{base}/v1/jobs", json=body).json()["id"] for _ in range(6)]
+        child = httpx.get(f"{base}/ready").json()["workers"][0]["pid"]
+        os.kill(_ppid(child), signal.SIGKILL)  # the Celery parent, as the OOM killer would
+        deadline = time.monotonic() + 150
+        for job in jobs:
+            while (status := httpx.get(f"{base}/v1/jobs/{job}", timeout=10).json()["status"]) not in (
+                "succeeded",
+                "failed",
+            ):
+                assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+                time.sleep(0.2)
+            assert status == "succeeded"
+        assert proc.poll() is None  # still up
+        assert "worker exited" in log_path.read_text(errors="replace")
+    finally:
+        proc.kill()  # SIGKILL: no clean-up of its own
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _procs_with(f"INFERQ_HOME={home}"):
+        assert time.monotonic() < deadline, _procs_with(f"INFERQ_HOME={home}")
+        time.sleep(0.2)
