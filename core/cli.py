@@ -39,19 +39,14 @@ MAX_RESTARTS = 5
 CRASH_WINDOW_S = 300.0
 
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags of `run`, `worker` and `api` (every process must serve the same one)."""
     p.add_argument("--model", help="local model directory (default: build and serve the tiny demo model)")
     p.add_argument("--model-type", default="", help="ms-swift model_type, e.g. qwen2 (required for --model)")
     p.add_argument("--template", default="", help="ms-swift template, e.g. qwen2_5 (required for --model)")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter directories to merge at load")
     p.add_argument("--served-model-name", default="", help="the `model` id clients send")
     p.add_argument("--engine", choices=["swift", "echo"], default=None)
-    p.add_argument("--redis-url", default=None, help="use this Redis/Valkey instead of the embedded one")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--flower-port", type=int, default=5555)
-    p.add_argument("--no-flower", action="store_true")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument(
         "--engine-mode",
@@ -59,6 +54,16 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="static batches (default) or transformers' continuous batching",
     )
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
+    _model_args(p)
+    p.add_argument("--redis-url", default=None, help="use this Redis/Valkey instead of the embedded one")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--no-flower", action="store_true")
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -96,25 +101,8 @@ def _flower_env(env: dict[str, str], host: str, basic_auth: str) -> dict[str, st
     return env
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    settings = Settings()
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not args.insecure:
-        if not settings.auth_enabled:
-            logger.error(
-                "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
-                "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
-                "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
-                args.host,
-            )
-            return 2
-        if not args.no_flower and not settings.flower_basic_auth:
-            logger.error(
-                "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
-                "(or pass --no-flower / --insecure).",
-                args.host,
-            )
-            return 2
+def _check_model(args: argparse.Namespace, settings: Settings) -> int | None:
+    """The model flags' problems, logged one per line; an exit code, or None if fine."""
     if args.model and (not args.model_type or not args.template):
         logger.error(
             "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
@@ -134,6 +122,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             logger.error("%s", problem)
         if problems:
             return 2
+    return None
+
+
+def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
+    if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
+        from core.demo_model import build_demo_model
+
+        build_demo_model(settings.demo_model_dir)
+        logger.warning(
+            "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
+            settings.demo_model_dir,
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not args.insecure:
+        if not settings.auth_enabled:
+            logger.error(
+                "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
+                "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
+                "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
+                args.host,
+            )
+            return 2
+        if not args.no_flower and not settings.flower_basic_auth:
+            logger.error(
+                "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
+                "(or pass --no-flower / --insecure).",
+                args.host,
+            )
+            return 2
+    if (code := _check_model(args, settings)) is not None:
+        return code
     lock = _lock_home(settings.home)
     if lock is None:
         logger.error(
@@ -144,14 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.home,
         )
         return 2
-    if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
-        from core.demo_model import build_demo_model
-
-        build_demo_model(settings.demo_model_dir)
-        logger.warning(
-            "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
-            settings.demo_model_dir,
-        )
+    _demo_if_no_model(args, settings)
     sup = Supervisor(die_with_parent=True)
     stopping = False
 
@@ -273,6 +289,37 @@ def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) ->
     raise TimeoutError("the stack did not become ready within 600s")
 
 
+def _serve_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, what in (("worker", "a GPU worker"), ("api", "the API")):
+        p = sub.add_parser(name, help=f"start just {what} against an existing Redis/Valkey (more hosts)")
+        _model_args(p)
+        p.add_argument("--redis-url", default=None, help="the Redis/Valkey every process of the stack uses")
+        if name == "api":
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8000)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`inferq worker` / `inferq api`: one process of the stack, in the foreground (it becomes
+    that process: Ctrl-C and service managers talk to Celery or uvicorn directly)."""
+    settings = Settings()
+    redis_url = args.redis_url or settings.redis_url
+    if not redis_url:
+        logger.error(
+            "inferq %s needs --redis-url (or INFERQ_REDIS_URL): the Redis/Valkey that the API and "
+            "the workers share, e.g. redis://gpu-host-1:6379/0",
+            args.cmd,
+        )
+        return 2
+    if (code := _check_model(args, settings)) is not None:
+        return code
+    _demo_if_no_model(args, settings)
+    env = build_env(args, settings, redis_url)
+    argv = worker_argv(settings.queues) if args.cmd == "worker" else api_argv(args.host, args.port)
+    logger.info("starting %s against %s", args.cmd, redis_url)
+    os.execvpe(argv[0], argv, env)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
@@ -299,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
+    _serve_parsers(sub)
     batch_cli.add_parser(sub)
     kp = sub.add_parser("keys", help="manage API keys")
     kp.add_argument("action", choices=["create"])
@@ -316,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main([args.which, *args.options])
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd in ("worker", "api"):
+        return cmd_serve(args)
     if args.cmd == "batch":
         return batch_cli.run(args)
     parser.error(f"unknown command {args.cmd}")

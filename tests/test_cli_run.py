@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from core.processes import free_port
-from tests.conftest import ROOT, wait_ready
+from core.processes import Supervisor, free_port
+from tests.conftest import ROOT, wait_ready, with_db
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +126,63 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     while _procs_with(f"INFERQ_HOME={home}"):
         assert time.monotonic() < deadline, _procs_with(f"INFERQ_HOME={home}")
         time.sleep(0.2)
+
+
+def test_worker_and_api_started_on_their_own_serve_a_job(
+    tmp_path: Path, redis_url: str, demo_model: Path
+) -> None:
+    """How a user adds a GPU host: `inferq worker` and `inferq api` against one Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
+    env.update(INFERQ_HOME=str(tmp_path / "home"), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
+    missing = subprocess.run(
+        [sys.executable, "-m", "core.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "needs --redis-url" in missing.stdout + missing.stderr
+    url = with_db(redis_url, 7)
+    redis.Redis.from_url(url).flushdb()
+    model = [
+        "--model",
+        str(demo_model),
+        "--model-type",
+        "qwen2",
+        "--template",
+        "qwen2_5",
+        "--served-model-name",
+        "tiny",
+    ]
+    port = free_port()
+    sup = Supervisor()
+    log = (tmp_path / "serve.log").open("wb")
+    try:
+        sup.start(
+            "worker",
+            [sys.executable, "-m", "core.cli", "worker", "--redis-url", url, *model],
+            env=env,
+            cwd=ROOT,
+            stdout=log.fileno(),
+        )
+        sup.start(
+            "api",
+            [sys.executable, "-m", "core.cli", "api", "--redis-url", url, "--port", str(port), *model],
+            env=env,
+            cwd=ROOT,
+            stdout=log.fileno(),
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, timeout=180)
+        job = httpx.post(
+            f"{base}/v1/jobs",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        ).json()["id"]
+        deadline = time.monotonic() + 60
+        while (status := httpx.get(f"{base}/v1/jobs/{job}").json()["status"]) != "succeeded":
+            assert time.monotonic() < deadline and status not in ("failed", "cancelled"), status
+            time.sleep(0.1)
+    finally:
+        sup.stop_all()
+        log.close()
