@@ -26,6 +26,28 @@ from core.storage import LocalStorage
 logger = logging.getLogger("inferq.api")
 
 
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with its JS and CSS from the API itself (the `swagger-ui-bundle`
+    package): FastAPI's default page loads them from a CDN and is blank offline, and /docs is
+    the first page `inferq run` points to."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="inferq API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if not settings.redis_url:
@@ -80,8 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Queue-backed, OpenAI-compatible inference on ms-swift workers.",
+        docs_url=None,  # served below, from local assets
+        redoc_url=None,
     )
     errors.install(app)
+    install_docs(app)
 
     app.add_middleware(RequestGuard, settings=settings)
 

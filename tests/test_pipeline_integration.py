@@ -270,3 +270,15 @@ def test_a_prompt_over_the_context_gets_context_length_exceeded_with_the_counts(
     assert re.search(
         r"maximum context length is 2048 tokens; the messages use \d{4,} ?\.?", err["message"]
     ), err
+
+
+def test_docs_page_needs_no_other_host(stack: Stack) -> None:
+    """/docs is the first page the READY line points to: it must work with no internet."""
+    with stack.client() as c:
+        page = c.get("/docs")
+        assert page.status_code == 200 and "swagger-ui" in page.text
+        refs = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+        assert refs and not [r for r in refs if "//" in r], refs  # nothing from a CDN
+        for ref in refs:
+            assert c.get(ref).status_code == 200, ref
+        assert c.get("/openapi.json").json()["info"]["title"] == "inferq"
