@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,17 +24,34 @@ from rich.progress import (
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
+def _connection_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """`--url` and `--api-key`, before or after the subcommand (the subcommand's copy has no
+    default, so it never hides one given before it)."""
+    p.add_argument(
+        "--url",
+        default=os.environ.get("INFERQ_URL", "http://127.0.0.1:8000") if defaults else argparse.SUPPRESS,
+        help="inferq API base URL (env INFERQ_URL)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("INFERQ_API_KEY", "") if defaults else argparse.SUPPRESS,
+        help="API key, when the server has keys (env INFERQ_API_KEY)",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("batch", help="submit and follow OpenAI-format JSONL batches")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="inferq API base URL")
+    _connection_args(p, defaults=True)
     bsub = p.add_subparsers(dest="batch_cmd", required=True)
     s = bsub.add_parser("submit", help="upload FILE and create a batch")
+    _connection_args(s, defaults=False)
     s.add_argument("file", type=Path)
     s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     s.add_argument("--output", type=Path, help="with --wait: write the output file here")
     s.add_argument("--errors", type=Path, help="with --wait: write the error file here")
     for name in ("status", "cancel"):
         c = bsub.add_parser(name, help=f"{name} a batch")
+        _connection_args(c, defaults=False)
         c.add_argument("batch_id")
 
 
@@ -68,8 +86,13 @@ def follow(client: httpx.Client, batch_id: str, console: Console) -> dict[str, A
     start = time.monotonic()
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("validating", total=None, failed=0, rate=0.0)
+        interval = 0.5
         while True:
-            b = _check(client.get(f"/v1/batches/{batch_id}"))
+            resp = client.get(f"/v1/batches/{batch_id}")
+            if resp.status_code == 429:  # a rate-limited key: wait as told, then look again
+                time.sleep(float(resp.headers.get("retry-after") or 5))
+                continue
+            b = _check(resp)
             c = b["request_counts"]
             done = c["completed"] + c["failed"]
             rate = done / max(time.monotonic() - start, 1e-6)
@@ -83,7 +106,8 @@ def follow(client: httpx.Client, batch_id: str, console: Console) -> dict[str, A
             )
             if b["status"] in TERMINAL:
                 return b
-            time.sleep(0.5)
+            time.sleep(interval)
+            interval = min(interval * 1.25, 5.0)  # a long batch is not polled twice a second
 
 
 def _download(client: httpx.Client, file_id: str | None, path: Path | None) -> None:
@@ -95,8 +119,27 @@ def _download(client: httpx.Client, file_id: str | None, path: Path | None) -> N
 
 
 def run(args: argparse.Namespace) -> int:
+    """One clear line and a non-zero exit for a missing file, an unreachable server or an
+    error answer, never a traceback."""
     console = Console(stderr=True)
-    with httpx.Client(base_url=args.url, timeout=60) as client:
+    if args.batch_cmd == "submit" and not args.file.is_file():
+        return _fail(f"{args.file}: no such file")
+    try:
+        return _run(args, console)
+    except httpx.HTTPError as exc:
+        return _fail(f"cannot reach the inferq API at {args.url}: {exc}")
+    except OSError as exc:
+        return _fail(str(exc))
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")  # one line, unwrapped (rich wraps at 80 columns)
+    return 1
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.url, timeout=60, headers=headers) as client:
         if args.batch_cmd == "submit":
             with args.file.open("rb") as fh:
                 f = _check(

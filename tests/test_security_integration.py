@@ -20,6 +20,7 @@ from kombu import Connection, Exchange, Producer
 
 from core.auth import hash_key
 from core.jobs import JobStore
+from core.processes import free_port
 from schemas.openai import ChatCompletionRequest
 from tests.conftest import ROOT, Stack, stack_env, start_stack, with_db
 from workers.fake import SLOW_TRIGGER
@@ -211,3 +212,45 @@ def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "--insecure" in proc.stderr
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_batch_cli_with_keys_and_clear_errors(secure: Stack, tmp_path: Path) -> None:
+    lines = tmp_path / "in.jsonl"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}]}
+    lines.write_text(
+        "\n".join(
+            json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+            for i in range(2)
+        )
+    )
+    done = _cli("batch", "--url", secure.base_url, "--api-key", K1, "submit", str(lines))
+    assert done.returncode == 0, done.stderr
+    batch = json.loads(done.stdout.strip().splitlines()[-1])
+    assert batch["request_counts"]["total"] in (0, 2) and batch["id"].startswith("batch_")
+    # the key from the environment, --url after the subcommand
+    status = _cli("batch", "status", batch["id"], "--url", secure.base_url, INFERQ_API_KEY=K1)
+    assert status.returncode == 0 and json.loads(status.stdout)["id"] == batch["id"], status.stderr
+    for failed, needle in (
+        (_cli("batch", "status", batch["id"], "--url", secure.base_url), "error 401"),
+        (_cli("batch", "status", "batch_nope", "--url", secure.base_url, INFERQ_API_KEY=K1), "error 404"),
+        (_cli("batch", "submit", str(tmp_path / "missing.jsonl"), "--url", secure.base_url), "no such file"),
+        (
+            _cli("batch", "--url", f"http://127.0.0.1:{free_port()}", "status", "b"),
+            "cannot reach the inferq API",
+        ),
+    ):
+        text = failed.stdout + failed.stderr
+        assert failed.returncode == 1 and needle in text and "Traceback" not in text, text
+        assert len(text.strip().splitlines()) == 1, text
