@@ -43,6 +43,8 @@ def _tps(mode: str, size: str, workload: str, n: int, batch: int) -> float:
     outs = engine.generate(reqs)
     wall = time.perf_counter() - t0
     toks = sum(o.completion_tokens for o in outs if not isinstance(o, Exception))
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
     del engine
     gc.collect()
     return toks / wall

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -28,7 +28,9 @@ def _settings(model: Path, mode: str) -> Settings:
 
 @pytest.fixture(scope="module")
 def engines(demo_model: Path) -> Iterator[dict[str, Engine]]:
-    yield {mode: load_engine(_settings(demo_model, mode)) for mode in ("static", "continuous")}
+    loaded = {mode: load_engine(_settings(demo_model, mode)) for mode in ("static", "continuous")}
+    yield loaded
+    cast(Any, loaded["continuous"]).shutdown()
 
 
 def _req(i: int, **kw: Any) -> GenRequest:

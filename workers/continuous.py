@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -229,7 +230,18 @@ class ContinuousEngine(SwiftEngine):
         lp.do_processing = True
         if self.facts.accelerator:
             self.manager.warmup()
-        self.manager.start()
+        # `manager.start()`, but the loop's thread is a daemon: a non-daemon one kept every
+        # process that loaded the engine alive at exit (a worker child, a benchmark, pytest)
+        m = self.manager
+        m.background_thread_status.clear()
+        m._generation_thread = threading.Thread(
+            target=m._run_generation_loop, name="inferq-continuous-loop", daemon=True
+        )
+        m._generation_thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop (what is still running is dropped)."""
+        self.manager.stop(block=True, timeout=10, hard_stop=True)
 
     def _cache_size(self) -> dict[str, Any]:
         s = self.settings
