@@ -406,6 +406,8 @@ class BatchService:
             item = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             return bad("not valid UTF-8", code="invalid_json")
+        except json.JSONDecodeError as exc:  # its own "line 1 column N" would be a second line number
+            return bad(f"not valid JSON: {exc.msg} at column {exc.colno}", code="invalid_json")
         except ValueError as exc:
             return bad(f"not valid JSON ({exc})", code="invalid_json")
         if not isinstance(item, dict):

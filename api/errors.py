@@ -20,6 +20,15 @@ from schemas.openai import error_body
 logger = logging.getLogger(__name__)
 
 
+class CodedHTTPException(StarletteHTTPException):
+    """An HTTP error with an OpenAI error `code`. An HTTPException, because FastAPI turns any
+    other exception raised while it reads a body into a 400 "error parsing the body"."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(status, message)
+        self.code = code
+
+
 class APIError(Exception):
     """Raised by service code; turned into an OpenAI-style error response."""
 
@@ -92,7 +101,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        code = getattr(exc, "code", None)
+        return JSONResponse(error_body(str(exc.detail), kind, None, code), status_code=exc.status_code)
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis_down(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:

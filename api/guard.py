@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import CodedHTTPException
 from core.config import Settings
 from schemas.openai import error_body
 
@@ -49,7 +49,9 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, f"Request body is over the limit of {limit} bytes.")
+                    raise CodedHTTPException(
+                        413, f"Request body is over the limit of {limit} bytes.", "body_too_large"
+                    )
             return message
 
         await self.app(scope, counted, send)

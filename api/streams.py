@@ -38,7 +38,11 @@ class Event:
             return dict(json.loads(f["result"]))
         if self.type == "error" and f.get("error"):
             return dict(json.loads(f["error"]))
-        return {k: v for k, v in f.items() if k != "type"}
+        out: dict[str, Any] = {k: v for k, v in f.items() if k != "type"}
+        for key in ("attempt", "index"):  # numbers, as in token events
+            if key in out and str(out[key]).isdigit():
+                out[key] = int(out[key])
+        return out
 
 
 async def read_events(

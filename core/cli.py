@@ -131,7 +131,9 @@ def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
 
         build_demo_model(settings.demo_model_dir)
         logger.warning(
-            "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s",
+            "No --model given: serving the DEMO model (random weights, GIBBERISH output) from %s. "
+            "Its template (qwen2_5) adds Qwen's default system prompt ('You are Qwen, created by "
+            "Alibaba Cloud...') to a conversation that has none, as it would for a real Qwen2.5.",
             settings.demo_model_dir,
         )
 

@@ -35,6 +35,16 @@ class ChatMessage(StrictModel):
     content: str | list[TextPart]
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        """An image, audio or file part gets a plain answer, not a union-validation dump."""
+        for j, part in enumerate(v if isinstance(v, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(f"this model accepts text only: content part {j} is of type '{kind}'")
+        return v
+
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content

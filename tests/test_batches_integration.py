@@ -106,6 +106,8 @@ def test_mixed_file_through_the_sdk(client: openai.OpenAI) -> None:
         errs[int(message.split(":")[0].removeprefix("line "))] = e
     assert sorted(errs) == [2, 3, 4, 5, 6, 8]
     assert "JSON" in errs[2]["response"]["body"]["error"]["message"]
+    for e in errs.values():  # its line number once: no "line 1 column 2" of the JSON parser
+        assert e["response"]["body"]["error"]["message"].count("line") == 1, e
     assert "custom_id" in errs[3]["response"]["body"]["error"]["message"] and errs[3]["custom_id"] is None
     assert "duplicate" in errs[4]["response"]["body"]["error"]["message"] and errs[4]["custom_id"] == "a1"
     assert "url" in errs[5]["response"]["body"]["error"]["message"]

@@ -253,6 +253,8 @@ def test_transport_level_bad_input(stack: Stack, r: redis.Redis) -> None:
 
     chunked = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413
+    err = chunked.json()["error"]
+    assert err["code"] == "body_too_large" and str(4 * 1024 * 1024) in err["message"]
     assert httpx.post(url, json=[1, 2]).status_code == 400
     bad_utf8 = httpx.post(url, content=b'{"model": "\xff"}', headers={"content-type": "application/json"})
     assert bad_utf8.status_code == 400

@@ -55,3 +55,16 @@ def test_state_machine_terminal_states_are_final() -> None:
 def test_truncate_at_stop_cuts_at_earliest() -> None:
     assert truncate_at_stop("abc STOP def END", ["END", "STOP"]) == ("abc ", True)
     assert truncate_at_stop("abc", ["x"]) == ("abc", False)
+
+
+def test_image_and_audio_parts_get_a_text_only_error_naming_the_part() -> None:
+    for kind in ("image_url", "input_audio"):
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": kind, kind: {}}]}
+            ],
+        }
+        with pytest.raises(ValidationError) as err:
+            ChatCompletionRequest.model_validate(body)
+        assert f"this model accepts text only: content part 1 is of type '{kind}'" in str(err.value)

@@ -47,6 +47,8 @@ def test_concurrent_streams_deltas_equal_final_content(any_stack: Stack) -> None
         events = results[job["id"]]
         kinds = [e.event for e in events]
         assert kinds[0] == "status" and events[0].data["status"] == "queued"
+        running = next(e.data for e in events if e.event == "status" and e.data["status"] == "running")
+        assert running["attempt"] == 1  # a number, as in token events
         assert "running" in [e.data.get("status") for e in events if e.event == "status"]
         assert kinds[-1] == "done" and kinds.count("done") == 1
         assert kinds.count("token") >= 2  # real streaming, not one blob at the end
