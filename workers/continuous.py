@@ -48,7 +48,7 @@ from workers.engine import (
     TokenSink,
     truncate_at_stop,
 )
-from workers.rows import random_seed, sample
+from workers.rows import random_seed, sample, stop_window
 from workers.swift_backend import DeltaStreamer, SwiftEngine
 
 logger = logging.getLogger(__name__)
@@ -385,8 +385,7 @@ class ContinuousEngine(SwiftEngine):
             done.append((r.row, self._end(r, stop_seen=False)))
 
     def _holds_stop(self, r: _Row) -> bool:
-        window = max(len(s.encode()) for s in r.params.stop) + 1
-        text = str(self.engine.tokenizer.decode(r.tokens[-window:], skip_special_tokens=False))
+        text = self._decode_tails([r.tokens[-stop_window(r.params.stop) :]])[0]
         return any(s in text for s in r.params.stop)
 
     def _end(self, r: _Row, stop_seen: bool) -> GenResult:

@@ -175,6 +175,12 @@ class RowSampler(LogitsProcessor):
         return cast(torch.FloatTensor, out)
 
 
+def stop_window(stops: Sequence[str]) -> int:
+    """How many of a row's last tokens to decode to see a stop sequence that its newest
+    token completes: a token is at least one byte, so a stop spans at most its byte length."""
+    return max((len(s.encode()) for s in stops), default=0) + 1
+
+
 class RowLimits(StoppingCriteria):
     """Each row stops at its own `max_tokens`, or once its text holds one of its stop
     sequences (checked on the last few tokens, only for rows that have stops)."""
@@ -183,8 +189,7 @@ class RowLimits(StoppingCriteria):
         self.max_tokens = [p.max_tokens for p in params]
         self.stops = [tuple(s for s in p.stop if s) for p in params]
         self.decode = decode
-        # a token is at least one byte, so a stop sequence spans at most its byte length
-        self.window = [max((len(s.encode()) for s in st), default=0) + 1 for st in self.stops]
+        self.window = [stop_window(st) for st in self.stops]
         self.with_stops = [i for i, st in enumerate(self.stops) if st]
         #: rows that ended on a stop sequence (their finish_reason is "stop")
         self.stopped: set[int] = set()

@@ -98,6 +98,26 @@ class RowStopper(StoppingCriteria):
         return cast(torch.BoolTensor, torch.tensor(rows, dtype=torch.bool, device=input_ids.device))
 
 
+def fast_decode_batch(tokenizer: Any) -> Callable[..., list[str]] | None:
+    """The Rust tokenizer's `decode_batch`, where it decodes exactly as `tokenizer.decode`
+    does (a fast tokenizer without space clean-up), else None. Why: streaming and stop checks
+    decode on every step, in the thread that drives the GPU, and through transformers each
+    call costs more Python than the decoding itself."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    exact = not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    return backend.decode_batch if backend is not None and exact else None
+
+
+def decode_many(tokenizer: Any, fast: Callable[..., list[str]] | None, windows: list[list[int]]) -> list[str]:
+    """Each token list as text, special tokens kept: in one call through `fast` if given."""
+    if fast is not None:
+        return list(fast(windows, skip_special_tokens=False))
+    return [
+        str(tokenizer.decode(w, skip_special_tokens=False, spaces_between_special_tokens=False)) if w else ""
+        for w in windows
+    ]
+
+
 class DeltaStreamer(BaseStreamer):
     """Streams text deltas from inside HF `generate`, token by token as they are sampled.
 
@@ -123,15 +143,8 @@ class DeltaStreamer(BaseStreamer):
     ) -> None:
         self.template = template
         self.tokenizer = template.tokenizer
-        # Every row's windows in one call to the Rust tokenizer, where that is exactly what
-        # `tokenizer.decode` does (a fast tokenizer without space clean-up): through
-        # transformers each call costs more Python than decoding, and on a GPU the rows are
-        # decoded on every step, in the thread that drives it.
-        backend = getattr(self.tokenizer, "_tokenizer", None)
-        exact = not getattr(self.tokenizer, "clean_up_tokenization_spaces", True)
-        self._decode_batch: Callable[..., list[str]] | None = (
-            backend.decode_batch if backend is not None and exact else None
-        )
+        # None: decode row by row through transformers (see `fast_decode_batch`)
+        self._decode_batch = fast_decode_batch(self.tokenizer)
         self.skip_ids = {template.tokenizer.pad_token_id, template.tokenizer.eos_token_id}
         self.sink = sink
         self.interval_s = interval_s
@@ -198,14 +211,7 @@ class DeltaStreamer(BaseStreamer):
     def _decode_many(self, windows: list[list[int]]) -> list[str]:
         # The tokenizer directly: the template's decode re-tokenizes its stop words on every
         # call (a third of the streaming cost). `settle` reconciles the rare difference.
-        if self._decode_batch is not None:
-            return self._decode_batch(windows, skip_special_tokens=False)
-        return [
-            str(self.tokenizer.decode(w, skip_special_tokens=False, spaces_between_special_tokens=False))
-            if w
-            else ""
-            for w in windows
-        ]
+        return decode_many(self.tokenizer, self._decode_batch, windows)
 
     def end(self) -> None:
         self._decode_rows()
@@ -258,6 +264,7 @@ class SwiftEngine:
         self._procs: list[LogitsProcessor] = []
         self._stoppers: list[StoppingCriteria] = []
         self._streamer: DeltaStreamer | None = None
+        self._fast_decode = fast_decode_batch(self.engine.tokenizer)
         # a row that sets no top_k gets the model's (as ms-swift's own config would)
         self._default_top_k = int(getattr(self.engine.generation_config, "top_k", None) or 0)
         self._progress: float | None = None
@@ -353,13 +360,8 @@ class SwiftEngine:
         return results
 
     def _decode_tails(self, tails: list[list[int]]) -> list[str]:
-        """Stop checks run every step: the Rust tokenizer directly, where it decodes exactly as
-        `batch_decode` does (no space clean-up), skips transformers' per-call Python."""
-        tok = self.engine.tokenizer
-        backend = getattr(tok, "_tokenizer", None)
-        if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", True):
-            return list(backend.decode_batch(tails, skip_special_tokens=False))
-        return [str(t) for t in tok.batch_decode(tails, skip_special_tokens=False)]
+        """The last tokens of rows, for the stop checks that run every step."""
+        return decode_many(self.engine.tokenizer, self._fast_decode, tails)
 
     @staticmethod
     def _to_result(out: Any, params: GenParams, stop_seen: bool) -> GenResult | Exception:
