@@ -130,13 +130,11 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
             c = self.counts.index_select(0, slots)
             scores = scores - self.frequency[slots, None] * c - self.presence[slots, None] * (c > 0).float()
         if self.sampling:
-            top_k = self.top_k[slots]
-            top_k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
             tokens = sample(
                 scores,
                 self.temperature[slots],
                 self.top_p[slots],
-                top_k,
+                self.top_k[slots],
                 self.seeds[slots],
                 self.steps[slots],
                 truncate=bool(self.truncating),

@@ -102,8 +102,10 @@ def sample(
     truncate: bool = True,
 ) -> torch.Tensor:
     """One token per row: argmax where temperature is 0, else a sample of the row's own
-    temperature / top-k / top-p distribution (columns [B] each; top_k >= vocab: off)."""
+    temperature / top-k / top-p distribution (columns [B] each; top_k 0 or >= vocab: off)."""
     greedy = scores.argmax(-1)
+    vocab = scores.shape[1]
+    top_k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
     logits = scores.float() / temperature.clamp(min=1e-6)[:, None]
     if truncate:
         # the cut is found in sorted order and applied in vocabulary order
@@ -147,7 +149,7 @@ class RowSampler(LogitsProcessor):
             "rows": torch.tensor(self.rows, device=dev),
             "temperature": torch.tensor(self.temperature, device=dev, dtype=torch.float32),
             "top_p": torch.tensor(self.top_p, device=dev, dtype=torch.float32),
-            "top_k": torch.tensor([k if 0 < k < vocab else vocab for k in self.top_k], device=dev),
+            "top_k": torch.tensor(self.top_k, device=dev),
             "truncate": any(p < 1.0 for p in self.top_p) or any(0 < k < vocab for k in self.top_k),
             "seeds": torch.tensor(self.seeds, device=dev, dtype=torch.long),
         }
