@@ -314,7 +314,9 @@ class ContinuousEngine(SwiftEngine):
         return steps, rows
 
     def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]:
-        """Rows that ended since the last call (waits up to `timeout_s` for the first output)."""
+        """Rows that ended since the last call (waits up to `timeout_s` for the first output),
+        those the sink wants stopped (cancel flag, time limit) included: they end now, with
+        what they have."""
         done: list[tuple[int, GenResult | Exception]] = list(self._refused)
         self._refused.clear()
         if done:
@@ -329,6 +331,11 @@ class ContinuousEngine(SwiftEngine):
             pass
         if self._streamer is not None:
             self._streamer.decode()
+        sink = self._sink
+        if sink is not None and sink.any_stop():
+            for row in [r.row for r in self._rows.values() if sink.should_stop(r.row)]:
+                if (partial := self.cancel(row)) is not None:
+                    done.append((row, partial))
         if self._rows and not self.manager.is_running():
             done += self._restart("the continuous-batching loop stopped")
         return done
@@ -430,10 +437,6 @@ class ContinuousEngine(SwiftEngine):
                     self.add(i, requests[i])
                 for row, res in self.poll(0.05):
                     results[row] = res
-                if sink is not None and sink.any_stop():
-                    for row in [r.row for r in self._rows.values() if sink.should_stop(r.row)]:
-                        if (partial := self.cancel(row)) is not None:
-                            results[row] = partial
             if sink is not None:
                 sink.flush()
         finally:

@@ -48,8 +48,6 @@ class ContinuousEngine(Engine, Protocol):
 
     def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]: ...
 
-    def cancel(self, row: int) -> GenResult | None: ...
-
     def close(self) -> None: ...
 
     def active_rows(self) -> int: ...
@@ -97,14 +95,8 @@ class _Drain:
             job.peak = max(job.peak, active)
 
     def step(self, timeout_s: float) -> None:
-        ended = self.engine.poll(timeout_s)
-        if self.sink.any_stop():  # cancel flags and time limits, polled at most every 100 ms
-            for row, job_id in list(self.by_row.items()):
-                if row not in self.jobs[job_id].results and self.sink.should_stop(row):
-                    partial = self.engine.cancel(row)
-                    if partial is not None:
-                        ended.append((row, partial))
-        for row, res in ended:
+        # cancel flags and time limits too: the engine asks the sink (polled every 100 ms at most)
+        for row, res in self.engine.poll(timeout_s):
             job = self.jobs.get(self.by_row.get(row, ""))
             if job is not None:
                 job.results[row] = res
