@@ -149,11 +149,11 @@ def drain_continuous(
             free = opts.max_batch_size - engine.active_rows()
             # rows beyond MAX_BATCH_SIZE are kept for the first (interactive) lane: a chat
             # request starts within a step even when long batch lines hold every other row
-            lanes = opts.lanes if free > 0 else opts.lanes[:1]
-            admit = free + reserve > 0 and lanes and now < deadline
+            lanes, rows = (opts.lanes, free) if free > 0 else (opts.lanes[:1], free + reserve)
+            admit = rows > 0 and lanes and now < deadline
             if admit and now - last_admit >= ADMIT_INTERVAL_S:
                 last_admit = now
-                lane_opts = replace(opts, lanes=lanes, max_batch_size=free + reserve, collect_s=0.0)
+                lane_opts = replace(opts, lanes=lanes, max_batch_size=rows, collect_s=0.0)
                 if (nxt := next_ready(store, lane_opts)) is not None:
                     # the job and more that fit, without the static path's collect wait
                     d.admit(fill_batch(store, nxt, lane_opts))
