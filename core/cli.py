@@ -138,25 +138,34 @@ def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
         )
 
 
+def _check_host(args: argparse.Namespace, settings: Settings, flower: bool) -> int | None:
+    """Off loopback, the API needs keys (and Flower basic auth) unless told --insecure; an
+    exit code, or None if fine."""
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if loopback or args.insecure:
+        return None
+    if not settings.auth_enabled:
+        logger.error(
+            "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
+            "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
+            "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
+            args.host,
+        )
+        return 2
+    if flower and not settings.flower_basic_auth:
+        logger.error(
+            "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
+            "(or pass --no-flower / --insecure).",
+            args.host,
+        )
+        return 2
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not args.insecure:
-        if not settings.auth_enabled:
-            logger.error(
-                "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
-                "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
-                "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
-                args.host,
-            )
-            return 2
-        if not args.no_flower and not settings.flower_basic_auth:
-            logger.error(
-                "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
-                "(or pass --no-flower / --insecure).",
-                args.host,
-            )
-            return 2
+    if (code := _check_host(args, settings, flower=not args.no_flower)) is not None:
+        return code
     if (code := _check_model(args, settings)) is not None:
         return code
     lock = _lock_home(settings.home)
@@ -299,6 +308,9 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
         if name == "api":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8000)
+            p.add_argument(
+                "--insecure", action="store_true", help="allow binding off loopback without API keys"
+            )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -313,6 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.cmd,
         )
         return 2
+    if args.cmd == "api" and (code := _check_host(args, settings, flower=False)) is not None:
+        return code
     if (code := _check_model(args, settings)) is not None:
         return code
     _demo_if_no_model(args, settings)
