@@ -131,6 +131,14 @@ def _cancel_blockers() -> Iterator[None]:
         stack.wait_job(job)
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """A user's environment for the `inferq` command: none of this test run's INFERQ_* or
+    REDIS_URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
+    env.update(extra)
+    return env
+
+
 def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

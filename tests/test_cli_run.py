@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from core.processes import Supervisor, free_port
-from tests.conftest import ROOT, wait_ready, with_db
+from tests.conftest import ROOT, cli_env, wait_ready, with_db
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,7 @@ def _procs_with(marker: str) -> list[int]:
 def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "inferq-home"
     api_port, flower_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
-    env.update(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
+    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
     log = (tmp_path / "run.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--flower-port", str(flower_port)],
@@ -90,8 +89,7 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     accepted before completes; kill -9 of `inferq run` itself: nothing it started lives on."""
     home = tmp_path / "inferq-home"
     api_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
-    env.update(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5", INFERQ_LEASE_S="3")
+    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5", INFERQ_LEASE_S="3")
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -132,8 +130,7 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
     tmp_path: Path, redis_url: str, demo_model: Path
 ) -> None:
     """How a user adds a GPU host: `inferq worker` and `inferq api` against one Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
-    env.update(INFERQ_HOME=str(tmp_path / "home"), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
+    env = cli_env(INFERQ_HOME=str(tmp_path / "home"), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
     missing = subprocess.run(
         [sys.executable, "-m", "core.cli", "worker"],
         cwd=ROOT,
@@ -143,6 +140,24 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
         timeout=60,
     )
     assert missing.returncode == 2 and "needs --redis-url" in missing.stdout + missing.stderr
+    open_api = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "api",
+            "--redis-url",
+            "redis://127.0.0.1:1/0",
+            "--host",
+            "0.0.0.0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert open_api.returncode == 2 and "without API keys" in open_api.stdout + open_api.stderr
     url = with_db(redis_url, 7)
     redis.Redis.from_url(url).flushdb()
     model = [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from core.auth import hash_key
 from core.jobs import JobStore
 from core.processes import free_port
 from schemas.openai import ChatCompletionRequest
-from tests.conftest import ROOT, Stack, stack_env, start_stack, with_db
+from tests.conftest import ROOT, Stack, cli_env, stack_env, start_stack, with_db
 from workers.fake import SLOW_TRIGGER
 
 pytestmark = pytest.mark.integration
@@ -201,8 +200,7 @@ def test_celery_refuses_pickled_messages(echo_stack: Stack) -> None:
 
 
 def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env["INFERQ_HOME"] = str(tmp_path)
+    env = cli_env(INFERQ_HOME=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "core.cli", "run", "--host", "0.0.0.0"],
         cwd=ROOT,
@@ -215,11 +213,10 @@ def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     return subprocess.run(
         [sys.executable, "-m", "core.cli", *args],
         cwd=ROOT,
-        env={**base, **env},
+        env=cli_env(**env),
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,7 +4,6 @@ answers 503 with the reason, never 500."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,14 +14,13 @@ import httpx
 import pytest
 
 from core.processes import Supervisor, api_argv, free_port, port_open, wait_for
-from tests.conftest import ROOT, stack_env, with_db
+from tests.conftest import ROOT, cli_env, stack_env, with_db
 
 pytestmark = pytest.mark.integration
 
 
 def _run(tmp_path: Path, *args: str, timeout: float) -> tuple[int, str, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_") and k != "REDIS_URL"}
-    env.update(INFERQ_HOME=str(tmp_path / "home"))
+    env = cli_env(INFERQ_HOME=str(tmp_path / "home"))
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), "--no-flower", *args],
