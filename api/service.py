@@ -28,7 +28,7 @@ RUN_JOB = "inferq.run_job"  # tasks.jobs.RUN_JOB; not imported so the API stays 
 #: chat): a thread hand-off costs about as much. Longer ones go to a thread.
 INLINE_COUNT_CHARS = 4096
 #: how ms-swift's template refuses a prompt longer than its max_length (4.6)
-TOO_LONG = re.compile(r"length of row\((?P<used>\d+)\) is larger than the max_length\((?P<limit>\d+)\)")
+TOO_LONG = re.compile(r"length of row\((?P<used>\d+)\) is larger than the max_length\(\d+\)")
 
 
 class CounterHolder:
@@ -107,16 +107,13 @@ async def prepare(
         else:
             prompt_tokens = await anyio.to_thread.run_sync(counter.count_prompt_tokens, messages)
     except Exception as exc:  # the template refused the conversation
-        if m := TOO_LONG.search(str(exc)):  # ms-swift's own words for a prompt over max_length
+        too_long = TOO_LONG.search(str(exc))
+        if too_long is None:
             raise APIError(
-                400,
-                f"This model's maximum context length is {m['limit']} tokens; the messages use {m['used']}.",
-                param="messages",
-                code="context_length_exceeded",
+                400, f"Invalid value for 'messages': {exc}", param="messages", code="invalid_value"
             ) from exc
-        raise APIError(
-            400, f"Invalid value for 'messages': {exc}", param="messages", code="invalid_value"
-        ) from exc
+        # ms-swift's own words for a prompt over its max_length: the context check below answers
+        prompt_tokens = int(too_long["used"])
     room = facts.context_length - prompt_tokens
     if room < 1:
         raise APIError(
