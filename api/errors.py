@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.openai import error_body
+from schemas.openai import ErrorResponse, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,28 @@ class APIError(Exception):
         self.code = code
         self.type = type_
         self.headers = headers
+
+
+_MEANINGS: dict[int, str] = {
+    400: "Invalid request: `error.param` names the field",
+    401: "Missing or unknown API key (when the server has keys)",
+    404: "No such object, or it belongs to another key",
+    409: "The object's state does not allow this (already finished, cancelled)",
+    413: "Body over the size limit; the message gives the limit",
+    415: "Content-Type is not application/json",
+    429: "Rate limit or the key's active-job limit reached; see Retry-After",
+    500: "The generation failed on the worker",
+    503: "Job store unavailable, or no worker has loaded the model yet; see Retry-After",
+}
+_EVERY_ROUTE = (401, 429, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a /v1 route: the errors it can answer, each with the one
+    error body, so generated clients and /docs show them. 401, 429 and 503 come with every
+    route (auth, rate limit and the store sit in front of all of them)."""
+    codes = sorted(set(statuses) | set(_EVERY_ROUTE))
+    return {code: {"model": ErrorResponse, "description": _MEANINGS[code]} for code in codes}
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aredis
 from fastapi import FastAPI
@@ -46,6 +47,23 @@ def install_docs(app: FastAPI) -> None:
             swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI documents a 422 on every route with parameters; a bad request here answers
+        400 with the OpenAI error body (see `api.errors`), so the 422s would mislead clients."""
+        if app.openapi_schema is None:
+            doc = plain_openapi()
+            for item in doc["paths"].values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

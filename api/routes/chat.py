@@ -8,13 +8,18 @@ from fastapi.responses import StreamingResponse
 from api import chat
 from api.auth import OwnerDep
 from api.deps import StateDep
-from api.routes.jobs import _ERRORS
+from api.errors import error_responses
 from schemas.openai import ChatCompletion, ChatCompletionRequest
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
 
-@router.post("/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post(
+    "/completions",
+    response_model=ChatCompletion,
+    summary="Create a chat completion (OpenAI-compatible; stream=true for SSE)",
+    responses=error_responses(400, 404, 409, 413, 415, 500),
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, st: StateDep, owner: OwnerDep
 ) -> ChatCompletion | StreamingResponse:

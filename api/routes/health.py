@@ -11,13 +11,14 @@ from fastapi.responses import JSONResponse
 
 from api.auth import OwnerDep
 from api.deps import StateDep
+from api.errors import APIError, error_responses
 from core import keys
 from schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", summary="Liveness")
 async def health() -> dict[str, str]:
     """Liveness: the process answers. Says nothing about Redis or workers (see /ready)."""
     return {"status": "ok"}
@@ -32,7 +33,15 @@ async def live_workers(st: Any) -> list[dict[str, Any]]:
     return found
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    summary="Readiness",
+    responses={
+        200: {"description": "Redis answers and a worker has a loaded engine"},
+        503: {"description": "Not ready: the body says which part is missing"},
+        **{k: v for k, v in error_responses().items() if k in (401, 429)},
+    },
+)
 async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     """Ready: Redis answers and at least one worker child has a loaded engine and beats."""
     body: dict[str, Any] = {"redis": False, "workers": [], "validator": st.counter.ready}
@@ -47,16 +56,38 @@ async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"])
-async def models(st: StateDep, _: OwnerDep) -> ModelList:
-    counter = await st.counter.get()
-    facts = counter.facts
+async def _model_card(st: Any) -> ModelCard:
+    facts = (await st.counter.get()).facts
     owner = "inferq-DEMO (random weights: output is gibberish)" if facts.demo else "inferq"
-    card = ModelCard(
+    return ModelCard(
         id=facts.model_id,
         created=st.started_at,
         owned_by=owner,
         demo=facts.demo,
         context_length=facts.context_length,
     )
-    return ModelList(data=[card])
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    tags=["models"],
+    summary="List models",
+    responses=error_responses(),
+)
+async def models(st: StateDep, _: OwnerDep) -> ModelList:
+    return ModelList(data=[await _model_card(st)])
+
+
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
+    tags=["models"],
+    summary="Get a model",
+    responses=error_responses(404),
+)
+async def model(model_id: str, st: StateDep, _: OwnerDep) -> ModelCard:
+    card = await _model_card(st)
+    if model_id != card.id:
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return card

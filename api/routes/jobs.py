@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -12,21 +12,21 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api import chat, service
 from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
-from api.errors import APIError
+from api.errors import APIError, error_responses
 from api.streams import read_events
 from schemas.jobs import Job
-from schemas.openai import ChatCompletionRequest, ErrorResponse
+from schemas.openai import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request (the message names the field)"},
-    404: {"model": ErrorResponse, "description": "Unknown job or model"},
-    503: {"model": ErrorResponse, "description": "Store or queue unavailable"},
-}
 
-
-@router.post("", status_code=202, response_model=Job, responses=_ERRORS)
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    summary="Submit a chat job",
+    responses=error_responses(400, 404, 413, 415),
+)
 async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep) -> Job:
     if body.stream:
         raise APIError(
@@ -38,17 +38,24 @@ async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep)
     return await chat.submit(st, body, owner, st.settings.queue_jobs)
 
 
-@router.get("/{job_id}", response_model=Job, responses=_ERRORS)
+@router.get("/{job_id}", response_model=Job, summary="Get a job", responses=error_responses(404))
 async def get_job(job_id: str, st: StateDep, scope: ScopeDep) -> Job:
     return (await service.get_owned(st.store, job_id, scope)).job
 
 
-@router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+@router.post(
+    "/{job_id}/cancel", response_model=Job, summary="Cancel a job", responses=error_responses(404, 409)
+)
 async def cancel_job(job_id: str, st: StateDep, scope: ScopeDep) -> Job:
     return await service.cancel(st.store, job_id, scope)
 
 
-@router.get("/{job_id}/events", responses=_ERRORS, response_class=EventSourceResponse)
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job's events (SSE)",
+    responses=error_responses(400, 404),
+    response_class=EventSourceResponse,
+)
 async def job_events(
     job_id: str,
     request: Request,
