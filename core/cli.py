@@ -27,6 +27,7 @@ from core.processes import (
     flower_argv,
     free_port,
     port_open,
+    quiet_env,
     valkey_argv,
     wait_for,
     worker_argv,
@@ -53,6 +54,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         choices=["static", "continuous"],
         default=None,
         help="static batches (default) or transformers' continuous batching",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every process's INFO log (Celery, uvicorn, Flower, ms-swift); default: warnings only",
     )
 
 
@@ -181,6 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _demo_if_no_model(args, settings)
     sup = Supervisor(die_with_parent=True)
     stopping = False
+    quiet = not args.verbose
 
     def _on_signal(signum: int, _: FrameType | None) -> None:
         nonlocal stopping
@@ -192,28 +200,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         redis_url = args.redis_url or settings.redis_url
         if not redis_url:
             port = free_port()
-            valkey = sup.start("valkey", valkey_argv(port, settings.home / "valkey"))
+            valkey = sup.start("valkey", valkey_argv(port, settings.home / "valkey", quiet=quiet))
             wait_for(lambda: port_open(port), 15, "valkey", valkey)
             redis_url = f"redis://127.0.0.1:{port}/0"
             logger.info("embedded Valkey on %s (AOF in %s)", redis_url, settings.home / "valkey")
         env = build_env(args, settings, redis_url)
-        sup.start("worker", worker_argv(settings.queues), env=env)
-        sup.start("api", api_argv(args.host, args.port), env=env)
-        if not args.no_flower:
-            sup.start(
-                "flower",
-                flower_argv(args.host, args.flower_port),
-                env=_flower_env(env, args.host, settings.flower_basic_auth),
-            )
+        if quiet:
+            env = quiet_env(env)
+        sup.start("worker", worker_argv(settings.queues, quiet=quiet), env=env)
+        sup.start("api", api_argv(args.host, args.port, quiet=quiet), env=env)
         base = f"http://{args.host}:{args.port}"
         _wait_ready(base, redis_url, sup, lambda: stopping)
-        if not stopping:
-            logger.info(
-                "READY: API %s (docs %s/docs)%s. Ctrl-C stops everything.",
-                base,
-                base,
-                "" if args.no_flower else f", Flower http://{args.host}:{args.flower_port}",
+        if not args.no_flower and not stopping:
+            # after the worker is up: Flower asks the workers about themselves once at start,
+            # and warns "Inspect method ... failed" for each question nobody could answer yet
+            flower = sup.start(
+                "flower",
+                flower_argv(args.host, args.flower_port, quiet=quiet),
+                env=_flower_env(env, args.host, settings.flower_basic_auth),
             )
+            wait_for(lambda: port_open(args.flower_port, _probe_host(args.host)), 30, "flower", flower)
+        if not stopping:
+            _print_ready(base, None if args.no_flower else f"http://{args.host}:{args.flower_port}")
         crashes: dict[str, list[float]] = {}
         while not stopping:
             for name, code in sup.exited():
@@ -246,6 +254,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         sup.stop_all()
         logger.info("stopped")
+
+
+def _probe_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _print_ready(api: str, flower: str | None) -> None:
+    """The line a user waits for: last, and set apart from the log above it."""
+    rule = "=" * 72
+    lines = [f"READY  API {api}   docs {api}/docs"]
+    if flower:
+        lines.append(f"       Flower {flower}")
+    lines.append("       Ctrl-C stops everything.")
+    bold = sys.stderr.isatty()
+    text = "\n".join(lines)
+    if bold:
+        text = f"\033[1;32m{text}\033[0m"
+    sys.stderr.write(f"{rule}\n{text}\n{rule}\n")
+    sys.stderr.flush()
 
 
 def _lock_home(home: Path) -> IO[bytes] | None:
@@ -331,7 +358,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return code
     _demo_if_no_model(args, settings)
     env = build_env(args, settings, redis_url)
-    argv = worker_argv(settings.queues) if args.cmd == "worker" else api_argv(args.host, args.port)
+    quiet = not args.verbose
+    if quiet:
+        env = quiet_env(env)
+    if args.cmd == "worker":
+        argv = worker_argv(settings.queues, quiet=quiet)
+    else:
+        argv = api_argv(args.host, args.port, quiet=quiet)
     logger.info("starting %s against %s", args.cmd, redis_url)
     os.execvpe(argv[0], argv, env)
 

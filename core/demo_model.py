@@ -91,6 +91,7 @@ def build_demo_model(
         vocab_size=vocab_size,
         special_tokens=_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -121,6 +122,9 @@ def build_demo_model(
             model.lm_head.weight[fast.convert_tokens_to_ids(_SPECIAL_TOKENS)] = 0.0
     if size != "tiny":
         model = model.bfloat16()  # half the file; the engine picks its dtype
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard progress bar for a 1-second write
     model.save_pretrained(path)
     (path / DEMO_MARKER).write_text(
         json.dumps(

@@ -34,8 +34,17 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
-def valkey_argv(port: int, data_dir: Path, *, appendonly: bool = True) -> list[str]:
-    """An embedded Valkey: loopback only, AOF on so accepted jobs survive a restart."""
+def quiet_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a quiet stack (`inferq run` without --verbose): ms-swift's and
+    transformers' import-time notices (trust_remote_code, the torch_dtype deprecation) are
+    for people debugging a model load, not for every start."""
+    return {**env, "LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "INFERQ_QUIET": "1"}
+
+
+def valkey_argv(port: int, data_dir: Path, *, appendonly: bool = True, quiet: bool = False) -> list[str]:
+    """An embedded Valkey: loopback only, AOF on so accepted jobs survive a restart. Quiet:
+    its log goes to valkey.log in its data dir (the overcommit notice is about RDB forks,
+    which the AOF-only embedded server does not need)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         valkey_binary(),
@@ -54,15 +63,19 @@ def valkey_argv(port: int, data_dir: Path, *, appendonly: bool = True) -> list[s
         "--protected-mode",
         "yes",
         "--logfile",
-        "",
+        str(data_dir / "valkey.log") if quiet else "",
     ]
 
 
-def worker_argv(queues: Sequence[str], *, name: str = "inferq@%h", loglevel: str = "INFO") -> list[str]:
+def worker_argv(
+    queues: Sequence[str], *, name: str = "inferq@%h", loglevel: str = "INFO", quiet: bool = False
+) -> list[str]:
+    """Quiet: warnings only and no banner; --verbose in the CLI gives Celery's INFO back."""
     return [
         sys.executable,
         "-m",
         "celery",
+        *(["--quiet"] if quiet else []),
         "-A",
         "tasks.app",
         "worker",
@@ -76,13 +89,13 @@ def worker_argv(queues: Sequence[str], *, name: str = "inferq@%h", loglevel: str
         name,
         "-E",
         "--loglevel",
-        loglevel,
+        "WARNING" if quiet else loglevel,
         "--without-mingle",
         "--without-gossip",
     ]
 
 
-def api_argv(host: str, port: int) -> list[str]:
+def api_argv(host: str, port: int, *, quiet: bool = False) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -99,10 +112,11 @@ def api_argv(host: str, port: int) -> list[str]:
         # longer than clients' pools keep idle connections: no reset on a reused connection
         "--timeout-keep-alive",
         "75",
+        *(["--log-level", "warning"] if quiet else []),
     ]
 
 
-def flower_argv(host: str, port: int) -> list[str]:
+def flower_argv(host: str, port: int, *, quiet: bool = False) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -112,6 +126,7 @@ def flower_argv(host: str, port: int) -> list[str]:
         "flower",
         f"--address={host}",
         f"--port={port}",
+        *(["--logging=warning"] if quiet else []),
     ]
 
 

@@ -1,10 +1,17 @@
 """The Celery app. Importing it must stay cheap and torch-free: the worker parent,
 the API and Flower all import it."""
 
+import warnings
+
 from celery import Celery
+from celery.exceptions import SecurityWarning
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from workers import lifecycle
+
+# Celery warns on every start as root (containers often run as root); its danger is
+# unpickling messages as root, and this app accepts JSON only (celeryconfig).
+warnings.filterwarnings("ignore", category=SecurityWarning)
 
 app = Celery("inferq")
 app.config_from_object("celeryconfig")

@@ -33,51 +33,73 @@ def _procs_with(marker: str) -> list[int]:
     return found
 
 
+def _start_run(home: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "run", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_status(base: str, job: str, wanted: tuple[str, ...], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := httpx.get(f"{base}/v1/jobs/{job}", timeout=10).json()["status"]) not in wanted:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return str(status)
+
+
 def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """Also the console a newcomer reads: the READY banner comes last, no start-up noise
+    (ms-swift's trust_remote_code notices, Flower's failed inspects, Celery's banner), and
+    Ctrl-C with a job in flight prints no traceback; the job runs on the next start."""
     home = tmp_path / "inferq-home"
     api_port, flower_port = free_port(), free_port()
-    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
-    log = (tmp_path / "run.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--flower-port", str(flower_port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "run.log"
+    proc = _start_run(home, log_path, "--port", str(api_port), "--flower-port", str(flower_port))
     base = f"http://127.0.0.1:{api_port}"
     try:
-        wait_ready(base, timeout=180)
+        deadline = time.monotonic() + 180
+        while "READY  API" not in log_path.read_text(errors="replace"):  # what a user waits for
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
         models = httpx.get(f"{base}/v1/models").json()["data"][0]
         assert models["id"] == "inferq-demo" and models["demo"] is True
-        job = httpx.post(
-            f"{base}/v1/jobs",
-            json={
-                "model": "inferq-demo",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 8,
-            },
-        ).json()
-        deadline = time.monotonic() + 60
-        while (status := httpx.get(f"{base}/v1/jobs/{job['id']}").json()["status"]) not in (
-            "succeeded",
-            "failed",
-        ) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert status == "succeeded"
+        body = {"model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        job = httpx.post(f"{base}/v1/jobs", json=body).json()
+        assert _wait_status(base, job["id"], ("succeeded", "failed")) == "succeeded"
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 200
         assert (home / "demo-model" / "config.json").exists()
         assert len(_procs_with(f"INFERQ_HOME={home}")) >= 4  # valkey, worker parent+child, api, flower
+        long = {**body, "max_tokens": 1900, "temperature": 1.0}
+        in_flight = httpx.post(f"{base}/v1/jobs", json=long).json()["id"]
+        _wait_status(base, in_flight, ("running",))
+        started = log_path.read_text(errors="replace")
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
-        log.close()
-    text = (tmp_path / "run.log").read_text(errors="replace")
+    text = log_path.read_text(errors="replace")
     assert code == 0, text[-3000:]
     assert "DEMO" in text and "gibberish" in text.lower()
-    # the worker child's own lines reach the log (ms-swift's import used to mute them)
-    assert "SERVING THE DEMO MODEL" in text and "worker child" in text, text[-3000:]
+    assert "SERVING THE DEMO MODEL" in text, text[-3000:]  # the worker child's own warning
+    assert started.rstrip().splitlines()[-1].startswith("====="), started[-2000:]  # READY banner last
+    assert "READY  API" in started
+    for noise in ("trust_remote_code", "torch_dtype", "Inspect method", "-------------- ", "Traceback"):
+        assert noise not in text, (noise, text[-3000:])
+    assert "WorkerLostError" not in text
     assert _procs_with(f"INFERQ_HOME={home}") == []
+
+    proc = _start_run(home, log_path, "--port", str(api_port), "--no-flower")
+    try:
+        wait_ready(base, timeout=180)
+        assert _wait_status(base, in_flight, ("succeeded", "failed"), timeout=120) == "succeeded"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
 
 
 def _ppid(pid: int) -> int:
