@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.openai import Metadata, StrictModel
+from schemas.openai import Metadata, StrictModel, omitted_if_none
 
 
 class FileObject(BaseModel):
@@ -18,15 +18,15 @@ class FileObject(BaseModel):
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
     expires_at: int | None = None
-    status_details: str | None = None
+    status_details: str | None = omitted_if_none()
 
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
     has_more: bool = False
-    first_id: str | None = None
-    last_id: str | None = None
+    first_id: str | None = omitted_if_none()
+    last_id: str | None = omitted_if_none()
 
 
 class FileDeleted(BaseModel):
@@ -88,21 +88,21 @@ class Batch(BaseModel):
     id: str
     object: Literal["batch"] = "batch"
     endpoint: str
-    errors: BatchErrors | None = None
+    errors: BatchErrors | None = omitted_if_none()
     input_file_id: str
     completion_window: str
     status: BatchStatus
-    output_file_id: str | None = None
-    error_file_id: str | None = None
+    output_file_id: str | None = omitted_if_none()
+    error_file_id: str | None = omitted_if_none()
     created_at: int
-    in_progress_at: int | None = None
+    in_progress_at: int | None = omitted_if_none()
     expires_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
+    finalizing_at: int | None = omitted_if_none()
+    completed_at: int | None = omitted_if_none()
+    failed_at: int | None = omitted_if_none()
+    expired_at: int | None = omitted_if_none()
+    cancelling_at: int | None = omitted_if_none()
+    cancelled_at: int | None = omitted_if_none()
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
@@ -113,6 +113,6 @@ class Batch(BaseModel):
 class BatchList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Batch]
-    first_id: str | None = None
-    last_id: str | None = None
+    first_id: str | None = omitted_if_none()
+    last_id: str | None = omitted_if_none()
     has_more: bool = False

@@ -18,6 +18,16 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def omitted_if_none() -> Any:
+    """A field OpenAI's published schema makes optional but not nullable: left out of the
+    JSON while unset (a `null` there fails strict clients and the schema), as OpenAI does."""
+    return Field(None, exclude_if=_is_none)
+
+
 class StrictModel(BaseModel):
     """Unknown fields are errors, so a typo or an unsupported option never goes unnoticed."""
 
@@ -178,7 +188,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = omitted_if_none()
 
 
 class ModelCard(BaseModel):
@@ -214,7 +224,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: Literal["assistant"] | None = omitted_if_none()
     content: str | None = None
 
 
@@ -234,4 +244,4 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = omitted_if_none()

@@ -108,7 +108,7 @@ def test_mixed_file_through_the_sdk(client: openai.OpenAI) -> None:
     assert "JSON" in errs[2]["response"]["body"]["error"]["message"]
     for e in errs.values():  # its line number once: no "line 1 column 2" of the JSON parser
         assert e["response"]["body"]["error"]["message"].count("line") == 1, e
-    assert "custom_id" in errs[3]["response"]["body"]["error"]["message"] and errs[3]["custom_id"] is None
+    assert "custom_id" in errs[3]["response"]["body"]["error"]["message"] and errs[3].get("custom_id") is None
     assert "duplicate" in errs[4]["response"]["body"]["error"]["message"] and errs[4]["custom_id"] == "a1"
     assert "url" in errs[5]["response"]["body"]["error"]["message"]
     assert "temperature" in errs[6]["response"]["body"]["error"]["message"]
