@@ -13,7 +13,16 @@ import httpx
 
 from core.config import Settings
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
-from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
+from core.processes import (
+    Supervisor,
+    api_argv,
+    flower_argv,
+    free_port,
+    port_open,
+    valkey_argv,
+    wait_for,
+    worker_argv,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
@@ -41,9 +50,9 @@ def bench_settings(model: Path, batch: int, mode: str = "static") -> Settings:
 
 @contextmanager
 def stack(
-    workers: int = 1, size: str = "tiny", **env_extra: str
+    workers: int = 1, size: str = "tiny", flower: bool = False, **env_extra: str
 ) -> Iterator[tuple[str, Path, dict[str, str], Supervisor]]:
-    """Yields (api base URL, model dir, env, supervisor)."""
+    """Yields (api base URL, model dir, env, supervisor). `flower`: as `inferq run` has it."""
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
         home = Path(tmp)
         model = bench_model(size)
@@ -71,6 +80,9 @@ def stack(
             api_port = free_port()
             sup.start("api", api_argv("127.0.0.1", api_port), env=env, cwd=ROOT, stdout=log.fileno())
             base = f"http://127.0.0.1:{api_port}"
+            if flower:
+                fport = free_port()
+                sup.start("flower", flower_argv("127.0.0.1", fport), env=env, cwd=ROOT, stdout=log.fileno())
 
             def ready() -> bool:
                 if workers == 0:  # the caller starts workers itself, later

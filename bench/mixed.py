@@ -65,7 +65,7 @@ def closed_loop(base: str, reqs: list[dict[str, Any]], clients: int) -> dict[str
     return {"requests_per_s": len(reqs) / wall, "tokens_per_s": toks / wall}
 
 
-def _swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: int) -> dict[str, float]:
+def swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: int) -> dict[str, float]:
     port = free_port()
     log = open(os.devnull, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -166,7 +166,7 @@ def mixed(
                 res[f"{prefix}closed_loop_{kind}_requests_per_s"] = round(med("requests_per_s"), 1)
                 res[f"{prefix}closed_loop_{kind}_tokens_per_s"] = round(med("tokens_per_s"), 1)
     model = bench_model("tiny")
-    sd = _swift_deploy(model, batch, bodies(loop_n, True), clients)
+    sd = swift_deploy(model, batch, bodies(loop_n, True), clients)
     res["swift_deploy_mixed_requests_per_s"] = round(sd["requests_per_s"], 1)
     res["swift_deploy_mixed_tokens_per_s"] = round(sd["tokens_per_s"], 1)
     d = _direct(model, batch, bodies(loop_n, True))

@@ -26,6 +26,7 @@ import httpx
 import redis
 
 from bench._stack import QUEUES, ROOT, stack
+from bench.chat import chat, cpu
 from bench.common import last_finish, post_all, prompts, wait_done
 from bench.efficiency import efficiency, interference, ordering, queue_tps
 from bench.engines import engines
@@ -246,6 +247,8 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "scaling": scaling,
     "mixed": mixed,
     "engines": engines,
+    "chat": chat,
+    "cpu": cpu,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline, "stepcost": stepcost}
