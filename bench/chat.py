@@ -13,13 +13,18 @@ child, Valkey, Flower) under the same load, read from /proc, and what the idle s
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._stack import bench_model, stack
+from bench._stack import ROOT, bench_model, stack
 from bench.mixed import closed_loop, swift_deploy
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from core.processes import free_port
 
 _WORDS = [
     "the",
@@ -60,7 +65,8 @@ def chat_bodies(n: int, max_tokens: int = 64, offset: int = 0) -> list[dict[str,
 
 
 def direct_swift(model: Path, batch: int, bodies: list[dict[str, Any]]) -> dict[str, float]:
-    """ms-swift's own engine in this process, every request at once in batches of `batch`."""
+    """ms-swift's own engine in this process, the requests in calls of `batch` (one list of
+    all of them runs slower: ms-swift does not chunk it into full batches by itself)."""
     from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
     engine = TransformersEngine(
@@ -70,7 +76,9 @@ def direct_swift(model: Path, batch: int, bodies: list[dict[str, Any]]) -> dict[
     cfg = RequestConfig(max_tokens=bodies[0]["max_tokens"], temperature=0)
     engine.infer(reqs[:batch], cfg, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
-    outs = engine.infer(reqs, cfg, use_tqdm=False)
+    outs = [
+        o for i in range(0, len(reqs), batch) for o in engine.infer(reqs[i : i + batch], cfg, use_tqdm=False)
+    ]
     wall = time.perf_counter() - t0
     toks = sum(o.usage.completion_tokens for o in outs)
     return {"requests_per_s": len(reqs) / wall, "tokens_per_s": toks / wall}
@@ -133,39 +141,83 @@ def _snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_s(p) for p in ps) for name, ps in pids.items()}
 
 
-def cpu(n: int = 512, clients: int = 64, batch: int = 32, idle_s: float = 30.0) -> dict[str, Any]:
-    with stack(flower=True, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, _m, _env, sup):
-        by_name = {name: proc.pid for name, proc in sup.procs}
-        parent = by_name["worker0"]
-        pids = {
-            "api": [by_name["api"], *children(by_name["api"])],
-            "worker_parent": [parent],
-            "worker_child": children(parent),
-            "valkey": [by_name["valkey"]],
-            "flower": [by_name["flower"]],
-        }
-        closed_loop(base, chat_bodies(clients, offset=10_000), clients)  # warm-up
-        time.sleep(5)  # let the warm-up's last acknowledgements and Flower's refresh settle
-        before = _snapshot(pids)
-        time.sleep(idle_s)  # the idle stack: what it burns doing nothing
-        idle = {k: (v - before[k]) / idle_s * 100 for k, v in _snapshot(pids).items()}
-        before = _snapshot(pids)
-        closed_loop(base, chat_bodies(n), clients)
-        per_job = {k: (v - before[k]) * 1000 / n for k, v in _snapshot(pids).items()}
+def _run_stack(home: Path, model: Path, batch: int, verbose: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """`inferq run` as a user starts it (Flower on), serving the bench model."""
+    port, fport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env["INFERQ_HOME"] = str(home)
+    argv = [sys.executable, "-m", "core.cli", "run", "--port", str(port), "--flower-port", str(fport)]
+    argv += ["--model", str(model), "--model-type", DEMO_MODEL_TYPE, "--template", DEMO_TEMPLATE]
+    argv += [
+        "--served-model-name",
+        "tiny",
+        "--max-batch-size",
+        str(batch),
+        *(["--verbose"] if verbose else []),
+    ]
+    log = (home / "run.log").open("wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while "READY  API" not in (home / "run.log").read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("inferq run did not start: " + (home / "run.log").read_text()[-2000:])
+        time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _roles(run_pid: int) -> dict[str, list[int]]:
+    """The stack's processes by role, from their command lines."""
+    roles: dict[str, list[int]] = {}
+    for pid in children(run_pid):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "valkey" in cmd:
+            roles["valkey"] = [pid]
+        elif " flower" in cmd:
+            roles["flower"] = [pid]
+        elif "uvicorn" in cmd:
+            roles["api"] = [pid, *children(pid)]
+        elif " worker" in cmd:
+            roles["worker_parent"] = [pid]
+            roles["worker_child"] = children(pid)
+    return roles
+
+
+def _cpu_once(model: Path, n: int, clients: int, batch: int, idle_s: float, verbose: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-cpu-") as tmp:
+        proc, base = _run_stack(Path(tmp), model, batch, verbose)
+        try:
+            pids = _roles(proc.pid)
+            closed_loop(base, chat_bodies(clients, offset=10_000), clients)  # warm-up
+            time.sleep(5)  # the warm-up's last acknowledgements and Flower's refresh settle
+            before = _snapshot(pids)
+            time.sleep(idle_s)  # the idle stack: what it burns doing nothing
+            idle = {k: (v - before[k]) / idle_s * 100 for k, v in _snapshot(pids).items()}
+            before = _snapshot(pids)
+            closed_loop(base, chat_bodies(n), clients)
+            per_job = {k: (v - before[k]) * 1000 / n for k, v in _snapshot(pids).items()}
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
     outside = sum(v for k, v in per_job.items() if k != "worker_child")
-    res = {
-        "n": n,
-        "clients": clients,
-        "max_batch_size": batch,
+    return {
         "cpu_ms_per_job": {k: round(v, 2) for k, v in per_job.items()},
         "cpu_ms_per_job_outside_engine": round(outside, 2),
         "idle_percent_of_a_core": {k: round(v, 3) for k, v in idle.items()},
         "idle_percent_total": round(sum(idle.values()), 3),
     }
-    print(
-        f"cpu per job (ms): {res['cpu_ms_per_job']}; "
-        f"outside the engine child {res['cpu_ms_per_job_outside_engine']}"
-        f"; idle stack {res['idle_percent_total']} % of a core {res['idle_percent_of_a_core']}",
-        flush=True,
-    )
+
+
+def cpu(n: int = 512, clients: int = 64, batch: int = 32, idle_s: float = 30.0) -> dict[str, Any]:
+    """Through `inferq run` (Flower on), with its default console and with --verbose."""
+    model = bench_model("tiny")
+    res: dict[str, Any] = {"n": n, "clients": clients, "max_batch_size": batch}
+    for verbose in (False, True):
+        got = _cpu_once(model, n, clients, batch, idle_s, verbose)
+        res["verbose" if verbose else "default"] = got
+        print(
+            f"cpu per job (ms, {'--verbose' if verbose else 'default console'}): {got['cpu_ms_per_job']}; "
+            f"outside the engine child {got['cpu_ms_per_job_outside_engine']}; idle stack "
+            f"{got['idle_percent_total']} % of a core {got['idle_percent_of_a_core']}",
+            flush=True,
+        )
     return res
