@@ -31,7 +31,7 @@ from api.publish import task_message
 from core import batch_lines, keys
 from core.auth import scope_of
 from core.config import Settings
-from core.jobs import AsyncJobStore, BatchLine
+from core.jobs import NO_TOKENS, AsyncJobStore, BatchLine
 from core.storage import Storage
 from schemas.batches import Batch, BatchCreate, BatchError, BatchErrors, BatchUsage, RequestCounts
 from schemas.jobs import JobStatus
@@ -445,6 +445,7 @@ class BatchService:
         limits = service.job_limits(prepared, self.settings, expires=False)  # the batch window governs expiry
         owner = str(await self.r.hget(keys.batch(batch_id), "owner") or "")
         extra = {"batch_id": batch_id, "custom_id": custom_id, "owner": owner, **limits}
+        extra[NO_TOKENS[0]] = NO_TOKENS[1]  # nobody follows a batch line's tokens
         return job_id, prepared, prompt_tokens, extra
 
     async def _record_errors(self, batch_id: str, bad: list[tuple[int, str | None, str]]) -> None:

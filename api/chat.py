@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 _BLOCK_MS = 1000
 
 
-async def submit(st: AppState, body: ChatCompletionRequest, owner: str = "", queue: str | None = None) -> Job:
+async def submit(
+    st: AppState,
+    body: ChatCompletionRequest,
+    owner: str = "",
+    queue: str | None = None,
+    publish_tokens: bool = True,
+) -> Job:
     """Submit with the app's parts; the interactive lane unless another is named."""
     return await service.submit(
         body,
@@ -44,6 +50,7 @@ async def submit(st: AppState, body: ChatCompletionRequest, owner: str = "", que
         counter=await st.counter.get(),
         celery=st.celery,
         owner=owner,
+        publish_tokens=publish_tokens,
     )
 
 

@@ -14,9 +14,10 @@ import anyio
 from celery import Celery
 
 from api.errors import APIError
+from api.prompt_bound import PromptBound
 from api.publish import task_message
 from core.config import Settings
-from core.jobs import AsyncJobStore, JobRecord
+from core.jobs import NO_TOKENS, AsyncJobStore, JobRecord
 from schemas.jobs import Job, JobStatus
 from schemas.openai import ChatCompletionRequest
 from workers.engine import PromptCounter, load_prompt_counter
@@ -100,7 +101,22 @@ async def prepare(
             param=param,
             code="invalid_value",
         )
+    opts = request.inferq
+    if opts and opts.timeout_s and opts.timeout_s > settings.max_job_timeout_s:
+        raise APIError(
+            400,
+            f"Invalid value for 'inferq.timeout_s': {opts.timeout_s} is above the server's limit "
+            f"of {settings.max_job_timeout_s} seconds.",
+            param="inferq.timeout_s",
+            code="invalid_value",
+        )
     messages = [m.for_engine() for m in request.messages]
+    bound = prompt_bound(counter)
+    needed = limit if limit is not None else settings.default_max_tokens
+    upper = bound(messages) if bound is not None else None
+    if upper is not None and upper + needed <= facts.context_length:
+        # it fits for certain: the exact count would decide nothing (the worker reports it)
+        return _effective(request, settings, limit, facts.context_length - upper), upper
     try:
         if sum(len(m["content"]) for m in messages) <= INLINE_COUNT_CHARS:
             prompt_tokens = counter.count_prompt_tokens(messages)
@@ -131,18 +147,29 @@ async def prepare(
             param=param,
             code="context_length_exceeded",
         )
-    opts = request.inferq
-    if opts and opts.timeout_s and opts.timeout_s > settings.max_job_timeout_s:
-        raise APIError(
-            400,
-            f"Invalid value for 'inferq.timeout_s': {opts.timeout_s} is above the server's limit "
-            f"of {settings.max_job_timeout_s} seconds.",
-            param="inferq.timeout_s",
-            code="invalid_value",
-        )
+    return _effective(request, settings, limit, room), prompt_tokens
+
+
+def _effective(
+    request: ChatCompletionRequest, settings: Settings, limit: int | None, room: int
+) -> ChatCompletionRequest:
     effective = limit if limit is not None else min(settings.default_max_tokens, room)
-    prepared = request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
-    return prepared, prompt_tokens
+    return request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
+
+
+_bounds: dict[int, PromptBound | None] = {}
+
+
+def prompt_bound(counter: PromptCounter) -> PromptBound | None:
+    """The counter's cheap bound, measured once (None: its template refused empty messages)."""
+    key = id(counter)
+    if key not in _bounds:
+        try:
+            _bounds[key] = PromptBound.measure(counter.count_prompt_tokens)
+        except Exception as exc:
+            logger.info("no cheap prompt bound for this template (%s): every prompt is counted", exc)
+            _bounds[key] = None
+    return _bounds[key]
 
 
 def job_limits(request: ChatCompletionRequest, settings: Settings, expires: bool = True) -> dict[str, str]:
@@ -176,10 +203,15 @@ async def submit(
     counter: PromptCounter,
     celery: Celery,
     owner: str = "",
+    publish_tokens: bool = True,
 ) -> Job:
+    """`publish_tokens` False: the caller waits for the result only (a non-stream chat
+    request), so the worker writes no token events for it."""
     prepared, prompt_tokens = await prepare(request, settings, counter)
     await reserve(store, owner, 1, settings)
-    limits = job_limits(prepared, settings)
+    limits: dict[str, str] = job_limits(prepared, settings)
+    if not publish_tokens:
+        limits[NO_TOKENS[0]] = NO_TOKENS[1]
     try:
         job = await store.create(
             prepared,

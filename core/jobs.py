@@ -158,6 +158,9 @@ class JobRecord:
     owner: str = ""
     #: counted by the API at submission; batches group jobs of similar length by it
     prompt_tokens: int = 0
+    #: False: nobody follows this job's tokens (a non-stream chat request, a batch line),
+    #: so the worker writes none; its stream still gets its status and final events
+    publish_tokens: bool = True
 
     @property
     def status(self) -> JobStatus:
@@ -188,6 +191,10 @@ class BatchLine:
 
     def keys(self) -> list[str]:
         return [keys.batch_output(self.batch_id), keys.batch_errors(self.batch_id), keys.batch(self.batch_id)]
+
+
+#: The record field that marks a job whose tokens nobody reads (JobRecord.publish_tokens).
+NO_TOKENS = ("tokens", "0")
 
 
 def encode_new(
@@ -234,6 +241,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         timeout_s=float(raw["timeout_s"]) if raw.get("timeout_s") else None,
         owner=raw.get("owner", ""),
         prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        publish_tokens=raw.get(NO_TOKENS[0]) != NO_TOKENS[1],
     )
 
 

@@ -19,6 +19,7 @@ RUN_JOB = "inferq.run_job"
     reject_on_worker_lost=True,
     ignore_result=True,
     Strategy="tasks.skip:skip_finished",
+    Request="tasks.skip:GateRequest",
 )
 def run_job(job_id: str) -> str | None:
     st = lifecycle.state()
@@ -31,7 +32,6 @@ def run_job(job_id: str) -> str | None:
         collect_s=s.batch_collect_ms / 1000,
         collect_max_s=max(s.batch_collect_max_ms, s.batch_collect_ms) / 1000,
         length_window=s.batch_length_window,
-        quiet_lane=s.queue_batch,  # batch lines: nobody watches their tokens
         running=st.current,
         max_attempts=s.max_attempts,
         timeout_s=s.job_timeout_s,

@@ -18,6 +18,13 @@ jobs' messages are acknowledged at once, the others are held (unacknowledged) an
 together every tick; a held job that finishes is acknowledged then, and when the child is
 idle the oldest held message goes to it, one at a time.
 
+Why no fast timer: the parent learns that the child is done with a job from Celery itself
+(`GateRequest`, the task's request class, runs in the parent when the pool answers), and
+only then re-reads the held messages' jobs and hands the next one over. While the child
+works, one slow check (`CHECK_S`) acknowledges what finished and gives back queued messages
+held too long; a parent that polled every few milliseconds spent a sixth of a core doing so
+through every long batch, on a machine where each such cycle is taken from the engine.
+
 What holding must not break:
 - another worker's work: the child takes its jobs from the shared ready lists, so a
   draining worker runs a job whatever parent holds its message; a *queued* job's message
@@ -46,6 +53,7 @@ from typing import Any
 
 import redis
 from celery.worker import state as worker_state
+from celery.worker.request import Request
 from celery.worker.strategy import default
 
 from core.config import get_settings
@@ -54,8 +62,8 @@ from schemas.jobs import JobStatus
 
 logger = logging.getLogger(__name__)
 
-#: how often held messages are re-read (one pipelined read for all of them)
-TICK_S = 0.02
+#: while the child is busy, how often held messages are re-read (one pipelined read for all)
+CHECK_S = 1.0
 #: a queued job's message held this long while the child stays busy goes back to the broker
 HOLD_QUEUED_S = 1.0
 
@@ -93,7 +101,7 @@ class ParentGate:
         requeue: Callable[[Any], None],
         *,
         busy: Callable[[], bool] = child_busy,
-        wake: Callable[[], None] = lambda: None,
+        wake: Callable[[float], None] = lambda delay: None,
         hold_queued_s: float = HOLD_QUEUED_S,
         waiting: Callable[[str], int] = lambda queue: 0,
     ) -> None:
@@ -103,7 +111,8 @@ class ParentGate:
         #: gives a message back to the broker (its `reject` callable, requeue=True)
         self.requeue = requeue
         self.busy = busy
-        #: asks for a `tick` soon; called while messages are held (no timer runs when none are)
+        #: asks for a `tick` after a delay; called while messages are held (no timer runs
+        #: when none are)
         self.wake = wake
         self.hold_queued_s = hold_queued_s
         #: messages waiting in a broker queue (its name: the message's routing key)
@@ -172,7 +181,12 @@ class ParentGate:
                 # stays in the ready list, for the next drain)
                 logger.exception("job %s's message could not be handed to the pool", item.job_id)
         if self.held and not self.closed:
-            self.wake()
+            self.wake(CHECK_S)
+
+    def child_done(self) -> None:
+        """The child finished a job: move held messages on now, not at the next check."""
+        if self.held and not self.closed:
+            self.wake(0.0)
 
     def close(self) -> None:
         """The consumer restarted: give every held message back (the broker restores any
@@ -205,22 +219,25 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
     def requeue(reject: Any) -> None:
         reject(logger, consumer.connection_errors, True)
 
-    armed = False
+    armed_at: float | None = None  # when the armed tick is due (None: none armed)
 
     def tick() -> None:
-        nonlocal armed
-        armed = False
+        nonlocal armed_at
+        armed_at = None
         try:
             gate.tick()
         except Exception:  # raising here would stop the consumer's event loop
             logger.exception("re-reading held job messages failed; retrying")
-            wake()
+            wake(CHECK_S)
 
-    def wake() -> None:
-        nonlocal armed
-        if not armed:
-            armed = True
-            consumer.timer.call_after(TICK_S, tick)
+    def wake(delay: float) -> None:
+        """At most one tick armed; a sooner request arms one more (the later one then finds
+        the gate as it left it, and costs a read at most)."""
+        nonlocal armed_at
+        due = time.monotonic() + delay
+        if armed_at is None or due < armed_at - 0.001:
+            armed_at = due
+            consumer.timer.call_after(delay, tick)
 
     gate = ParentGate(
         JobStore(client, settings.result_ttl_s),
@@ -238,3 +255,20 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
 
 
 _current: ParentGate | None = None
+
+
+class GateRequest(Request):
+    """inferq.run_job's request class. Celery runs its callbacks in the parent when the pool
+    answers: with acks late, `acknowledge` once a job succeeded, `on_failure` otherwise."""
+
+    def acknowledge(self) -> None:
+        super().acknowledge()
+        if _current is not None:
+            _current.child_done()
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        try:
+            return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        finally:
+            if _current is not None:
+                _current.child_done()

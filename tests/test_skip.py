@@ -17,7 +17,7 @@ from core import keys
 from core.jobs import JobStore
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
-from tasks.skip import ParentGate
+from tasks.skip import CHECK_S, ParentGate
 
 LANE = "inferq.test-skip"
 
@@ -46,6 +46,7 @@ class Pool:
     acked: list[tuple[str, JobStatus]] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     wakes: int = 0
+    delays: list[float] = field(default_factory=list)
     in_broker: int = 0  # messages waiting in the lane's broker queue
 
     def handler(self, message: Message, *_: Any, **__: Any) -> None:
@@ -55,8 +56,9 @@ class Pool:
     def finished(self, job_id: str, status: JobStatus, ack: Any) -> None:
         self.acked.append((job_id, status))
 
-    def wake(self) -> None:
+    def wake(self, delay: float = 0.0) -> None:
         self.wakes += 1
+        self.delays.append(delay)
 
     def requeue(self, reject: Any) -> None:
         self.requeued.append(reject)  # the tests pass the job id as the message's `reject`
@@ -175,3 +177,20 @@ def test_what_the_parent_cannot_judge_goes_to_the_child(r: redis.Redis) -> None:
     unreachable = ParentGate(dead, pool.handler, pool.finished, pool.requeue, busy=lambda: True)
     unreachable.on_message(Message({"id": "job_x"}), {}, None, None, None)
     assert pool.handed == ["job_missing", "?", "job_x"] and not gate.held and not unreachable.held
+
+
+def test_a_busy_child_costs_one_slow_check_and_its_end_moves_held_messages_at_once(r: redis.Redis) -> None:
+    """While the child works, held messages are re-read every CHECK_S (not every few ms:
+    that cost grew with the batch's length); when Celery reports the child done, the gate
+    asks for a tick at once and the next held message goes to the child."""
+    store, pool = JobStore(r, 60), Pool(busy=True)
+    gate = _gate(store, pool)
+    first, second = _jobs(store, 2)
+    _send(gate, first)
+    _send(gate, second)
+    assert pool.delays and set(pool.delays) == {CHECK_S} and CHECK_S >= 0.5
+    pool.busy = False
+    gate.child_done()
+    assert pool.delays[-1] == 0.0
+    gate.tick()
+    assert pool.handed == [first]

@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -179,3 +179,24 @@ def test_raw_stream_ends_with_done_and_disconnect_cancels(any_stack: Stack) -> N
     done = stack.wait_job(job_id, timeout=30)
     assert done["status"] == "cancelled"
     assert done["result"]["usage"]["completion_tokens"] < LONG // 4
+
+
+def test_only_jobs_someone_follows_write_token_events(any_stack: Stack) -> None:
+    """A non-stream chat request waits for its result only: its job writes no token events
+    (the worker's and Valkey's CPU go to work someone reads); a /v1/jobs job keeps its token
+    stream, since clients may subscribe and replay it at any time."""
+    import redis
+
+    r = redis.Redis.from_url(any_stack.redis_url, decode_responses=True)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "tokens for nobody"}], "max_tokens": 12}
+    with any_stack.client() as c:
+        done = c.post("/v1/chat/completions", json=body).json()
+    assert done["usage"]["completion_tokens"] > 0 and done["choices"][0]["message"]["content"]
+    chat_job = "job_" + done["id"].removeprefix("chatcmpl-")
+    chat_types = [fields["type"] for _, fields in cast(list[Any], r.xrange(f"inferq:events:{chat_job}"))]
+    assert "done" in chat_types and "token" not in chat_types, chat_types
+
+    job = any_stack.submit("tokens for someone", max_tokens=12)
+    assert any_stack.wait_job(job)["status"] == "succeeded"
+    job_types = [fields["type"] for _, fields in cast(list[Any], r.xrange(f"inferq:events:{job}"))]
+    assert "token" in job_types and job_types[-1] == "done", job_types

@@ -77,7 +77,7 @@ class _Drain:
         now = time.time()
         for rec in records:
             reqs = gen_requests(rec.job.id, rec.request, self.opts.default_max_tokens)
-            publish = self.opts.publish_tokens and rec.queue != self.opts.quiet_lane
+            publish = self.opts.publish_tokens and rec.publish_tokens
             attempt = rec.job.attempts + 1
             targets = [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
             rows = self.sink.extend(targets, deadline=now + (rec.timeout_s or self.opts.timeout_s))

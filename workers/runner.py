@@ -132,8 +132,6 @@ class RunOptions:
     collect_max_s: float = 0.0
     #: ready jobs looked at per free row, to pick those closest in prompt length (workers.claim)
     length_window: int = 1
-    #: jobs from this lane do not publish token events (nobody watches batch lines)
-    quiet_lane: str = ""
     #: False: no job of the call publishes token events
     publish_tokens: bool = True
     #: filled with the ids of the jobs being run, for the caller's lease renewal
@@ -224,7 +222,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
         attempt = rec.job.attempts + 1  # the RUNNING transition just counted this attempt
         spans.append((rec, len(requests), len(requests) + len(reqs)))
         requests += reqs
-        publish = opts.publish_tokens and rec.queue != opts.quiet_lane
+        publish = opts.publish_tokens and rec.publish_tokens
         targets += [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
     sink = StreamSink(store.r, targets)
     started = time.time()

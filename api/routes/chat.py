@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"])
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, st: StateDep, owner: OwnerDep
 ) -> ChatCompletion | StreamingResponse:
-    job = await chat.submit(st, body, owner)
+    job = await chat.submit(st, body, owner, publish_tokens=body.stream)
     if body.stream:
         return chat.streaming_response(st, job, body, request)
     return await chat.complete(st, job, request)
