@@ -54,4 +54,6 @@ def plain_shape(messages: Messages) -> bool:
     roles = [m["role"] for m in messages]
     if roles and roles[0] == "system":
         roles = roles[1:]
-    return len(roles) % 2 == 1 and all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
+    return len(roles) % 2 == 1 and all(
+        r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)
+    )

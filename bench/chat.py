@@ -174,7 +174,7 @@ def _roles(run_pid: int) -> dict[str, list[int]]:
             roles["valkey"] = [pid]
         elif " flower" in cmd:
             roles["flower"] = [pid]
-        elif "uvicorn" in cmd:
+        elif "api.serve" in cmd:
             roles["api"] = [pid, *children(pid)]
         elif " worker" in cmd:
             roles["worker_parent"] = [pid]

@@ -22,6 +22,7 @@ import redis
 
 from bench._stack import bench_model, stack
 from bench.common import busy_fraction, field_all, last_finish, post_all, prompts, stats, tokens, wait_done
+from core.config import Settings
 from core.processes import Supervisor
 
 
@@ -35,7 +36,7 @@ class Direct:
         import torch
         from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
-        from workers.swift_backend import _device_map, _dtype, cpu_threads
+        from workers.swift_backend import _device_map, _dtype
 
         self.engine = TransformersEngine(
             str(model),
@@ -50,7 +51,7 @@ class Direct:
         # warm-up: one full batch, the only batch size this baseline runs
         self.engine.infer(self.reqs[:batch], self.cfg, use_tqdm=False)
         self.default = torch.get_num_threads()
-        self.settings = sorted({self.default, cpu_threads(0) or self.default})
+        self.settings = sorted({self.default, Settings().torch_threads or self.default})
         #: CPU seconds per completed token in the last round, by thread count
         self.cpu_per_token: dict[int, float] = {}
 
@@ -178,9 +179,7 @@ def efficiency(
                 f"/v1/batches {batch_runs[-1]:.0f}",
                 flush=True,
             )
-    from workers.swift_backend import cpu_threads
-
-    child_threads = cpu_threads(0) or direct.default
+    child_threads = Settings().torch_threads or direct.default
     by_threads = {t: max(run[t] for run in direct_runs) for t in direct_runs[0]}
     threads = max(by_threads, key=lambda t: by_threads[t])
     best_direct = by_threads[threads]
@@ -282,8 +281,6 @@ def interference(n: int = 256, max_tokens: int = 32, batch: int = 8, rounds: int
     import subprocess
     import sys
 
-    from workers.swift_backend import cpu_threads
-
     texts = prompts(n)
     quiet: list[float] = []
     loaded: list[float] = []
@@ -291,7 +288,7 @@ def interference(n: int = 256, max_tokens: int = 32, batch: int = 8, rounds: int
     loaded_cpu: list[float] = []
     with stack(INFERQ_ENGINE="echo", INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, _env, _sup):
         direct = Direct(model, batch, max_tokens, texts)
-        direct.settings = [cpu_threads(0) or direct.default]  # the worker child's thread count
+        direct.settings = [Settings().torch_threads or direct.default]  # the worker child's thread count
         rate = max(direct.round().values()) / max_tokens  # jobs/s this engine completes
         for i in range(rounds * 2):
             load = i % 2 == 1

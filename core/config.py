@@ -58,10 +58,10 @@ class Settings(BaseSettings):
     #: CPU, enough for MAX_BATCH_SIZE rows of the context length) and tokens per page.
     kv_cache_blocks: int = Field(default=0, ge=0)
     kv_page_size: int = Field(default=0, ge=0)
-    #: torch's CPU threads in a worker child; 0 = auto: on a CPU-only machine one core is
-    #: left to the API and Redis (all of them minus one), with a GPU torch's default.
-    #: Why: torch's spinning OpenMP threads on every core starve the API and Valkey beside
-    #: them, and on the 2-core reference box one thread was as fast as two for small models.
+    #: torch's CPU threads in a worker child; 0 = torch's default (every core). Why not one
+    #: core left to the API and Valkey, as before: they now use a few milliseconds of CPU
+    #: per job, and the engine on all cores ran the compute-bound model faster through the
+    #: queue than on all but one (docs/benchmarks.md, "The queue's cost").
     torch_threads: int = Field(default=0, ge=0, le=1024)
     #: Where `inferq run` builds the demo model when no model is named.
     home: Path = Field(default_factory=_default_home)
@@ -130,10 +130,12 @@ class Settings(BaseSettings):
     #: job that is still running is delivered twice.
     visibility_timeout_s: int = 1200
     heartbeat_interval_s: float = 2.0
-    #: A running job's lease: renewed by its worker's heartbeat; once it lapses (the worker
-    #: died) the reaper sends the job again. Bounds recovery after a crash.
-    lease_s: float = 15.0
-    #: How often a worker looks for lapsed leases.
+    #: A worker child's heartbeat lasts this long unless renewed: the one sign that it is
+    #: alive. Once it lapses (the worker died) the reaper puts back the jobs it had taken and
+    #: sends again those it was running. Bounds recovery after a crash; must be a few
+    #: heartbeats long, or a busy machine's late heartbeat would look like a death.
+    liveness_s: float = Field(default=15.0, ge=1.0)
+    #: How often a worker looks for workers whose heartbeat lapsed.
     reap_interval_s: float = 2.0
     #: Micro-batching: how long a worker waits for more jobs when its batch is not full.
     batch_collect_ms: float = 5.0

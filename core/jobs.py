@@ -27,37 +27,62 @@ from schemas.openai import ChatCompletion, ChatCompletionRequest
 EVENTS_MAXLEN = 10_000
 
 #: Take up to ARGV[1] ids off the first non-empty ready list (lanes in priority order) into
-#: that lane's claiming list, and register the claim with its deadline: one round trip, and
-#: an id is never only in the memory of a process that can die (a popped id was the only
-#: way to a queued job whose message a dead worker parent held until the visibility timeout).
-#: KEYS: CLAIMS, then (ready, claiming) per lane; ARGV: count, deadline, ttl, member per lane.
-_POP_CLAIM_LUA = """
-for i = 2, #KEYS, 2 do
+#: the worker's processing list, in one step: an id is never only in the memory of a process
+#: that can die (a popped id may be the only way to a queued job whose message a dead
+#: worker parent held until the visibility timeout).
+#: KEYS: processing, PROCESSING_WORKERS, then the ready list of each lane; ARGV: count, ttl, worker.
+_POP_LUA = """
+for i = 3, #KEYS do
   local ids = redis.call('LPOP', KEYS[i], tonumber(ARGV[1]))
   if ids then
     for j = 1, #ids, 1000 do  -- unpack is bounded by Lua's stack
-      redis.call('RPUSH', KEYS[i + 1], unpack(ids, j, math.min(j + 999, #ids)))
+      redis.call('RPUSH', KEYS[1], unpack(ids, j, math.min(j + 999, #ids)))
     end
-    redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3 + i / 2])
-    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+    redis.call('SADD', KEYS[2], ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
     return ids
   end
 end
 return {}
 """
 
-#: Put a lapsed claim's ids back at the head of their lane, in order, unless the claim was
-#: renewed meanwhile. KEYS: CLAIMS, claiming, ready; ARGV: member, now, ttl.
-_RESTORE_CLAIM_LUA = """
-local at = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
-if at > tonumber(ARGV[2]) then return -1 end
-local ids = redis.call('LRANGE', KEYS[2], 0, -1)
-for i = #ids, 1, -1 do redis.call('LPUSH', KEYS[3], ids[i]) end
-if #ids > 0 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
+#: Drop from a worker's processing list every id it is not running (the ids of a filled
+#: batch it looked at and left, or found taken, cancelled or expired). KEYS: processing;
+#: ARGV: worker.
+_TIDY_LUA = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  local st = redis.call('HMGET', '{job}' .. id, 'status', 'worker')
+  if st[1] ~= 'running' or st[2] ~= ARGV[1] then redis.call('LREM', KEYS[1], 0, id) end
+end
 return #ids
+"""
+
+#: A worker whose heartbeat lapsed (or, ARGV[3] = '1', a live one settling its own list
+#: between tasks): its queued ids go back to the head of their lanes in order, and the ids
+#: of the jobs it was running are returned (with their lanes) to be sent again, no longer
+#: its (their `worker` cleared, so the new message may run them); its list is gone after.
+#: Nothing if the heartbeat is back. One call, so two reapers never both send a job.
+#: KEYS: processing, PROCESSING_WORKERS, heartbeat; ARGV: worker, ttl, own.
+_REAP_LUA = """
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local resend = {}
+for i = #ids, 1, -1 do
+  local f = redis.call('HMGET', '{job}' .. ids[i], 'status', 'queue', 'worker')
+  if f[1] == 'queued' and f[2] then
+    redis.call('LPUSH', '{ready}' .. f[2], ids[i])
+    redis.call('EXPIRE', '{ready}' .. f[2], ARGV[2])
+  elseif f[1] == 'running' and f[3] == ARGV[1] then
+    redis.call('HSET', '{job}' .. ids[i], 'worker', '')
+    table.insert(resend, ids[i])
+    table.insert(resend, f[2] or '')
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return resend
 """
 
 _TRANSITION_LUA = """
@@ -67,10 +92,11 @@ local ok = false
 for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then ok = true end end
 if not ok then return {'conflict', cur} end
 local to = ARGV[1]
-if to == 'running' and cur == 'running' then
-  -- a running job with a live lease is being run by a live worker: do not run it twice
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-  if lease > tonumber(ARGV[2]) then return {'leased', cur} end
+local id = string.sub(KEYS[1], string.len('{job}') + 1)
+local worker = redis.call('HGET', KEYS[1], 'worker')
+if to == 'running' and cur == 'running' and worker and redis.call('EXISTS', '{worker}' .. worker) == 1 then
+  -- its worker is alive (its heartbeat stands): it is being run; never run it twice
+  return {'alive', cur}
 end
 local maxlen = ARGV[#ARGV]
 redis.call('HSET', KEYS[1], 'status', to)
@@ -79,12 +105,19 @@ for i = 6, #ARGV - 1, 2 do
   if string.sub(ARGV[i], 1, 1) ~= '_' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   payload[ARGV[i]] = ARGV[i + 1]
 end
+if worker and worker ~= payload['_worker'] then
+  -- it ended, or a new worker runs it: it is no longer the old one's
+  redis.call('LREM', '{processing}' .. worker, 0, id)
+end
 if to == 'running' then
   local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-  local lease_until = tonumber(ARGV[2]) + tonumber(payload['_lease'] or '30')
-  redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until))
-  redis.call('ZADD', KEYS[3], lease_until, string.sub(KEYS[1], string.len('inferq:job:') + 1))
+  local mine = '{processing}' .. (payload['_worker'] or '')
+  redis.call('HSET', KEYS[1], 'worker', payload['_worker'] or '')
+  if not redis.call('LPOS', mine, id) then redis.call('RPUSH', mine, id) end
+  redis.call('EXPIRE', mine, ARGV[3])
+  redis.call('SADD', KEYS[3], payload['_worker'])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
   if attempt > 1 then
     -- a redelivery: subscribers drop the partial text of the attempt that died
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', tostring(attempt))
@@ -92,8 +125,7 @@ if to == 'running' then
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   local owner = redis.call('HGET', KEYS[1], 'owner')
-  if owner and owner ~= '' then redis.call('DECR', 'inferq:active:' .. owner) end
-  redis.call('ZREM', KEYS[3], string.sub(KEYS[1], string.len('inferq:job:') + 1))
+  if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
@@ -122,6 +154,24 @@ return {'ok', cur}
 """
 
 
+def _with_prefixes(script: str) -> str:
+    """The scripts' key names come from core.keys, like every other key."""
+    for name, prefix in (
+        ("{job}", keys.JOB_PREFIX),
+        ("{ready}", keys.READY_PREFIX),
+        ("{worker}", keys.WORKER_PREFIX),
+        ("{processing}", keys.PROCESSING_PREFIX),
+        ("{active}", keys.ACTIVE_PREFIX),
+    ):
+        script = script.replace(name, prefix)
+    return script
+
+
+_TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA = map(
+    _with_prefixes, (_TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA)
+)
+
+
 def new_job_id() -> str:
     return f"job_{uuid.uuid4().hex}"
 
@@ -137,8 +187,8 @@ class TransitionResult:
     ok: bool
     previous: str
     missing: bool = False
-    #: refused because a live worker holds the job's lease
-    leased: bool = False
+    #: refused: the job runs on a worker whose heartbeat stands
+    alive: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,8 +200,8 @@ class JobRecord:
     queue: str
     batch_id: str = ""
     custom_id: str = ""
-    #: time.time() until which a live worker holds the job (0: none)
-    lease_until: float = 0.0
+    #: the worker that runs it, or ran it last ("" before it first ran)
+    worker: str = ""
     #: generation time limit, seconds
     timeout_s: float | None = None
     #: the API key that created it ("" without keys)
@@ -237,7 +287,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         queue=raw.get("queue", ""),
         batch_id=raw.get("batch_id", ""),
         custom_id=raw.get("custom_id", ""),
-        lease_until=float(raw.get("lease_until") or 0),
+        worker=raw.get("worker", ""),
         timeout_s=float(raw["timeout_s"]) if raw.get("timeout_s") else None,
         owner=raw.get("owner", ""),
         prompt_tokens=int(raw.get("prompt_tokens") or 0),
@@ -277,7 +327,7 @@ def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dic
 def _parse(reply: list[Any]) -> TransitionResult:
     status, prev = (x.decode() if isinstance(x, bytes) else x for x in reply)
     return TransitionResult(
-        ok=status == "ok", previous=prev, missing=status == "missing", leased=status == "leased"
+        ok=status == "ok", previous=prev, missing=status == "missing", alive=status == "alive"
     )
 
 
@@ -290,7 +340,8 @@ class Move:
     result: ChatCompletion | None = None
     error: JobError | None = None
     batch_line: BatchLine | None = None
-    lease_s: float | None = None
+    #: the worker that runs it (a move to RUNNING)
+    worker: str = ""
     extra: dict[str, str] | None = None
 
 
@@ -301,13 +352,15 @@ def _move_call(m: Move, now: float, ttl: int) -> tuple[list[str], list[str]]:
         **(m.batch_line.fields() if m.batch_line else {}),
         **(m.extra or {}),
     }
-    if m.lease_s is not None:
-        fields["_lease"] = repr(m.lease_s)
+    if m.to is JobStatus.RUNNING and not m.worker:
+        raise ValueError("a move to running names the worker that runs the job")
+    if m.worker:
+        fields["_worker"] = m.worker
     args = [*_transition_args(m.to, now, ttl, fields), str(EVENTS_MAXLEN)]
     job_keys = [
         keys.job(m.job_id),
         keys.job_events(m.job_id),
-        keys.LEASES,
+        keys.PROCESSING_WORKERS,
         *(m.batch_line.keys() if m.batch_line else []),
     ]
     return job_keys, args
@@ -320,55 +373,60 @@ class JobStore:
         self.r = client
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION_LUA)
-        self._pop_claim = client.register_script(_POP_CLAIM_LUA)
-        self._restore_claim = client.register_script(_RESTORE_CLAIM_LUA)
+        self._pop = client.register_script(_POP_LUA)
+        self._tidy = client.register_script(_TIDY_LUA)
+        self._reap = client.register_script(_REAP_LUA)
 
-    def pop_ready(self, queues: Sequence[str], owner: str, lease_s: float) -> str | None:
+    def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
         """The next ready job id from the first of `queues` (priority order) that has one,
-        kept in `owner`'s claim until `end_claim` (see `pop_window`)."""
-        ids = self.pop_window(queues, 1, owner, lease_s)
+        kept in `worker`'s processing list (see `pop_window`)."""
+        ids = self.pop_window(queues, 1, worker)
         return ids[0] if ids else None
 
-    def pop_window(self, queues: Sequence[str], count: int, owner: str, lease_s: float) -> list[str]:
-        """Up to `count` ready ids off the first of `queues` that has any. They stay in
-        `owner`'s claiming list until `end_claim`; if `owner` dies first, `restore_claims`
-        (the reaper) puts them back once `lease_s` has passed."""
-        claim_keys = [keys.CLAIMS]
-        for q in queues:
-            claim_keys += [keys.ready(q), keys.claiming(owner, q)]
-        args: list[str | int | float] = [count, time.time() + lease_s, self.ttl]
-        args += [keys.claim_member(owner, q) for q in queues]
-        return cast(list[str], self._pop_claim(keys=claim_keys, args=args))
+    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[str]:
+        """Up to `count` ready ids off the first of `queues` that has any, into `worker`'s
+        processing list: until `end_claim` (those it does not run) or their job ends (those
+        it runs). If `worker` dies first, `reap` puts them back."""
+        pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
+        return cast(list[str], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
 
-    def end_claim(
-        self, owner: str, queues: Sequence[str], held: Mapping[str, list[str]] | None = None
-    ) -> None:
+    def end_claim(self, worker: str, held: Mapping[str, list[str]] | None = None) -> None:
         """The batch is filled: the ids looked at but not taken (`held`, by lane) go back to
-        the head of their lane in their order, and the claim is dropped, in one MULTI."""
-        if not queues:
-            return
+        the head of their lane in their order, and leave `worker`'s processing list with the
+        others it does not run, in one MULTI."""
         pipe = self.r.pipeline(transaction=True)
-        for q in queues:
-            if ids := (held or {}).get(q):
+        for q, ids in (held or {}).items():
+            if ids:
                 pipe.lpush(keys.ready(q), *reversed(ids))
                 pipe.expire(keys.ready(q), self.ttl)
-            pipe.delete(keys.claiming(owner, q))
-        pipe.zrem(keys.CLAIMS, *(keys.claim_member(owner, q) for q in queues))
+        self._tidy(keys=[keys.processing(worker)], args=[worker], client=pipe)
         pipe.execute()
 
-    def restore_claims(self, limit: int = 100) -> int:
-        """Put back the ids of claims whose worker died mid-claim; returns how many."""
-        now = time.time()
-        members = cast(list[str], self.r.zrangebyscore(keys.CLAIMS, "-inf", now, start=0, num=limit))
-        restored = 0
-        for member in members:
-            owner, _, queue = member.partition("|")
-            n = self._restore_claim(
-                keys=[keys.CLAIMS, keys.claiming(owner, queue), keys.ready(queue)],
-                args=[member, now, self.ttl],
-            )
-            restored += max(int(n), 0)
-        return restored
+    def worker_alive(self, worker: str) -> bool:
+        return bool(worker) and bool(self.r.exists(keys.worker(worker)))
+
+    def reap(self) -> list[tuple[str, str]]:
+        """For every worker whose heartbeat lapsed: its queued ids back at the head of their
+        lanes; returns (job id, lane) of the jobs it was running, to be sent again."""
+        resend: list[tuple[str, str]] = []
+        for worker in cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)):
+            if not self.r.exists(keys.worker(worker)):
+                resend += self._reap_one(worker, own=False)
+        return resend
+
+    def settle(self, worker: str) -> list[tuple[str, str]]:
+        """The same for a live worker between two tasks, whose list should be empty then: a
+        task that ended without ending its jobs (Redis went away mid-batch) leaves them
+        running on a worker that is alive but runs nothing, which no reaper would take."""
+        return self._reap_one(worker, own=True)
+
+    def _reap_one(self, worker: str, own: bool) -> list[tuple[str, str]]:
+        got = self._reap(
+            keys=[keys.processing(worker), keys.PROCESSING_WORKERS, keys.worker(worker)],
+            args=[worker, self.ttl, "1" if own else "0"],
+        )
+        flat = cast(list[str], got or [])
+        return list(zip(flat[::2], flat[1::2], strict=True))
 
     def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
         job_id = new_job_id()
@@ -407,10 +465,10 @@ class JobStore:
         result: ChatCompletion | None = None,
         error: JobError | None = None,
         batch_line: BatchLine | None = None,
-        lease_s: float | None = None,
+        worker: str = "",
         extra: dict[str, str] | None = None,
     ) -> TransitionResult:
-        return self.apply([Move(job_id, to, result, error, batch_line, lease_s, extra)])[0]
+        return self.apply([Move(job_id, to, result, error, batch_line, worker, extra)])[0]
 
     def apply(self, moves: list[Move]) -> list[TransitionResult]:
         """Each move is atomic (one script call); a batch's moves share one round trip."""
@@ -422,20 +480,6 @@ class JobStore:
             job_keys, args = _move_call(m, now, self.ttl)
             self._transition(keys=job_keys, args=args, client=pipe)
         return [_parse(reply) for reply in pipe.execute()]
-
-    def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
-        """Called by a live worker's heartbeat for the jobs it is running."""
-        if not job_ids:
-            return
-        until = time.time() + lease_s
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.zadd(keys.LEASES, {job_id: until}, xx=True)
-            pipe.hset(keys.job(job_id), "lease_until", repr(until))
-        pipe.execute()
-
-    def expired_leases(self, limit: int = 100) -> list[str]:
-        return cast(list[str], self.r.zrangebyscore(keys.LEASES, "-inf", time.time(), start=0, num=limit))
 
 
 class AsyncJobStore:

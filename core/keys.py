@@ -11,12 +11,13 @@ PREFIX = "inferq:"
 
 def job(job_id: str) -> str:
     """Hash: the job record, source of truth for status/request/result. TTL: result_ttl_s."""
-    return f"{PREFIX}job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
 
 
 def worker(worker_id: str) -> str:
-    """String: a worker child's heartbeat with its engine facts. TTL: 3 heartbeats."""
-    return f"{PREFIX}worker:{worker_id}"
+    """String: a worker child's heartbeat with its engine facts; while it exists, the worker
+    is alive. TTL: Settings.liveness_s, renewed every heartbeat."""
+    return f"{WORKER_PREFIX}{worker_id}"
 
 
 WORKER_PATTERN = f"{PREFIX}worker:*"
@@ -93,28 +94,29 @@ FILE_INDEX = f"{PREFIX}files:index"
 def ready(queue: str) -> str:
     """List: ids of jobs enqueued on a lane, for a worker to pull more jobs into the batch it
     is about to run (micro-batching). Stale ids are harmless. TTL: result_ttl_s."""
-    return f"{PREFIX}ready:{queue}"
+    return f"{READY_PREFIX}{queue}"
 
 
-def claiming(owner: str, queue: str) -> str:
-    """List: ids a worker child took off a lane's ready list while it fills a batch. Gone
-    when the batch is filled (the ids it did not take go back to the head of the lane); if
-    the child died meanwhile, the reaper puts all of them back. TTL: result_ttl_s."""
-    return f"{PREFIX}claiming:{owner}:{queue}"
+#: Key prefixes the Lua scripts in core.jobs build names from (a job's worker is only
+#: known inside the script). Same names as the functions below.
+JOB_PREFIX = f"{PREFIX}job:"
+READY_PREFIX = f"{PREFIX}ready:"
+WORKER_PREFIX = f"{PREFIX}worker:"
+PROCESSING_PREFIX = f"{PREFIX}processing:"
+ACTIVE_PREFIX = f"{PREFIX}active:"
 
 
-def claim_member(owner: str, queue: str) -> str:
-    """A claim's member in CLAIMS (owner ids never hold a '|')."""
-    return f"{owner}|{queue}"
+def processing(worker_id: str) -> str:
+    """List: the ids of the jobs a worker has taken, off a lane while it fills a batch and
+    while it runs them (rq's intermediate queue). Its heartbeat (`worker`) is the one sign
+    that it is alive: once that lapses, the reaper puts the queued ids back at the head of
+    their lanes and sends the running jobs again. TTL: result_ttl_s, refreshed on every push."""
+    return f"{PROCESSING_PREFIX}{worker_id}"
 
 
-#: Sorted set claim member -> deadline of the claims in progress; the reaper restores the
-#: lapsed ones (their worker died mid-claim). TTL: result_ttl_s, refreshed on every claim.
-CLAIMS = f"{PREFIX}claims"
-
-#: Sorted set job id -> lease deadline of running jobs; the reaper re-sends jobs whose
-#: worker stopped renewing. Members are removed when the job ends.
-LEASES = f"{PREFIX}leases"
+#: Set of the worker ids that have a processing list, for the reaper to look at (no SCAN
+#: over every key). TTL: result_ttl_s, refreshed on every add.
+PROCESSING_WORKERS = f"{PREFIX}processing-workers"
 
 
 def api_key(key_hash: str) -> str:
@@ -129,4 +131,4 @@ def rate(owner: str, minute: int) -> str:
 
 def active(owner: str) -> str:
     """Counter: a key's jobs (and batch lines) not finished yet. TTL: result_ttl_s, refreshed."""
-    return f"{PREFIX}active:{owner}"
+    return f"{ACTIVE_PREFIX}{owner}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import cast
+
+import redis
 
 from core.config import get_settings
 from tasks.app import app
@@ -27,7 +30,6 @@ def run_job(job_id: str) -> str | None:
     opts = runner.RunOptions(
         default_max_tokens=s.default_max_tokens,
         max_batch_size=s.max_batch_size,
-        lease_s=s.lease_s,
         lanes=tuple(s.queues),
         collect_s=s.batch_collect_ms / 1000,
         collect_max_s=max(s.batch_collect_max_ms, s.batch_collect_ms) / 1000,
@@ -35,16 +37,19 @@ def run_job(job_id: str) -> str | None:
         running=st.current,
         max_attempts=s.max_attempts,
         timeout_s=s.job_timeout_s,
-        owner=st.worker_id,
+        worker_id=st.worker_id,
     )
-    try:
-        if s.engine_mode == "continuous" and s.engine == "swift":
-            engine = cast(ContinuousEngine, st.engine)
-            outcomes = drain_continuous(job_id, st.store, engine, opts, s.continuous_drain_s)
-        else:
-            outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
-    finally:
-        st.current.clear()
+    with st.task_lock:
+        try:
+            if s.engine_mode == "continuous" and s.engine == "swift":
+                engine = cast(ContinuousEngine, st.engine)
+                outcomes = drain_continuous(job_id, st.store, engine, opts, s.continuous_drain_s)
+            else:
+                outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
+        finally:
+            st.current.clear()
+            with contextlib.suppress(redis.RedisError):  # else the heartbeat does it, later
+                st.settle()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)
     first = outcomes[0].status
     return first.value if first else None

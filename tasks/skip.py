@@ -33,8 +33,9 @@ What holding must not break:
   queue has messages, idle workers have work to wake up with, and giving messages back would
   only make every parent fetch each one again and again through a long backlog);
 - crash recovery: a parent holds messages only while its child is busy, that is running a
-  job under a lease; if the whole worker dies, the reaper sends that job again, and the task
-  that runs it drains the ready lists, where the held jobs' ids still are (their messages
+  job it took into its processing list; if the whole worker dies, its heartbeat lapses, the
+  reaper sends that job again and puts back the ids it had taken, and the task that runs
+  it drains the ready lists, where the held jobs' ids are again (their messages
   stay unacknowledged on the dead worker until the broker's visibility timeout, and are
   then skipped as finished);
 - the runner's judgement: anything the parent cannot judge (missing record, Redis

@@ -149,7 +149,7 @@ def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str
         INFERQ_SERVED_MODEL_NAME="tiny",
         INFERQ_HOME=str(home),
         INFERQ_HEARTBEAT_INTERVAL_S="0.5",
-        INFERQ_LEASE_S="3",
+        INFERQ_LIVENESS_S="3",
         INFERQ_MAX_BATCH_SIZE="8",
         PYTORCH_NVML_BASED_CUDA_CHECK="1",
         TOKENIZERS_PARALLELISM="false",

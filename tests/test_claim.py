@@ -23,21 +23,23 @@ from tests.conftest import ROOT, with_db
 from workers import lifecycle
 from workers.claim import claim_more, closest_fits
 from workers.fake import EchoEngine
-from workers.runner import RunOptions, drain, run_batch
+from workers.runner import RunOptions, drain, process_worker_id, run_batch
 
 LANE = "inferq.test-claim"
 
 
+WORKER = process_worker_id()
+
+
 @pytest.fixture(autouse=True)
 def _clean(r: redis.Redis) -> Iterator[None]:
-    """Leave no lease behind: a worker's reaper sharing this server would send these jobs."""
+    """This process is the worker here: it beats while a test runs (a worker's reaper sharing
+    this server would otherwise take its jobs back) and leaves nothing behind."""
     r.delete(keys.ready(LANE))
+    r.set(keys.worker(WORKER), "{}", ex=60)
     yield
-    leased = cast(list[str], r.zrange(keys.LEASES, 0, -1))
-    ours = [j for j in leased if r.hget(keys.job(j), "queue") == LANE]
-    if ours:
-        r.zrem(keys.LEASES, *ours)
-    r.delete(keys.ready(LANE))
+    r.delete(keys.ready(LANE), keys.processing(WORKER), keys.worker(WORKER))
+    r.srem(keys.PROCESSING_WORKERS, WORKER)
 
 
 def _req(n: int = 1, temperature: float = 0.0) -> ChatCompletionRequest:
@@ -104,27 +106,27 @@ def test_claim_takes_closest_lengths_and_puts_the_rest_back_in_order(r: redis.Re
     store = JobStore(r, ttl=100)
     first_id = store.create(_req(), LANE, prompt_tokens=10)
     ids = _enqueue(store, [90, 11, 80, 9, 70, 10, 60, 95])
-    store.transition(first_id, JobStatus.RUNNING, lease_s=30)
-    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=4, lease_s=30)
+    store.transition(first_id, JobStatus.RUNNING, worker=WORKER)
+    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=4)
     claimed = claim_more(store, _record(store, first_id), opts, 1, lambda rec: True)
     assert sorted(c.prompt_tokens for c in claimed) == [9, 10, 11]
     assert all(_record(store, c.job.id).status is JobStatus.RUNNING for c in claimed)
     # all 8 were looked at (3 free rows x 4 > 8); the others are back at the head, in order
     assert _ready(r) == [ids[0], ids[2], ids[4], ids[6], ids[7]]
-    _assert_no_claim(r, opts.owner)
+    _assert_no_claim(r, opts.worker_id)
 
 
-def _assert_no_claim(r: redis.Redis, owner: str) -> None:
-    """The claim ended: nothing is left for the reaper to put back."""
-    assert not r.exists(keys.claiming(owner, LANE))
-    assert r.zscore(keys.CLAIMS, keys.claim_member(owner, LANE)) is None
+def _assert_no_claim(r: redis.Redis, worker: str) -> None:
+    """The claim ended: the worker's processing list holds the jobs it runs, nothing else."""
+    for job_id in cast(list[str], r.lrange(keys.processing(worker), 0, -1)):
+        assert r.hmget(keys.job(job_id), "status", "worker") == ["running", worker], job_id
 
 
 def test_claim_with_window_one_is_arrival_order(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     first_id = store.create(_req(), LANE, prompt_tokens=10)
     ids = _enqueue(store, [90, 11, 80, 9])
-    opts = RunOptions(max_batch_size=3, lanes=(LANE,), length_window=1, lease_s=30)
+    opts = RunOptions(max_batch_size=3, lanes=(LANE,), length_window=1)
     claimed = claim_more(store, _record(store, first_id), opts, 1, lambda rec: True)
     assert [c.job.id for c in claimed] == ids[:2]
     assert _ready(r) == ids[2:]
@@ -137,7 +139,7 @@ def test_claim_leaves_incompatible_and_drops_finished(r: redis.Redis) -> None:
     done = _enqueue(store, [10])
     store.transition(done[0], JobStatus.CANCELLED)
     ok = _enqueue(store, [10])
-    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=4, lease_s=30)
+    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=4)
     first = _record(store, first_id)
     same = first.request.temperature
 
@@ -149,7 +151,7 @@ def test_claim_leaves_incompatible_and_drops_finished(r: redis.Redis) -> None:
 def test_apply_runs_many_moves_in_one_call(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     a, b = (store.create(_req(), LANE, 5) for _ in range(2))
-    res = store.apply([Move(a, JobStatus.RUNNING, lease_s=5), Move(b, JobStatus.SUCCEEDED)])
+    res = store.apply([Move(a, JobStatus.RUNNING, worker=WORKER), Move(b, JobStatus.SUCCEEDED)])
     assert res[0].ok and not res[1].ok and res[1].previous == "queued"
     assert store.status(a) is JobStatus.RUNNING and store.status(b) is JobStatus.QUEUED
     assert store.status("job_missing") is None
@@ -160,20 +162,20 @@ def test_batch_finishes_every_job_and_skips_their_later_messages(r: redis.Redis)
     store = JobStore(r, ttl=100)
     ids = _enqueue(store, [3, 4, 5, 6])
     first = cast(str, r.lpop(keys.ready(LANE)))
-    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=2, lease_s=30)
+    opts = RunOptions(max_batch_size=4, lanes=(LANE,), length_window=2)
     outcomes = run_batch(first, store, EchoEngine("echo"), opts)
     assert [o.status for o in outcomes] == [JobStatus.SUCCEEDED] * 4
     assert {_record(store, j).job.batch_size for j in ids} == {4}
     # each job's own message arrives later and finds it finished
     assert [o.skipped for o in run_batch(ids[2], store, EchoEngine("echo"), opts)] == [True]
-    _assert_no_claim(r, opts.owner)
+    _assert_no_claim(r, opts.worker_id)
 
 
 def test_drain_ends_its_claims_whatever_it_finds(r: redis.Redis) -> None:
     """The drain claims the next ready id before it starts it: a job that runs alone
     (seeded) and a lane holding only a finished job's stale id end the claim too."""
     store = JobStore(r, ttl=100)
-    opts = RunOptions(max_batch_size=3, lanes=(LANE,), length_window=1, lease_s=30)
+    opts = RunOptions(max_batch_size=3, lanes=(LANE,), length_window=1)
     first = store.create(_req(), LANE, prompt_tokens=3)  # the message's job
     mates = _enqueue(store, [3, 4])
     seeded = store.create(_req().model_copy(update={"seed": 7}), LANE, prompt_tokens=3)
@@ -184,7 +186,7 @@ def test_drain_ends_its_claims_whatever_it_finds(r: redis.Redis) -> None:
     assert [o.status for o in outcomes] == [JobStatus.SUCCEEDED] * 4
     assert all(store.status(j) is JobStatus.SUCCEEDED for j in [first, *mates, seeded])
     assert _ready(r) == []
-    _assert_no_claim(r, opts.owner)
+    _assert_no_claim(r, opts.worker_id)
 
 
 _CLAIM_AND_HANG = """
@@ -195,8 +197,8 @@ from workers.runner import RunOptions
 r = redis.Redis.from_url(sys.argv[1], decode_responses=True)
 store = JobStore(r, ttl=100)
 first = store.get(sys.argv[2])
-opts = RunOptions(max_batch_size=8, lanes=(sys.argv[3],), length_window=4, lease_s=0.5,
-                  collect_s=60, collect_max_s=60, owner="dead-host:1")
+opts = RunOptions(max_batch_size=8, lanes=(sys.argv[3],), length_window=4,
+                  collect_s=60, collect_max_s=60, worker_id="dead-host:1")
 # nothing fits: every id looked at is held while the batch waits for more (a long while)
 claim_more(store, first, opts, 1, lambda rec: False)
 """
@@ -204,7 +206,7 @@ claim_more(store, first, opts, 1, lambda rec: False)
 
 def test_ids_a_killed_worker_had_claimed_go_back_to_the_head_of_their_lane(redis_url: str) -> None:
     """kill -9 while a worker fills a batch: the ids it took off the ready list come back,
-    in order, once its claim lapses. Before, they were only in the dead process's memory,
+    in order, once its heartbeat lapses. Before, they were only in the dead process's memory,
     and a queued job whose message the dead worker's parent held waited for the broker's
     visibility timeout (20 minutes): the outage test hung about one run in four."""
     url = with_db(redis_url, 10)  # apart from the test stacks' workers, whose reapers would race ours
@@ -213,35 +215,36 @@ def test_ids_a_killed_worker_had_claimed_go_back_to_the_head_of_their_lane(redis
     store = JobStore(r, ttl=100)
     first = store.create(_req(), LANE, prompt_tokens=5)
     ids = _enqueue(store, [5, 6, 7])
+    r.set(keys.worker("dead-host:1"), "{}", px=1500)  # alive, until it stops beating
     child = subprocess.Popen([sys.executable, "-c", _CLAIM_AND_HANG, url, first, LANE], cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
-        while r.llen(keys.claiming("dead-host:1", LANE)) < 3:
+        while r.llen(keys.processing("dead-host:1")) < 3:
             assert child.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        assert _ready(r) == []  # taken off the lane, waiting in the claim
-        assert 0 < r.ttl(keys.claiming("dead-host:1", LANE)) <= 100 and 0 < r.ttl(keys.CLAIMS) <= 100
+        assert _ready(r) == []  # taken off the lane, waiting in its processing list
+        assert 0 < r.ttl(keys.processing("dead-host:1")) <= 100 and 0 < r.ttl(keys.PROCESSING_WORKERS) <= 100
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     finally:
         child.kill()
     state = lifecycle.WorkerState(Settings(redis_url=url), EchoEngine("echo"))
-    assert store.restore_claims() == 0  # the claim has not lapsed yet: it may be alive
-    time.sleep(0.6)
+    assert state.reap() == 0 and _ready(r) == []  # its heartbeat stands: it may be alive
+    while r.exists(keys.worker("dead-host:1")):
+        time.sleep(0.05)
     state.reap()
     assert _ready(r) == ids  # back at the head, in their order
-    assert r.zcard(keys.CLAIMS) == 0 and not r.exists(keys.claiming("dead-host:1", LANE))
+    assert not r.exists(keys.processing("dead-host:1"))
+    assert "dead-host:1" not in cast(set[str], r.smembers(keys.PROCESSING_WORKERS))
     assert [
         o.status
-        for o in run_batch(
-            ids[0], store, EchoEngine("echo"), RunOptions(max_batch_size=4, lanes=(LANE,), lease_s=30)
-        )
+        for o in run_batch(ids[0], store, EchoEngine("echo"), RunOptions(max_batch_size=4, lanes=(LANE,)))
     ] == [JobStatus.SUCCEEDED] * 3
 
 
 def test_collect_waits_once_for_a_lone_job_and_longer_for_a_burst(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
-    opts = RunOptions(max_batch_size=6, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0, lease_s=30)
+    opts = RunOptions(max_batch_size=6, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0)
     lone = _record(store, store.create(_req(), LANE, prompt_tokens=5))
     t0 = time.monotonic()
     assert claim_more(store, lone, opts, 1, lambda rec: True) == []
@@ -265,7 +268,7 @@ def test_jobs_left_during_collect_go_back_once_in_order(r: redis.Redis) -> None:
     """A job the batch cannot take is held while the batch waits, not popped and pushed back
     on every wait (which hid the jobs arriving behind it), and returns to the head."""
     store = JobStore(r, ttl=100)
-    opts = RunOptions(max_batch_size=3, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0, lease_s=30)
+    opts = RunOptions(max_batch_size=3, lanes=(LANE,), collect_s=0.05, collect_max_s=3.0)
     first = _record(store, store.create(_req(), LANE, prompt_tokens=5))
     hot = _enqueue(store, [5, 5], temperature=0.7)
 

@@ -111,7 +111,7 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     accepted before completes; kill -9 of `inferq run` itself: nothing it started lives on."""
     home = tmp_path / "inferq-home"
     api_port = free_port()
-    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5", INFERQ_LEASE_S="3")
+    env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5", INFERQ_LIVENESS_S="3")
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

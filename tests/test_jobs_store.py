@@ -17,7 +17,7 @@ from workers.runner import run_job
 
 @pytest.fixture()
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A database of its own: the test stacks' workers reap lapsed leases in theirs every 2 s,
+    """A database of its own: the test stacks' workers reap dead workers in theirs every 2 s,
     and one of them took this module's lapsed job before the test could see it (a CI flake)."""
     client = redis.Redis.from_url(with_db(redis_url, 11), decode_responses=True)
     yield client
@@ -54,18 +54,22 @@ def test_transitions_follow_the_machine(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     job_id = store.create(_req(), "q", 5)
     assert not store.transition(job_id, JobStatus.SUCCEEDED).ok  # queued -> succeeded is not a move
-    assert store.transition(job_id, JobStatus.RUNNING, lease_s=0.2).ok
-    held = store.transition(job_id, JobStatus.RUNNING)  # a live worker holds the lease
-    assert not held.ok and held.leased
-    assert r.zscore(keys.LEASES, job_id) is not None
-    time.sleep(0.25)
-    assert store.expired_leases() == [job_id]
-    assert store.transition(job_id, JobStatus.RUNNING).ok  # redelivery after the lease ran out
+    worker = "test-store:1"
+    r.set(keys.worker(worker), "{}", px=200)
+    assert store.transition(job_id, JobStatus.RUNNING, worker=worker).ok
+    held = store.transition(job_id, JobStatus.RUNNING, worker="other:2")  # its worker beats
+    assert not held.ok and held.alive
+    assert r.lrange(keys.processing(worker), 0, -1) == [job_id]
+    while r.exists(keys.worker(worker)):  # the worker stops beating: it died
+        time.sleep(0.02)
+    assert store.transition(job_id, JobStatus.RUNNING, worker="other:2").ok  # a redelivery runs it
+    assert r.lrange(keys.processing(worker), 0, -1) == []
+    assert r.lrange(keys.processing("other:2"), 0, -1) == [job_id]
     done = store.transition(job_id, JobStatus.FAILED, error=JobError(code="x", message="boom"))
     assert done.ok and done.previous == "running"
     again = store.transition(job_id, JobStatus.SUCCEEDED)
     assert not again.ok and again.previous == "failed"
-    assert r.zscore(keys.LEASES, job_id) is None  # a finished job holds no lease
+    assert r.lrange(keys.processing("other:2"), 0, -1) == []  # a finished job is nobody's
     rec = store.get(job_id)
     assert rec is not None
     assert rec.job.attempts == 2 and rec.job.error is not None and rec.job.error.code == "x"
@@ -76,7 +80,7 @@ def test_transitions_follow_the_machine(r: redis.Redis) -> None:
 
 
 def test_missing_job_is_reported(r: redis.Redis) -> None:
-    res = JobStore(r, ttl=100).transition("job_nope", JobStatus.RUNNING)
+    res = JobStore(r, ttl=100).transition("job_nope", JobStatus.RUNNING, worker="test-store:1")
     assert res.missing and not res.ok
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -110,13 +111,19 @@ def test_worker_killed_with_200_jobs_in_flight(own: Own) -> None:
         time.sleep(0.1)
     r = redis.Redis(port=own.port, decode_responses=True)
     deadline = time.monotonic() + 60
-    while not r.zcard(keys.LEASES):  # kill while a batch runs, not between two
+
+    def running() -> set[str]:
+        workers = cast(set[str], r.smembers(keys.PROCESSING_WORKERS))
+        ids = [j for w in workers for j in cast(list[str], r.lrange(keys.processing(w), 0, -1))]
+        return {j for j in ids if r.hget(keys.job(j), "status") == "running"}
+
+    while not running():  # kill while a batch runs, not between two
         assert time.monotonic() < deadline
         time.sleep(0.001)
     worker = next(p for n, p in own.sup.procs if n == "worker")
     os.killpg(worker.pid, signal.SIGKILL)  # main process and pool child at once
     worker.wait()
-    in_flight = set(r.zrange(keys.LEASES, 0, -1))  # running when it died: nobody ends them now
+    in_flight = running()  # running when it died: nobody ends them now
     own.start_worker("worker2")
     jobs = _wait_all(own.base, ids, timeout=300)
     assert [j["status"] for j in jobs].count("succeeded") == 200
@@ -126,7 +133,7 @@ def test_worker_killed_with_200_jobs_in_flight(own: Own) -> None:
                 done_events = sum(1 for line in resp.iter_lines() if line == "event: done")
             assert done_events == 1  # one result per job, however often it was started
     # the jobs in flight when the worker died were run again (a batch's end can slip in
-    # between the lease check and the kill; then there were none)
+    # between the check and the kill; then there were none)
     assert all(j["attempts"] >= 2 for j in jobs if j["id"] in in_flight)
 
 
@@ -250,7 +257,7 @@ def test_worker_killed_while_its_parent_holds_queued_jobs_messages(own: Own) -> 
     """The worker parent holds queued jobs' messages back from its busy child (tasks.skip).
     Kill the whole worker then, with nothing else left in the broker: the messages stay
     unacknowledged on the dead worker (for the broker's visibility timeout, 20 minutes), yet
-    the jobs run: the running job's lease lapses, the new worker's reaper sends it again, and
+    the jobs run: the dead worker's heartbeat lapses, the new worker's reaper sends it again, and
     its task drains the ready lists, where the held jobs still are."""
     r = redis.Redis.from_url(own.env["INFERQ_REDIS_URL"], decode_responses=True)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hold the worker"}]}

@@ -1,5 +1,6 @@
-"""The lease reaper on a real Valkey/Redis: a lapsed job is sent again, and one job that
-cannot be sent (found when a job's queue was unknown to Celery) neither stops the others
+"""The reaper on a real Valkey/Redis: the running jobs of a worker whose heartbeat lapsed
+are sent again, its queued ids go back to their lanes, and one job that cannot be sent
+(found when a job's queue was unknown to Celery) neither stops the others
 nor the heartbeat thread, which would make the worker vanish from /ready."""
 
 import time
@@ -30,9 +31,12 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
     store = JobStore(r, ttl=100)
     bad = store.create(_req(), "inferq.nowhere", 3)
     good = store.create(_req(), "inferq.jobs", 3)
-    for job_id in (bad, good):
-        assert store.transition(job_id, JobStatus.RUNNING, lease_s=0.05).ok
-    time.sleep(0.1)
+    for job_id in (bad, good):  # running on a worker that never beat: it is dead
+        assert store.transition(job_id, JobStatus.RUNNING, worker="dead-host:7").ok
+    queued = store.create(_req(), "inferq.jobs", 3)
+    assert store.pop_ready(["inferq.jobs"], "dead-host:7") is None  # the lane's list is empty...
+    r.rpush(keys.ready("inferq.jobs"), queued)
+    assert store.pop_ready(["inferq.jobs"], "dead-host:7") == queued  # ...now it took one
     sent: list[tuple[str, str]] = []
 
     def resend(job_id: str, queue: str) -> None:
@@ -49,9 +53,35 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
         while (good, "inferq.jobs") not in sent and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (good, "inferq.jobs") in sent
+        assert r.lrange(keys.ready("inferq.jobs"), 0, -1) == [queued]  # back on its lane
+        assert not r.exists(keys.processing("dead-host:7"))
         r.delete(keys.worker(state.worker_id))
         time.sleep(0.3)  # the heartbeat thread is still alive after the failing job
         assert r.exists(keys.worker(state.worker_id))
     finally:
         state.stop()
-        r.zrem(keys.LEASES, bad, good)
+
+
+def test_a_live_worker_settles_jobs_its_ended_task_left_running(redis_url: str) -> None:
+    """Redis went away mid-batch: the task ended, its jobs stayed `running` on a worker that
+    is alive but runs nothing, and no reaper takes a live worker's jobs. Between tasks the
+    worker settles its own list: queued ids back to their lane, running jobs sent again and
+    no longer its own, so their next message runs them instead of being skipped."""
+    url = with_db(redis_url, 12)
+    r = redis.Redis.from_url(url, decode_responses=True)
+    r.flushdb()
+    store = JobStore(r, ttl=100)
+    worker = "live-host:3"
+    r.set(keys.worker(worker), "{}", ex=60)
+    left = store.create(_req(), "inferq.jobs", 3)
+    assert store.transition(left, JobStatus.RUNNING, worker=worker).ok
+    waiting = store.create(_req(), "inferq.jobs", 3)
+    r.rpush(keys.ready("inferq.jobs"), waiting)
+    assert store.pop_ready(["inferq.jobs"], worker) == waiting
+    assert store.reap() == []  # alive: not the reaper's
+    refused = store.transition(left, JobStatus.RUNNING, worker="other:9")
+    assert refused.alive  # a redelivery would be skipped...
+    assert store.settle(worker) == [(left, "inferq.jobs")]
+    assert r.lrange(keys.ready("inferq.jobs"), 0, -1) == [waiting]
+    assert store.transition(left, JobStatus.RUNNING, worker="other:9").ok  # ...now it runs
+    assert store.settle(worker) == [] and not r.exists(keys.processing(worker))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis
@@ -22,13 +22,17 @@ from tasks.skip import CHECK_S, ParentGate
 LANE = "inferq.test-skip"
 
 
+WORKER = "test-skip:1"
+
+
 @pytest.fixture(autouse=True)
-def _no_leases_left(r: redis.Redis) -> Iterator[None]:
-    """A worker's reaper sharing this server would send a leased test job."""
+def _alive(r: redis.Redis) -> Iterator[None]:
+    """The jobs these tests mark running are WORKER's: it beats while a test runs, or a
+    worker's reaper sharing this server would send them again."""
+    r.set(keys.worker(WORKER), "{}", ex=60)
     yield
-    ours = [j for j in cast(list[str], r.zrange(keys.LEASES, 0, -1)) if r.hget(keys.job(j), "queue") == LANE]
-    if ours:
-        r.zrem(keys.LEASES, *ours)
+    r.delete(keys.worker(WORKER), keys.processing(WORKER))
+    r.srem(keys.PROCESSING_WORKERS, WORKER)
 
 
 @dataclass
@@ -92,7 +96,7 @@ def test_finished_jobs_are_acked_in_the_parent(r: redis.Redis) -> None:
     store, pool = JobStore(r, 60), Pool()
     gate = _gate(store, pool)
     done, cancelled = _jobs(store, 2)
-    store.transition(done, JobStatus.RUNNING, lease_s=30)
+    store.transition(done, JobStatus.RUNNING, worker=WORKER)
     store.transition(done, JobStatus.FAILED)
     store.transition(cancelled, JobStatus.CANCELLED)
     _send(gate, done)
@@ -106,7 +110,7 @@ def test_busy_child_holds_unfinished_jobs_until_they_finish_or_it_is_idle(r: red
     store, pool = JobStore(r, 60), Pool(busy=True)
     gate = _gate(store, pool)
     running, queued_a, queued_b = _jobs(store, 3)
-    store.transition(running, JobStatus.RUNNING, lease_s=30)  # a batch-mate of the child's batch
+    store.transition(running, JobStatus.RUNNING, worker=WORKER)  # a batch-mate of the child's batch
     for j in (running, queued_a, queued_b):
         _send(gate, j)
     assert pool.handed == [] and [h.job_id for h in gate.held] == [running, queued_a, queued_b]
@@ -127,7 +131,7 @@ def test_queued_messages_held_too_long_go_back_to_an_empty_broker_queue(r: redis
     store, pool = JobStore(r, 60), Pool(busy=True, in_broker=5)
     gate = _gate(store, pool, hold_queued_s=0.05)
     running, queued = _jobs(store, 2)
-    store.transition(running, JobStatus.RUNNING, lease_s=30)
+    store.transition(running, JobStatus.RUNNING, worker=WORKER)
     _send(gate, running)
     _send(gate, queued)
     time.sleep(0.1)

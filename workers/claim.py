@@ -86,7 +86,7 @@ def claim_more(
                 break
             time.sleep(wait)
     finally:
-        store.end_claim(opts.owner, opts.lanes, held)
+        store.end_claim(opts.worker_id, held)
     return claimed
 
 
@@ -105,7 +105,7 @@ def _claim_lane(
     free = opts.max_batch_size - rows
     if free <= 0:
         return 0
-    ids = store.pop_window([lane], free * opts.length_window, opts.owner, opts.lease_s)
+    ids = store.pop_window([lane], free * opts.length_window, opts.worker_id)
     now = time.time()
     fits: list[JobRecord] = []
     keep: list[str] = []
@@ -118,7 +118,7 @@ def _claim_lane(
         if compatible(rec):
             fits.append(rec)
     chosen = closest_fits(first, fits, free, opts.default_max_tokens)
-    moves = [Move(rec.job.id, JobStatus.RUNNING, lease_s=opts.lease_s) for rec in chosen]
+    moves = [Move(rec.job.id, JobStatus.RUNNING, worker=opts.worker_id) for rec in chosen]
     taken = 0
     for rec, res in zip(chosen, store.apply(moves), strict=True):
         if res.ok:

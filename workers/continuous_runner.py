@@ -2,7 +2,7 @@
 
 Why a drain of its own: the static drain hands the engine one batch at a time and waits for
 it to end. Here the loop keeps running: while rows are free the child claims the next ready
-job (lanes in priority order, the same claims and leases as static batches) and adds its
+job (lanes in priority order, the same processing list as static batches) and adds its
 rows at once; each job ends, and writes its result, as soon as its own rows are done.
 Everything else is the static path's: the state machine, batch lines, cancel flags and
 time limits through the sink, one outcome per job.

@@ -40,11 +40,14 @@ class WorkerState:
             settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
         )
         self.store = JobStore(self.redis, settings.result_ttl_s)
-        self.worker_id = runner.process_owner()
+        self.worker_id = runner.process_worker_id()
         self.started_at = time.time()
         self.jobs_done = 0
         #: the jobs whose generation is running now (the watchdog fails them if it hangs)
         self.current: list[str] = []
+        #: held by a task for as long as it runs: between tasks the heartbeat settles this
+        #: worker's processing list (`JobStore.settle`)
+        self.task_lock = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
         self._watchdog = threading.Thread(target=self._watchdog_loop, name="inferq-watchdog", daemon=True)
@@ -83,7 +86,11 @@ class WorkerState:
             os._exit(70)
 
     def stop(self) -> None:
+        """Stop beating and delete the heartbeat: the reaper takes this worker's jobs at once.
+        After the beating thread ends, or a beat it was sending would bring the key back."""
         self._stop.set()
+        if self._beat.is_alive() and threading.current_thread() is not self._beat:
+            self._beat.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(keys.worker(self.worker_id))
 
@@ -99,48 +106,54 @@ class WorkerState:
             "jobs_done": self.jobs_done,
             "at": time.time(),
         }
-        ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
-        self.redis.set(keys.worker(self.worker_id), json.dumps(info), ex=ttl)
+        ttl_ms = int(max(self.settings.liveness_s, self.settings.heartbeat_interval_s * 2) * 1000)
+        self.redis.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
 
     def _heartbeat_loop(self) -> None:
         last_reap = 0.0
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 self.heartbeat()
-                self.store.renew_leases(list(self.current), self.settings.lease_s)
                 if time.monotonic() - last_reap >= self.settings.reap_interval_s:
                     last_reap = time.monotonic()
                     self.reap()
+                    if self.task_lock.acquire(blocking=False):
+                        try:
+                            self.settle()
+                        finally:
+                            self.task_lock.release()
             except redis.RedisError as exc:  # Redis down: keep beating, it comes back
                 logger.warning("heartbeat failed: %s", exc)
             except Exception:  # anything else must not end the heartbeat (the worker would vanish)
                 logger.exception("heartbeat step failed")
 
     def reap(self) -> int:
-        """Send again the running jobs whose worker stopped renewing their lease (it died).
-        Their old message, if it is ever redelivered, finds the job finished and is skipped.
-        First, put back the ready ids a dead worker had taken off a lane to fill a batch: for
-        a queued job whose message that worker's parent held, they are the only way to it
-        before the broker's visibility timeout."""
-        if restored := self.store.restore_claims():
-            logger.warning("put back %d ready job ids claimed by a worker that died", restored)
+        """The one rule of crash recovery: a worker whose heartbeat lapsed is dead; the ids it
+        had taken go back to the head of their lanes (`JobStore.reap`) and the jobs it was
+        running are sent again. An old message of such a job, if it is ever redelivered,
+        finds it running on a live worker or finished, and is skipped."""
+        return self._send_again(self.store.reap(), "the worker running job %s died; sending it again")
+
+    def settle(self) -> int:
+        """Between tasks: jobs this worker took and no longer runs (its task ended without
+        ending them) are put back or sent again. Call with `task_lock` held."""
+        return self._send_again(
+            self.store.settle(self.worker_id), "job %s was left running when its task ended; sending it again"
+        )
+
+    def _send_again(self, jobs: list[tuple[str, str]], why: str) -> int:
         sent = 0
-        for job_id in self.store.expired_leases():
-            record = self.store.get(job_id)
-            if record is None or record.status.terminal:
-                self.redis.zrem(keys.LEASES, job_id)
-                continue
-            logger.warning("lease of running job %s lapsed (its worker died); sending it again", job_id)
-            self.redis.zadd(keys.LEASES, {job_id: time.time() + self.settings.lease_s})
+        for job_id, queue in jobs:
+            logger.warning(why, job_id)
             if _resend is None:
                 continue
             try:
-                _resend(job_id, record.queue)
+                _resend(job_id, queue)
                 sent += 1
             except redis.RedisError:
                 raise
             except Exception:  # one job that cannot be sent must not stop the others
-                logger.exception("could not send job %s again (queue %r)", job_id, record.queue)
+                logger.exception("could not send job %s again (queue %r)", job_id, queue)
         return sent
 
 
@@ -186,7 +199,7 @@ def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
-        client.set(keys.worker_failure(runner.process_owner()), info, ex=keys.WORKER_FAILURE_TTL_S)
+        client.set(keys.worker_failure(runner.process_worker_id()), info, ex=keys.WORKER_FAILURE_TTL_S)
     logging.shutdown()
     os._exit(3)
 

@@ -112,8 +112,8 @@ def fail(store: JobStore, job_id: str, error: JobError) -> None:
         )
 
 
-def process_owner() -> str:
-    """This process's id in Redis (heartbeats, claims): host and pid."""
+def process_worker_id() -> str:
+    """This process's id in Redis (its heartbeat, its processing list): host and pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -122,8 +122,6 @@ class RunOptions:
     default_max_tokens: int = 512
     #: rows (requests, counting `n`) one `generate` call may take
     max_batch_size: int = 1
-    #: seconds a running job's lease lasts without renewal (the heartbeat renews it)
-    lease_s: float = 30.0
     #: lanes to pull more jobs from, in priority order (their `ready` lists)
     lanes: tuple[str, ...] = ()
     #: how long to wait for more jobs when the batch is not full (a shallow queue) ...
@@ -134,14 +132,14 @@ class RunOptions:
     length_window: int = 1
     #: False: no job of the call publishes token events
     publish_tokens: bool = True
-    #: filled with the ids of the jobs being run, for the caller's lease renewal
+    #: filled with the ids of the jobs being run, for the caller's watchdog
     running: list[str] | None = None
     #: a job whose worker died this many times is failed instead of run again
     max_attempts: int = 3
     #: generation time limit when the record has none
     timeout_s: float = 600.0
-    #: whose claim the ready ids this process takes off the lanes are kept in (workers.claim)
-    owner: str = field(default_factory=process_owner)
+    #: this worker's id: its heartbeat and its processing list (the ids it took)
+    worker_id: str = field(default_factory=process_worker_id)
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
@@ -162,7 +160,7 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
             ),
         )
         return None
-    if record.job.attempts >= opts.max_attempts and record.lease_until < now:
+    if record.job.attempts >= opts.max_attempts and not store.worker_alive(record.worker):
         # every earlier attempt died with its worker process: a poison request
         error = JobError(
             code="worker_crashed",
@@ -175,8 +173,8 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
             job_id, JobStatus.FAILED, error=error, batch_line=_batch_line(record, store.ttl, error=error)
         )
         return None
-    started = store.transition(job_id, JobStatus.RUNNING, lease_s=opts.lease_s)
-    if started.leased:
+    started = store.transition(job_id, JobStatus.RUNNING, worker=opts.worker_id)
+    if started.alive:
         logger.info("job %s is being run by a live worker; skipping this delivery", job_id)
     return record if started.ok else None
 
@@ -202,7 +200,7 @@ def fill_batch(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord
         return [first, *claim_more(store, first, opts, first.request.n, compatible)]
     finally:
         if not ended:
-            store.end_claim(opts.owner, opts.lanes)
+            store.end_claim(opts.worker_id)
 
 
 def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
@@ -257,12 +255,12 @@ def drain(
 
 
 def next_ready(store: JobStore, opts: RunOptions) -> str | None:
-    """The next queued job off the lanes, kept in this process's claim until `run_batch`
-    has started it (a worker killed in between loses nothing: the reaper puts it back)."""
-    while job_id := store.pop_ready(opts.lanes, opts.owner, opts.lease_s):
+    """The next queued job off the lanes, kept in this worker's processing list (a worker
+    killed before `run_batch` has started it loses nothing: the reaper puts it back)."""
+    while job_id := store.pop_ready(opts.lanes, opts.worker_id):
         if store.status(job_id) is JobStatus.QUEUED:
             return job_id
-    store.end_claim(opts.owner, opts.lanes)
+    store.end_claim(opts.worker_id)
     return None
 
 

@@ -17,7 +17,6 @@ What we add around ms-swift 4.6, and why:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,16 +49,6 @@ def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def cpu_threads(setting: int) -> int:
-    """torch's intra-op threads for a worker child (see Settings.torch_threads); 0: leave
-    torch's default."""
-    if setting:
-        return setting
-    if torch.cuda.is_available():
-        return 0
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _device_map(name: str) -> str:
@@ -242,7 +231,7 @@ class ProgressBeat(StoppingCriteria):
 class SwiftEngine:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.max_batch_size = settings.max_batch_size
-        if threads := cpu_threads(settings.torch_threads):
+        if threads := settings.torch_threads:
             torch.set_num_threads(threads)
         t0 = time.monotonic()
         self.engine = TransformersEngine(
