@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._stack import ROOT, bench_model, stack
-from bench.mixed import closed_loop, swift_deploy
+from bench.mixed import closed_loop, swift_deploy_server
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from core.processes import free_port
 
@@ -64,24 +65,32 @@ def chat_bodies(n: int, max_tokens: int = 64, offset: int = 0) -> list[dict[str,
     return out
 
 
-def direct_swift(model: Path, batch: int, bodies: list[dict[str, Any]]) -> dict[str, float]:
+class DirectSwift:
     """ms-swift's own engine in this process, the requests in calls of `batch` (one list of
     all of them runs slower: ms-swift does not chunk it into full batches by itself)."""
-    from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
-    engine = TransformersEngine(
-        str(model), model_type=DEMO_MODEL_TYPE, template_type=DEMO_TEMPLATE, max_batch_size=batch
-    )
-    reqs = [InferRequest(messages=b["messages"]) for b in bodies]
-    cfg = RequestConfig(max_tokens=bodies[0]["max_tokens"], temperature=0)
-    engine.infer(reqs[:batch], cfg, use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = [
-        o for i in range(0, len(reqs), batch) for o in engine.infer(reqs[i : i + batch], cfg, use_tqdm=False)
-    ]
-    wall = time.perf_counter() - t0
-    toks = sum(o.usage.completion_tokens for o in outs)
-    return {"requests_per_s": len(reqs) / wall, "tokens_per_s": toks / wall}
+    def __init__(self, model: Path, batch: int) -> None:
+        from swift.infer_engine import TransformersEngine
+
+        self.batch = batch
+        self.engine = TransformersEngine(
+            str(model), model_type=DEMO_MODEL_TYPE, template_type=DEMO_TEMPLATE, max_batch_size=batch
+        )
+
+    def run(self, bodies: list[dict[str, Any]]) -> dict[str, float]:
+        from swift.infer_engine import InferRequest, RequestConfig
+
+        reqs = [InferRequest(messages=b["messages"]) for b in bodies]
+        cfg = RequestConfig(max_tokens=bodies[0]["max_tokens"], temperature=0)
+        t0 = time.perf_counter()
+        outs = [
+            o
+            for i in range(0, len(reqs), self.batch)
+            for o in self.engine.infer(reqs[i : i + self.batch], cfg, use_tqdm=False)
+        ]
+        wall = time.perf_counter() - t0
+        toks = sum(o.usage.completion_tokens for o in outs)
+        return {"requests_per_s": len(reqs) / wall, "tokens_per_s": toks / wall}
 
 
 def chat(
@@ -89,31 +98,58 @@ def chat(
     batch: int = 32,
     clients: int = 64,
     n: dict[str, int] | None = None,
+    rounds: int = 3,
 ) -> dict[str, Any]:
-    counts = n or {"tiny": 512, "small": 128}
-    res: dict[str, Any] = {"max_batch_size": batch, "clients": clients, "max_tokens": 64, "requests": counts}
+    """Medians of `rounds` rounds; in each, inferq, `swift deploy` and the engine called
+    directly take turns (all three loaded at once, each idle while another runs), in an
+    order that rotates: this VM's speed drifts over tens of seconds."""
+    counts = n or {"tiny": 512, "small": 96}
+    res: dict[str, Any] = {
+        "max_batch_size": batch,
+        "clients": clients,
+        "max_tokens": 64,
+        "requests": counts,
+        "rounds": rounds,
+    }
     for size in sizes:
         model = bench_model(size)  # EOS-free: every request runs to its 64 tokens on each side
         reqs = chat_bodies(counts[size])
-        with stack(size=size, flower=True, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, _m, _env, _sup):
-            closed_loop(base, chat_bodies(clients, offset=10_000), clients)  # warm-up
-            iq = closed_loop(base, reqs, clients)
-        sd = swift_deploy(model, batch, reqs, clients)
-        d = direct_swift(model, batch, reqs)
+        got: dict[str, list[float]] = {"inferq": [], "swift_deploy": [], "direct": []}
+        with (
+            stack(size=size, flower=True, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, _m, _env, _sup),
+            swift_deploy_server(model, batch) as sd_base,
+        ):
+            direct = DirectSwift(model, batch)
+            warm = chat_bodies(clients, offset=10_000)
+            closed_loop(base, warm, clients)
+            closed_loop(sd_base, warm, clients)
+            direct.run(warm[:batch])
+            names = list(got)
+            for r in range(rounds):
+                for name in names[r % 3 :] + names[: r % 3]:
+                    if name == "inferq":
+                        one = closed_loop(base, reqs, clients)
+                    elif name == "swift_deploy":
+                        one = closed_loop(sd_base, reqs, clients)
+                    else:
+                        one = direct.run(reqs)
+                    got[name].append(one["requests_per_s"])
+        med = {k: statistics.median(v) for k, v in got.items()}
         row = {
-            "inferq_requests_per_s": round(iq["requests_per_s"], 2),
-            "swift_deploy_requests_per_s": round(sd["requests_per_s"], 2),
-            "direct_requests_per_s": round(d["requests_per_s"], 2),
-            "inferq_over_direct": round(iq["requests_per_s"] / d["requests_per_s"], 3),
-            "swift_deploy_over_direct": round(sd["requests_per_s"] / d["requests_per_s"], 3),
-            "inferq_over_swift_deploy": round(iq["requests_per_s"] / sd["requests_per_s"], 3),
+            "inferq_requests_per_s": round(med["inferq"], 2),
+            "swift_deploy_requests_per_s": round(med["swift_deploy"], 2),
+            "direct_requests_per_s": round(med["direct"], 2),
+            "inferq_over_direct": round(med["inferq"] / med["direct"], 3),
+            "swift_deploy_over_direct": round(med["swift_deploy"] / med["direct"], 3),
+            "inferq_over_swift_deploy": round(med["inferq"] / med["swift_deploy"], 3),
+            "runs": {k: [round(x, 2) for x in v] for k, v in got.items()},
         }
         res[size] = row
         print(
             f"chat {size}: inferq {row['inferq_requests_per_s']} req/s "
             f"(x{row['inferq_over_direct']} of direct), "
             f"swift deploy {row['swift_deploy_requests_per_s']} (x{row['swift_deploy_over_direct']}), "
-            f"direct {row['direct_requests_per_s']}",
+            f"direct {row['direct_requests_per_s']}; runs {row['runs']}",
             flush=True,
         )
     return res

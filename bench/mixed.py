@@ -15,6 +15,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,9 @@ def closed_loop(base: str, reqs: list[dict[str, Any]], clients: int) -> dict[str
     return {"requests_per_s": len(reqs) / wall, "tokens_per_s": toks / wall}
 
 
-def swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: int) -> dict[str, float]:
+@contextmanager
+def swift_deploy_server(model: Path, batch: int) -> Iterator[str]:
+    """`swift deploy` on the model with the transformers backend; yields its base URL."""
     port = free_port()
     log = open(os.devnull, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -105,11 +109,16 @@ def swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: i
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("swift deploy did not start")
             time.sleep(0.5)
-        closed_loop(base, reqs[:clients], clients)  # warm-up
-        return closed_loop(base, reqs, clients)
+        yield base
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def swift_deploy(model: Path, batch: int, reqs: list[dict[str, Any]], clients: int) -> dict[str, float]:
+    with swift_deploy_server(model, batch) as base:
+        closed_loop(base, reqs[:clients], clients)  # warm-up
+        return closed_loop(base, reqs, clients)
 
 
 def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,42 +47,53 @@ end
 return {}
 """
 
-#: Drop from a worker's processing list every id it is not running (the ids of a filled
-#: batch it looked at and left, or found taken, cancelled or expired). KEYS: processing;
-#: ARGV: worker.
+#: A worker's list after it filled a batch: what it runs stays; its queued ids (looked at
+#: and left, or never looked at because something failed) go back to the head of their
+#: lanes, in order; the rest (finished, taken by another worker) leave it.
+#: KEYS: processing; ARGV: worker, ttl.
 _TIDY_LUA = """
 local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', '{job}' .. id, 'status', 'worker')
-  if st[1] ~= 'running' or st[2] ~= ARGV[1] then redis.call('LREM', KEYS[1], 0, id) end
+for i = #ids, 1, -1 do
+  local f = redis.call('HMGET', '{job}' .. ids[i], 'status', 'worker', 'queue')
+  if f[1] ~= 'running' or f[2] ~= ARGV[1] then
+    redis.call('LREM', KEYS[1], 0, ids[i])
+    if f[1] == 'queued' and f[3] then
+      redis.call('LPUSH', '{ready}' .. f[3], ids[i])
+      redis.call('EXPIRE', '{ready}' .. f[3], ARGV[2])
+    end
+  end
 end
 return #ids
 """
 
 #: A worker whose heartbeat lapsed (or, ARGV[3] = '1', a live one settling its own list
-#: between tasks): its queued ids go back to the head of their lanes in order, and the ids
-#: of the jobs it was running are returned (with their lanes) to be sent again, no longer
-#: its (their `worker` cleared, so the new message may run them); its list is gone after.
-#: Nothing if the heartbeat is back. One call, so two reapers never both send a job.
-#: KEYS: processing, PROCESSING_WORKERS, heartbeat; ARGV: worker, ttl, own.
+#: between tasks): its queued ids go back to the head of their lanes in order; the jobs it
+#: was running stop being its (`worker` cleared, so a new message may run them) and go to
+#: the durable RESEND list, from which they are sent again and removed only once sent.
+#: A settled job's attempt is given back: its worker did not die. Nothing if the heartbeat
+#: is back. One call, so two reapers never both take a list.
+#: KEYS: processing, PROCESSING_WORKERS, heartbeat, RESEND; ARGV: worker, ttl, own.
 _REAP_LUA = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return false end
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local resend = {}
+local moved = 0
 for i = #ids, 1, -1 do
-  local f = redis.call('HMGET', '{job}' .. ids[i], 'status', 'queue', 'worker')
+  local job = '{job}' .. ids[i]
+  local f = redis.call('HMGET', job, 'status', 'queue', 'worker')
   if f[1] == 'queued' and f[2] then
     redis.call('LPUSH', '{ready}' .. f[2], ids[i])
     redis.call('EXPIRE', '{ready}' .. f[2], ARGV[2])
   elseif f[1] == 'running' and f[3] == ARGV[1] then
-    redis.call('HSET', '{job}' .. ids[i], 'worker', '')
-    table.insert(resend, ids[i])
-    table.insert(resend, f[2] or '')
+    redis.call('HSET', job, 'worker', '')
+    if ARGV[3] == '1' then redis.call('HINCRBY', job, 'attempts', -1) end
+    redis.call('RPUSH', KEYS[4], ids[i] .. '|' .. (f[2] or ''))
+    redis.call('EXPIRE', KEYS[4], ARGV[2])
+    moved = moved + 1
   end
 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
-return resend
+return moved
 """
 
 _TRANSITION_LUA = """
@@ -390,43 +401,40 @@ class JobStore:
         pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
         return cast(list[str], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
 
-    def end_claim(self, worker: str, held: Mapping[str, list[str]] | None = None) -> None:
-        """The batch is filled: the ids looked at but not taken (`held`, by lane) go back to
-        the head of their lane in their order, and leave `worker`'s processing list with the
-        others it does not run, in one MULTI."""
-        pipe = self.r.pipeline(transaction=True)
-        for q, ids in (held or {}).items():
-            if ids:
-                pipe.lpush(keys.ready(q), *reversed(ids))
-                pipe.expire(keys.ready(q), self.ttl)
-        self._tidy(keys=[keys.processing(worker)], args=[worker], client=pipe)
-        pipe.execute()
+    def end_claim(self, worker: str) -> None:
+        """The batch is filled: the ids `worker` took and does not run go back to the head
+        of their lanes in their order (queued ones) or leave its list (the rest)."""
+        self._tidy(keys=[keys.processing(worker)], args=[worker, self.ttl])
 
     def worker_alive(self, worker: str) -> bool:
         return bool(worker) and bool(self.r.exists(keys.worker(worker)))
 
-    def reap(self) -> list[tuple[str, str]]:
+    def reap(self) -> int:
         """For every worker whose heartbeat lapsed: its queued ids back at the head of their
-        lanes; returns (job id, lane) of the jobs it was running, to be sent again."""
-        resend: list[tuple[str, str]] = []
+        lanes, the jobs it was running to RESEND; returns how many it moved there."""
+        moved = 0
         for worker in cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)):
             if not self.r.exists(keys.worker(worker)):
-                resend += self._reap_one(worker, own=False)
-        return resend
+                moved += self._reap_one(worker, own=False)
+        return moved
 
-    def settle(self, worker: str) -> list[tuple[str, str]]:
+    def settle(self, worker: str) -> int:
         """The same for a live worker between two tasks, whose list should be empty then: a
         task that ended without ending its jobs (Redis went away mid-batch) leaves them
         running on a worker that is alive but runs nothing, which no reaper would take."""
         return self._reap_one(worker, own=True)
 
-    def _reap_one(self, worker: str, own: bool) -> list[tuple[str, str]]:
-        got = self._reap(
-            keys=[keys.processing(worker), keys.PROCESSING_WORKERS, keys.worker(worker)],
-            args=[worker, self.ttl, "1" if own else "0"],
-        )
-        flat = cast(list[str], got or [])
-        return list(zip(flat[::2], flat[1::2], strict=True))
+    def _reap_one(self, worker: str, own: bool) -> int:
+        job_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, keys.worker(worker), keys.RESEND]
+        return int(self._reap(keys=job_keys, args=[worker, self.ttl, "1" if own else "0"]))
+
+    def pending_resends(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """(job id, lane) of the jobs waiting to be sent again (`resent` once sent)."""
+        entries = cast(list[str], self.r.lrange(keys.RESEND, 0, limit - 1))
+        return [(job_id, lane) for job_id, _, lane in (e.partition("|") for e in entries)]
+
+    def resent(self, job_id: str, lane: str) -> None:
+        self.r.lrem(keys.RESEND, 0, f"{job_id}|{lane}")
 
     def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
         job_id = new_job_id()

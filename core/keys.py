@@ -114,6 +114,11 @@ def processing(worker_id: str) -> str:
     return f"{PROCESSING_PREFIX}{worker_id}"
 
 
+#: List of "job id|lane" entries: running jobs of dead workers, to be sent again; an entry
+#: leaves it once its message is sent, so a reaper that dies first loses none. TTL:
+#: result_ttl_s, refreshed on every push.
+RESEND = f"{PREFIX}resend"
+
 #: Set of the worker ids that have a processing list, for the reaper to look at (no SCAN
 #: over every key). TTL: result_ttl_s, refreshed on every add.
 PROCESSING_WORKERS = f"{PREFIX}processing-workers"

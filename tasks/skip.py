@@ -220,11 +220,14 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
     def requeue(reject: Any) -> None:
         reject(logger, consumer.connection_errors, True)
 
-    armed_at: float | None = None  # when the armed tick is due (None: none armed)
+    armed: tuple[int, float] | None = None  # (generation, due) of the one tick armed
+    generation = 0
 
-    def tick() -> None:
-        nonlocal armed_at
-        armed_at = None
+    def tick(gen: int) -> None:
+        nonlocal armed
+        if armed is None or armed[0] != gen:
+            return  # a tick that a sooner one replaced
+        armed = None
         try:
             gate.tick()
         except Exception:  # raising here would stop the consumer's event loop
@@ -232,13 +235,15 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
             wake(CHECK_S)
 
     def wake(delay: float) -> None:
-        """At most one tick armed; a sooner request arms one more (the later one then finds
-        the gate as it left it, and costs a read at most)."""
-        nonlocal armed_at
+        """One tick armed at a time: a sooner request replaces the armed one (whose timer
+        then finds itself replaced and does nothing), a later one is dropped."""
+        nonlocal armed, generation
         due = time.monotonic() + delay
-        if armed_at is None or due < armed_at - 0.001:
-            armed_at = due
-            consumer.timer.call_after(delay, tick)
+        if armed is not None and armed[1] <= due + 0.001:
+            return
+        generation += 1
+        armed = (generation, due)
+        consumer.timer.call_after(delay, tick, (generation,))
 
     gate = ParentGate(
         JobStore(client, settings.result_ttl_s),

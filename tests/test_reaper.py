@@ -54,6 +54,11 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
             time.sleep(0.02)
         assert (good, "inferq.jobs") in sent
         assert r.lrange(keys.ready("inferq.jobs"), 0, -1) == [queued]  # back on its lane
+        failed = store.get(bad)  # a job that can never be sent fails, saying why
+        assert (
+            failed is not None and failed.job.error is not None and failed.job.error.code == "resend_failed"
+        )
+        assert store.pending_resends() == []
         assert not r.exists(keys.processing("dead-host:7"))
         r.delete(keys.worker(state.worker_id))
         time.sleep(0.3)  # the heartbeat thread is still alive after the failing job
@@ -78,10 +83,15 @@ def test_a_live_worker_settles_jobs_its_ended_task_left_running(redis_url: str) 
     waiting = store.create(_req(), "inferq.jobs", 3)
     r.rpush(keys.ready("inferq.jobs"), waiting)
     assert store.pop_ready(["inferq.jobs"], worker) == waiting
-    assert store.reap() == []  # alive: not the reaper's
+    assert store.reap() == 0  # alive: not the reaper's
     refused = store.transition(left, JobStatus.RUNNING, worker="other:9")
     assert refused.alive  # a redelivery would be skipped...
-    assert store.settle(worker) == [(left, "inferq.jobs")]
+    assert store.settle(worker) == 1
+    assert store.pending_resends() == [(left, "inferq.jobs")]  # durable until sent
     assert r.lrange(keys.ready("inferq.jobs"), 0, -1) == [waiting]
+    record = store.get(left)
+    assert record is not None and record.job.attempts == 0  # its worker did not die
+    store.resent(left, "inferq.jobs")
+    assert store.pending_resends() == []
     assert store.transition(left, JobStatus.RUNNING, worker="other:9").ok  # ...now it runs
-    assert store.settle(worker) == [] and not r.exists(keys.processing(worker))
+    assert store.settle(worker) == 0 and not r.exists(keys.processing(worker))

@@ -64,18 +64,18 @@ def claim_more(
     `max_batch_size` rows, and end this worker's claim (`JobStore.end_claim`).
 
     Their own Celery messages stay in the queue: when they arrive later, the job is already
-    finished and the message is skipped, so each job still has its own task in Flower."""
+    finished and the message is skipped, so each job still has its own task in Flower.
+    The ids looked at and left stay in this worker's processing list until the claim ends,
+    then go back to the head of their lane once, in order (popping and pushing them back on
+    every wait would only ever see them again, never the jobs arriving behind them)."""
     claimed: list[JobRecord] = []
-    #: per lane, ids popped and left for other batches, in their order: they go back to the
-    #: head of the list once, at the end (re-popping them on every wait would only ever see
-    #: them again, never the jobs arriving behind them)
-    held: dict[str, list[str]] = {lane: [] for lane in opts.lanes}
+    seen: set[str] = {first.job.id}
     deadline = time.monotonic() + opts.collect_max_s
     try:
         for attempt in itertools.count():
             before = rows
             for lane in opts.lanes:
-                rows += _claim_lane(store, lane, first, opts, rows, compatible, claimed, held[lane])
+                rows += _claim_lane(store, lane, first, opts, rows, compatible, claimed, seen)
             # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
             # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
             # `collect_s` once; the first batch of a burst does not start nearly empty.
@@ -86,7 +86,7 @@ def claim_more(
                 break
             time.sleep(wait)
     finally:
-        store.end_claim(opts.worker_id, held)
+        store.end_claim(opts.worker_id)
     return claimed
 
 
@@ -98,23 +98,22 @@ def _claim_lane(
     rows: int,
     compatible: Callable[[JobRecord], bool],
     claimed: list[JobRecord],
-    held: list[str],
+    seen: set[str],
 ) -> int:
-    """Pop a window of `lane`'s ready jobs, claim the closest fits, hold the rest; returns the
-    rows claimed."""
+    """Pop a window of `lane`'s ready jobs and claim the closest fits; returns the rows
+    claimed. An id seen twice (a duplicate in the ready list) counts once."""
     free = opts.max_batch_size - rows
     if free <= 0:
         return 0
-    ids = store.pop_window([lane], free * opts.length_window, opts.worker_id)
+    ids = [i for i in store.pop_window([lane], free * opts.length_window, opts.worker_id) if i not in seen]
+    seen.update(ids)
     now = time.time()
     fits: list[JobRecord] = []
-    keep: list[str] = []
-    for job_id, rec in zip(ids, store.get_many(ids), strict=True):
+    for rec in store.get_many(ids):
         if rec is None or rec.status is not JobStatus.QUEUED:
             continue  # gone, cancelled or taken: its own message ends it
         if rec.job.expires_at and now > rec.job.expires_at:
             continue  # its own message will end it `expired`
-        keep.append(job_id)  # unless chosen below: another batch will take it
         if compatible(rec):
             fits.append(rec)
     chosen = closest_fits(first, fits, free, opts.default_max_tokens)
@@ -124,6 +123,4 @@ def _claim_lane(
         if res.ok:
             claimed.append(rec)
             taken += rec.request.n
-    chosen_ids = {rec.job.id for rec in chosen}
-    held += [i for i in keep if i not in chosen_ids]
     return taken

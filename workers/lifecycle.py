@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis
+from kombu.exceptions import OperationalError
 
 from core import keys
 from core.config import Settings, get_settings
@@ -40,6 +41,13 @@ class WorkerState:
             settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
         )
         self.store = JobStore(self.redis, settings.result_ttl_s)
+        #: the heartbeat's own connection, with a timeout well inside `liveness_s`: a beat
+        #: stuck behind a slow call would let the key lapse and make this worker look dead
+        self._beat_redis = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=max(0.5, settings.liveness_s / 4)
+        )
+        #: when a beat last failed (None: none has)
+        self._beat_failed_at: float | None = None
         self.worker_id = runner.process_worker_id()
         self.started_at = time.time()
         self.jobs_done = 0
@@ -50,10 +58,12 @@ class WorkerState:
         self.task_lock = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
+        self._reaper = threading.Thread(target=self._reap_loop, name="inferq-reaper", daemon=True)
         self._watchdog = threading.Thread(target=self._watchdog_loop, name="inferq-watchdog", daemon=True)
 
     def start(self) -> None:
         self._beat.start()
+        self._reaper.start()
         self._watchdog.start()
 
     def stalled(self) -> bool:
@@ -107,53 +117,80 @@ class WorkerState:
             "at": time.time(),
         }
         ttl_ms = int(max(self.settings.liveness_s, self.settings.heartbeat_interval_s * 2) * 1000)
-        self.redis.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
+        self._beat_redis.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
 
     def _heartbeat_loop(self) -> None:
-        last_reap = 0.0
+        """Beats only: nothing else may delay a beat."""
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 self.heartbeat()
-                if time.monotonic() - last_reap >= self.settings.reap_interval_s:
-                    last_reap = time.monotonic()
-                    self.reap()
-                    if self.task_lock.acquire(blocking=False):
-                        try:
-                            self.settle()
-                        finally:
-                            self.task_lock.release()
             except redis.RedisError as exc:  # Redis down: keep beating, it comes back
+                self._beat_failed_at = time.monotonic()
                 logger.warning("heartbeat failed: %s", exc)
             except Exception:  # anything else must not end the heartbeat (the worker would vanish)
-                logger.exception("heartbeat step failed")
+                logger.exception("heartbeat failed")
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.settings.reap_interval_s):
+            try:
+                self.reap()
+                if self.task_lock.acquire(blocking=False):
+                    try:
+                        self.settle()
+                    finally:
+                        self.task_lock.release()
+            except redis.RedisError as exc:
+                logger.warning("reaping failed: %s", exc)
+            except Exception:
+                logger.exception("reaping failed")
+
+    def may_reap(self) -> bool:
+        """After an outage every heartbeat lapsed, the live workers' too: reap only once this
+        worker's beats have succeeded for a whole `liveness_s` again, when the others have
+        had the same time to beat."""
+        failed = self._beat_failed_at
+        return failed is None or time.monotonic() - failed >= self.settings.liveness_s
 
     def reap(self) -> int:
         """The one rule of crash recovery: a worker whose heartbeat lapsed is dead; the ids it
-        had taken go back to the head of their lanes (`JobStore.reap`) and the jobs it was
-        running are sent again. An old message of such a job, if it is ever redelivered,
+        had taken go back to the head of their lanes and the jobs it was running are sent
+        again (`JobStore.reap`). An old message of such a job, if it is ever redelivered,
         finds it running on a live worker or finished, and is skipped."""
-        return self._send_again(self.store.reap(), "the worker running job %s died; sending it again")
+        if not self.may_reap():
+            return 0
+        self.store.reap()
+        return self.send_pending()
 
     def settle(self) -> int:
         """Between tasks: jobs this worker took and no longer runs (its task ended without
         ending them) are put back or sent again. Call with `task_lock` held."""
-        return self._send_again(
-            self.store.settle(self.worker_id), "job %s was left running when its task ended; sending it again"
-        )
+        if self.store.settle(self.worker_id):
+            logger.warning("jobs were left running when the last task ended; sending them again")
+        return self.send_pending()
 
-    def _send_again(self, jobs: list[tuple[str, str]], why: str) -> int:
+    def send_pending(self) -> int:
+        """Send the jobs waiting in RESEND; each leaves it once its message is sent (a job
+        that cannot be sent is tried again at the next reap)."""
+        return self._send_again(self.store.pending_resends())
+
+    def _send_again(self, jobs: list[tuple[str, str]]) -> int:
         sent = 0
         for job_id, queue in jobs:
-            logger.warning(why, job_id)
             if _resend is None:
-                continue
+                return sent
             try:
                 _resend(job_id, queue)
-                sent += 1
-            except redis.RedisError:
-                raise
-            except Exception:  # one job that cannot be sent must not stop the others
+            except (redis.RedisError, OperationalError):
+                raise  # the broker is away: every entry stays, for the next reap
+            except Exception as exc:  # this job can never be sent (e.g. a lane Celery does not
+                # know): it fails, and must not stop the others
                 logger.exception("could not send job %s again (queue %r)", job_id, queue)
+                error = JobError(code="resend_failed", message=f"{type(exc).__name__}: {exc}")
+                runner.fail(self.store, job_id, error)
+            else:
+                logger.warning("job %s lost its worker; sent it again", job_id)
+                sent += 1
+            self.store.resent(job_id, queue)
         return sent
 
 
