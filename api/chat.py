@@ -30,9 +30,6 @@ from schemas.openai import (
 
 logger = logging.getLogger(__name__)
 
-#: Idle blocks are short here: each one is a chance to notice a client that went away.
-_BLOCK_MS = 1000
-
 
 async def submit(
     st: AppState,
@@ -65,32 +62,52 @@ async def _cancel_quietly(st: AppState, job_id: str) -> None:
 
 
 async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
-    finished = False
-    try:
-        async for event in read_events(st.stream_redis, job.id, "0-0", _BLOCK_MS):
+    """Wait for the job's final event, not its tokens (a non-stream job writes none). Why a
+    listener for the client's disconnect instead of short blocking reads that check it: the
+    reads woke every waiting request once a second, a cost that grew with waiting time, not
+    with jobs; now a waiting request costs nothing until its job ends or its client leaves."""
+    outcome: ChatCompletion | APIError | None = None
+
+    async def wait_final() -> None:
+        nonlocal outcome
+        block_ms = int(st.settings.sse_block_s * 1000)  # the client's leaving is seen by `receive`
+        async for event in read_events(st.stream_redis, job.id, "0-0", block_ms):
             if event is None:
-                if await request.is_disconnected():
-                    break
                 continue
             if event.type == "done":
-                finished = True
-                return ChatCompletion.model_validate(event.data())
-            if event.type == "error":
-                finished = True
+                outcome = ChatCompletion.model_validate(event.data())
+            elif event.type == "error":
                 err = event.data()
-                raise APIError(
+                outcome = APIError(
                     500,
                     f"Generation failed: {err.get('message')}",
                     type_="server_error",
                     code=str(err.get("code")),
                 )
-            if event.type == "cancelled":
-                finished = True
-                raise APIError(409, "The request was cancelled.", code="cancelled")
-        raise APIError(499, "Client closed the request.", code="client_closed")
+            elif event.type == "cancelled":
+                outcome = APIError(409, "The request was cancelled.", code="cancelled")
+            if outcome is not None:
+                return
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            await wait_final()
+            tg.cancel_scope.cancel()
     finally:
-        if not finished:
+        if outcome is None:  # the client left (or the store failed): stop the generation
             await _cancel_quietly(st, job.id)
+    if outcome is None:
+        raise APIError(499, "Client closed the request.", code="client_closed")
+    if isinstance(outcome, APIError):
+        raise outcome
+    return outcome
 
 
 class JobStreamingResponse(StreamingResponse):
@@ -151,7 +168,8 @@ async def stream_chunks(
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content="")) for i in range(body.n)])
-    async for event in read_events(st.stream_redis, job.id, "0-0", _BLOCK_MS):
+    keep_alive_ms = int(st.settings.sse_block_s * 1000)
+    async for event in read_events(st.stream_redis, job.id, "0-0", keep_alive_ms):
         if event is None:
             yield ": keep-alive\n\n"
         elif event.type == "token":
