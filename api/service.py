@@ -9,6 +9,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 
 import anyio
 from celery import Celery
@@ -157,19 +158,20 @@ def _effective(
     return request.model_copy(update={"max_tokens": effective, "max_completion_tokens": None})
 
 
-_bounds: dict[int, PromptBound | None] = {}
+#: by counter, weakly: a counter loaded again (after a failed load) is measured again,
+#: never mistaken for an old one whose id it happens to reuse
+_bounds: weakref.WeakKeyDictionary[PromptCounter, PromptBound | None] = weakref.WeakKeyDictionary()
 
 
 def prompt_bound(counter: PromptCounter) -> PromptBound | None:
     """The counter's cheap bound, measured once (None: its template refused empty messages)."""
-    key = id(counter)
-    if key not in _bounds:
+    if counter not in _bounds:
         try:
-            _bounds[key] = PromptBound.measure(counter.count_prompt_tokens)
+            _bounds[counter] = PromptBound.measure(counter.count_prompt_tokens)
         except Exception as exc:
             logger.info("no cheap prompt bound for this template (%s): every prompt is counted", exc)
-            _bounds[key] = None
-    return _bounds[key]
+            _bounds[counter] = None
+    return _bounds[counter]
 
 
 def job_limits(request: ChatCompletionRequest, settings: Settings, expires: bool = True) -> dict[str, str]:

@@ -197,13 +197,19 @@ def with_db(url: str, db: int) -> str:
     return f"{base}/{db}" if last.isdigit() else f"{url.rstrip('/')}/{db}"
 
 
-@pytest.fixture(scope="session")
-def echo_stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """API + worker running the fake echo engine (with its failure triggers), in its own db."""
-    url = with_db(redis_url, 14)
+def fresh_db(url: str, db: int) -> str:
+    """`url` on database `db`, emptied: a stack of its own, apart from the others' workers."""
+    url = with_db(url, db)
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
+    return url
+
+
+@pytest.fixture(scope="session")
+def echo_stack(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + worker running the fake echo engine (with its failure triggers), in its own db."""
+    url = fresh_db(redis_url, 14)
     home = tmp_path_factory.mktemp("echo-home")
     env = stack_env(
         url, demo_model, home, INFERQ_ENGINE="echo", INFERQ_STALL_TIMEOUT_S="2", INFERQ_ECHO_OOM_ABOVE="3"
@@ -226,10 +232,7 @@ def continuous_stack(
     redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """The real stack with the worker in continuous-batching mode, in its own db."""
-    url = with_db(redis_url, 9)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
+    url = fresh_db(redis_url, 9)
     home = tmp_path_factory.mktemp("continuous-home")
     st = start_stack(stack_env(url, demo_model, home, INFERQ_ENGINE_MODE="continuous"), home)
     yield st

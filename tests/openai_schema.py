@@ -22,25 +22,11 @@ from typing import Any
 
 import jsonschema_rs
 
+from tests.openai_schemas.vendor import map_subschemas
+
 VENDORED = Path(__file__).resolve().parent / "openai_schemas" / "openai.json"
 #: the base URI the vendored document is registered under
 URI = "urn:openai-openapi:vendored"
-
-_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
-_ONE = {
-    "items",
-    "additionalItems",
-    "additionalProperties",
-    "unevaluatedItems",
-    "unevaluatedProperties",
-    "contains",
-    "propertyNames",
-    "not",
-    "if",
-    "then",
-    "else",
-}
 
 
 def from_openapi30(schema: Any) -> Any:
@@ -50,14 +36,7 @@ def from_openapi30(schema: Any) -> Any:
         return [from_openapi30(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in _MAPS and isinstance(value, dict):
-            out[key] = {name: from_openapi30(sub) for name, sub in value.items()}
-        elif key in _LISTS or key in _ONE:
-            out[key] = from_openapi30(value)
-        else:
-            out[key] = value
+    out = map_subschemas(schema, from_openapi30)
     nullable = out.pop("nullable", False)
     if nullable is not True:
         return out

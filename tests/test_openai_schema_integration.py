@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
-import redis
 
-from tests.conftest import Stack, stack_env, start_stack, with_db
+from tests.conftest import Stack, fresh_db, stack_env, start_stack
 from tests.openai_schema import VENDORED, assert_openai, assert_openai_all, document, names, openai_errors
 from tests.openai_schemas import vendor
 from tests.sse import iter_sse
@@ -430,10 +429,7 @@ def test_500_body(echo_stack: Stack) -> None:
 @pytest.fixture(scope="module")
 def secure(redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack that wants an API key (echo engine, its own db)."""
-    url = with_db(redis_url, 6)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
+    url = fresh_db(redis_url, 6)
     home = tmp_path_factory.mktemp("schema-secure-home")
     env = stack_env(url, demo_model, home, INFERQ_ENGINE="echo", INFERQ_API_KEYS=json.dumps([KEY]))
     st = start_stack(env, home, ready_headers={"Authorization": f"Bearer {KEY}"})

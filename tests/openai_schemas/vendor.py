@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Set
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +75,32 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
+def map_subschemas(
+    schema: dict[str, Any], fn: Callable[[Any], Any], drop: Set[str] = frozenset()
+) -> dict[str, Any]:
+    """One schema object with `fn` applied to each subschema in it (a list of them, or a
+    map of names to them, as the keyword has it); other values, such as property names
+    called `description`, are kept as they are; keywords in `drop` are left out."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in drop:
+            continue
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: fn(sub) for name, sub in value.items()}
+        elif key in SCHEMA_LISTS or key in SCHEMA_ONE:
+            out[key] = fn(value)
+        else:
+            out[key] = value
+    return out
+
+
 def strip(schema: Any) -> Any:
-    """A schema less its annotations; property names called `description` are kept."""
+    """A schema less its annotations."""
     if isinstance(schema, list):
         return [strip(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in ANNOTATIONS:
-            continue
-        if key in SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: strip(sub) for name, sub in value.items()}
-        elif key in SCHEMA_LISTS or key in SCHEMA_ONE:
-            out[key] = strip(value)
-        else:
-            out[key] = value
-    return out
+    return map_subschemas(schema, strip, ANNOTATIONS)
 
 
 def raw_refs(node: Any) -> set[str]:
