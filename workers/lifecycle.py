@@ -131,14 +131,18 @@ class WorkerState:
                 logger.exception("heartbeat failed")
 
     def _reap_loop(self) -> None:
+        """Every reap interval: dead workers' lists, this worker's own between tasks, then one
+        pass over what waits to be sent again."""
         while not self._stop.wait(self.settings.reap_interval_s):
             try:
-                self.reap()
+                if self.may_reap():
+                    self.store.reap()
                 if self.task_lock.acquire(blocking=False):
                     try:
-                        self.settle()
+                        self._settle_own()
                     finally:
                         self.task_lock.release()
+                self.send_pending()
             except redis.RedisError as exc:
                 logger.warning("reaping failed: %s", exc)
             except Exception:
@@ -163,10 +167,15 @@ class WorkerState:
 
     def settle(self) -> int:
         """Between tasks: jobs this worker took and no longer runs (its task ended without
-        ending them) are put back or sent again. Call with `task_lock` held."""
-        if self.store.settle(self.worker_id):
+        ending them) are put back or sent again. Call with `task_lock` held. At the end of
+        every task, so nothing is read beyond the one script when there is nothing to send."""
+        return self.send_pending() if self._settle_own() else 0
+
+    def _settle_own(self) -> int:
+        moved = self.store.settle(self.worker_id)
+        if moved:
             logger.warning("jobs were left running when the last task ended; sending them again")
-        return self.send_pending()
+        return moved
 
     def send_pending(self) -> int:
         """Send the jobs waiting in RESEND; each leaves it once its message is sent (a job
