@@ -67,8 +67,16 @@ async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
     reads woke every waiting request once a second, a cost that grew with waiting time, not
     with jobs; now a waiting request costs nothing until its job ends or its client leaves."""
     outcome: ChatCompletion | APIError | None = None
+    failure: Exception | None = None  # raised as itself, not in the task group's ExceptionGroup
 
     async def wait_final() -> None:
+        nonlocal failure
+        try:
+            await _wait_final()
+        except Exception as exc:  # the store went away: its own handler answers 503
+            failure = exc
+
+    async def _wait_final() -> None:
         nonlocal outcome
         block_ms = int(st.settings.sse_block_s * 1000)  # the client's leaving is seen by `receive`
         async for event in read_events(st.stream_redis, job.id, "0-0", block_ms):
@@ -103,6 +111,8 @@ async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
     finally:
         if outcome is None:  # the client left (or the store failed): stop the generation
             await _cancel_quietly(st, job.id)
+    if failure is not None:
+        raise failure
     if outcome is None:
         raise APIError(499, "Client closed the request.", code="client_closed")
     if isinstance(outcome, APIError):

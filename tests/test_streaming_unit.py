@@ -136,3 +136,33 @@ def test_batched_decoding_gives_the_tokenizers_own_text(template: Any) -> None:
         streamed = "".join(batched[row])
         assert full.startswith(streamed)
         assert full == streamed or full.endswith("\ufffd")
+
+
+def test_a_store_outage_while_a_chat_request_waits_is_the_store_error() -> None:
+    """The non-stream wait runs beside a disconnect listener in a task group; a Redis error
+    there must leave as itself (answered 503 by its handler), not wrapped in the group's
+    ExceptionGroup (which would be a 500)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from api import chat
+    from schemas.jobs import JobStatus
+
+    class DownRedis:
+        async def xread(self, *_: Any, **__: Any) -> Any:
+            raise redis.exceptions.ConnectionError("Connection refused")
+
+    class FinishedStore:  # what the clean-up's cancel finds: nothing left to cancel
+        async def get(self, _job_id: str) -> Any:
+            return SimpleNamespace(status=JobStatus.SUCCEEDED, owner="")
+
+    async def receive() -> dict[str, str]:
+        await asyncio.sleep(3600)  # the client stays
+        return {"type": "http.disconnect"}
+
+    st = SimpleNamespace(
+        stream_redis=DownRedis(), store=FinishedStore(), settings=SimpleNamespace(sse_block_s=15)
+    )
+    job = SimpleNamespace(id="job_down")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        asyncio.run(chat.complete(cast(Any, st), cast(Any, job), cast(Any, SimpleNamespace(receive=receive))))
