@@ -45,6 +45,14 @@ def _start_run(home: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes
         )
 
 
+def _wait_banner(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 180) -> None:
+    """Until `inferq run` prints its READY banner."""
+    deadline = time.monotonic() + timeout
+    while "READY  API" not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 def _wait_status(base: str, job: str, wanted: tuple[str, ...], timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while (status := httpx.get(f"{base}/v1/jobs/{job}", timeout=10).json()["status"]) not in wanted:
@@ -63,10 +71,7 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     proc = _start_run(home, log_path, "--port", str(api_port), "--flower-port", str(flower_port))
     base = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.monotonic() + 180
-        while "READY  API" not in log_path.read_text(errors="replace"):  # what a user waits for
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait_banner(proc, log_path)  # what a user waits for
         models = httpx.get(f"{base}/v1/models").json()["data"][0]
         assert models["id"] == "inferq-demo" and models["demo"] is True
         body = {"model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -123,7 +128,7 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
         )
     base = f"http://127.0.0.1:{api_port}"
     try:
-        wait_ready(base, timeout=180)
+        _wait_banner(proc, log_path)  # not just /ready: a worker dying before `inferq run` is up ends it
         body = {"model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
         jobs = [httpx.post(f"{base}/v1/jobs", json=body).json()["id"] for _ in range(6)]
         child = httpx.get(f"{base}/ready").json()["workers"][0]["pid"]
