@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from core.demo_model import build_demo_model
 from core.processes import Supervisor, free_port
 from tests.conftest import ROOT, cli_env, wait_ready, with_db
 
@@ -66,6 +67,9 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     (ms-swift's trust_remote_code notices, Flower's failed inspects, Celery's banner), and
     Ctrl-C with a job in flight prints no traceback; the job runs on the next start."""
     home = tmp_path / "inferq-home"
+    # The demo model `inferq run` would build, made EOS-free first (it reuses a build it finds):
+    # a sampled random model may say EOS within a few tokens, and the job must still be in flight.
+    build_demo_model(home / "demo-model", eos_free=True)
     api_port, flower_port = free_port(), free_port()
     log_path = tmp_path / "run.log"
     proc = _start_run(home, log_path, "--port", str(api_port), "--flower-port", str(flower_port))
@@ -78,7 +82,6 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
         job = httpx.post(f"{base}/v1/jobs", json=body).json()
         assert _wait_status(base, job["id"], ("succeeded", "failed")) == "succeeded"
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 200
-        assert (home / "demo-model" / "config.json").exists()
         assert len(_procs_with(f"INFERQ_HOME={home}")) >= 4  # valkey, worker parent+child, api, flower
         long = {**body, "max_tokens": 1900, "temperature": 1.0}
         in_flight = httpx.post(f"{base}/v1/jobs", json=long).json()["id"]
@@ -96,6 +99,7 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     for noise in ("trust_remote_code", "torch_dtype", "Inspect method", "-------------- ", "Traceback"):
         assert noise not in text, (noise, text[-3000:])
     assert "WorkerLostError" not in text
+    assert "stopped with a job in flight" in text, text[-3000:]  # the one line that replaces them
     assert _procs_with(f"INFERQ_HOME={home}") == []
 
     proc = _start_run(home, log_path, "--port", str(api_port), "--no-flower")

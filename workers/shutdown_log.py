@@ -1,0 +1,55 @@
+"""The worker parent's log while it stops with a job in flight.
+
+Why: `inferq run`'s Ctrl-C (or any SIGTERM to the worker's process group) ends the pool
+child mid-generation. Nothing is lost: the child puts its jobs back on the way out
+(`WorkerState.settle` sends them again) and the late-acked message is requeued. But
+Celery's parent reports the child's exit as an error with a WorkerLostError traceback,
+which reads like a crash to whoever pressed Ctrl-C. Only while the parent is shutting down,
+those two records are replaced by one line that says what happens to the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+_LOST_MARKS = ("WorkerLostError", "exited with")
+
+
+class ShutdownLossFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shutting_down = False
+        self._said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.shutting_down or record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if not any(mark in text for mark in _LOST_MARKS):
+            return True
+        if not self._said:
+            self._said = True
+            logging.getLogger("inferq.worker").warning(
+                "stopped with a job in flight: it runs again when a worker is back"
+            )
+        return False
+
+
+FILTER = ShutdownLossFilter()
+
+
+#: where the two records are made (billiard logs as "multiprocessing"); a logger's filters
+#: see only the records made on it, not those its children pass up
+_SOURCES = ("celery.worker.request", "multiprocessing")
+
+
+def on_setup_logger(**_: Any) -> None:
+    """`after_setup_logger`."""
+    for name in _SOURCES:
+        logging.getLogger(name).addFilter(FILTER)
+
+
+def on_shutting_down(**_: Any) -> None:
+    """`worker_shutting_down`, sent in the parent by its SIGTERM/SIGINT handler."""
+    FILTER.shutting_down = True
