@@ -338,7 +338,7 @@ class BatchService:
         if jobs:
             await self.store.create_batch_jobs(jobs, self.settings.queue_batch)
             queue = self.settings.queue_batch
-            messages = [task_message(self.celery, service.RUN_JOB, j[0], queue) for j in jobs]
+            messages = [task_message(self.celery, service.RUN_JOB, j[0], queue, j[1].model) for j in jobs]
             async with self.r.pipeline(transaction=False) as pipe:
                 pipe.lpush(queue, *messages)
                 pipe.rpush(keys.ready(queue), *[j[0] for j in jobs])

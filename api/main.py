@@ -11,14 +11,18 @@ from typing import Any
 
 import redis.asyncio as aredis
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from api import errors
 from api.batches import BatchService
 from api.deps import AppState
 from api.guard import RequestGuard
 from api.routes import batches as batch_routes
-from api.routes import chat, files, health, jobs
+from api.routes import chat, files, health, jobs, observe
 from api.service import CounterHolder
+from api.timing import TimingHeader
+from core.audit import AuditLog
 from core.auth import configured_hashes
 from core.config import Settings, get_settings
 from core.jobs import AsyncJobStore
@@ -92,7 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         counter = CounterHolder(settings)
         counter.start()
         storage = LocalStorage(settings.files_path)
-        store = AsyncJobStore(client, settings.result_ttl_s)
+        store = AsyncJobStore(
+            client, settings.result_ttl_s, AuditLog(settings.audit_log, settings.audit_content)
+        )
         batches = BatchService(client, store, storage, settings, celery_app, counter)
         app.state.inferq = AppState(
             settings=settings,
@@ -127,10 +133,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
 
     app.add_middleware(RequestGuard, settings=settings)
+    # HTTP metrics in a registry of this app's own (tests build many apps in one process)
+    app.state.http_metrics = CollectorRegistry()
+    Instrumentator(should_group_status_codes=False, registry=app.state.http_metrics).instrument(app)
+    app.add_middleware(TimingHeader)
 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(chat.router)
     app.include_router(files.router)
     app.include_router(batch_routes.router)
+    app.include_router(observe.router)
     return app

@@ -18,10 +18,15 @@ from typing import Any
 
 from celery import Celery
 
+from tasks.events import kwargs_repr
 
-def task_message(app: Celery, task_name: str, job_id: str, queue: str) -> str:
-    """One JSON-serialized kombu envelope for `task_name(job_id)` on `queue`."""
-    msg = app.amqp.as_task_v2(job_id, task_name, args=[job_id], kwargs={})
+
+def task_message(app: Celery, task_name: str, job_id: str, queue: str, model: str = "") -> str:
+    """One JSON-serialized kombu envelope for `task_name(job_id)` on `queue`. Its kwargs as
+    Flower shows them name the job's model and lane (the task itself takes only the id)."""
+    msg = app.amqp.as_task_v2(
+        job_id, task_name, args=[job_id], kwargs={}, kwargsrepr=kwargs_repr(model, queue)
+    )
     body = json.dumps(msg.body).encode("utf-8")
     properties: dict[str, Any] = dict(msg.properties)
     properties.update(

@@ -220,7 +220,7 @@ async def submit(
             queue,
             prompt_tokens,
             {**limits, "owner": owner},
-            message=lambda job_id: task_message(celery, RUN_JOB, job_id, queue),
+            message=lambda job_id: task_message(celery, RUN_JOB, job_id, queue, request.model),
         )
     except Exception:
         await store.release_active(owner, 1)

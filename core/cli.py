@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from core import batch_cli, keys
+from core import batch_cli, keys, top_cli
 from core.config import Settings
 from core.processes import (
     Supervisor,
@@ -81,6 +81,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env["INFERQ_REDIS_URL"] = redis_url
+    # the console shows warnings only: one line per finished job goes to a file instead
+    env.setdefault("INFERQ_AUDIT_LOG", str(settings.home / "audit.log"))
     env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # never initialise CUDA just to ask if it exists
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.engine:
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     _serve_parsers(sub)
     batch_cli.add_parser(sub)
+    top_cli.add_parsers(sub)
     kp = sub.add_parser("keys", help="manage API keys")
     kp.add_argument("action", choices=["create"])
     kp.add_argument("name", help="who the key is for")
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.cmd == "batch":
         return batch_cli.run(args)
+    if args.cmd in ("status", "top"):
+        return top_cli.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

@@ -168,6 +168,17 @@ class Settings(BaseSettings):
     #: the first jobs of every new batch size pay that.
     warmup_batch_sizes: str = Field(default="auto", pattern=r"^(auto|\d+(,\d+)*)$")
 
+    # --- observing ----------------------------------------------------------------
+    #: Where each finished job's audit line goes: "log" (the `inferq.audit` logger, INFO),
+    #: a file path (JSON lines, appended), or "off". `inferq run` defaults it to
+    #: $INFERQ_HOME/audit.log, since its console shows warnings only.
+    audit_log: str = "log"
+    #: Also put each job's messages and output text in its audit line.
+    audit_content: bool = False
+    #: Bearer token for GET /metrics and GET /status from other hosts; loopback clients
+    #: need none. Empty: only loopback clients are answered.
+    metrics_token: str = ""
+
     # --- queues -------------------------------------------------------------------
     queue_interactive: str = "inferq.interactive"
     queue_jobs: str = "inferq.jobs"

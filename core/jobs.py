@@ -18,7 +18,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aredis
 
-from core import keys
+from core import audit, keys, metrics
 from schemas.jobs import TRANSITIONS, Job, JobError, JobStatus
 from schemas.openai import ChatCompletion, ChatCompletionRequest
 
@@ -110,7 +110,11 @@ if to == 'running' and cur == 'running' and worker and redis.call('EXISTS', '{wo
   return {'alive', cur}
 end
 local maxlen = ARGV[#ARGV]
+local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', to)
+local lane = redis.call('HGET', KEYS[1], 'queue') or ''
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or ARGV[2])
+if cur == 'queued' then redis.call('HINCRBY', '{metrics}', 'depth|' .. lane, -1) end
 local payload = {}
 for i = 6, #ARGV - 1, 2 do
   if string.sub(ARGV[i], 1, 1) ~= '_' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -122,6 +126,7 @@ if worker and worker ~= payload['_worker'] then
 end
 if to == 'running' then
   local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if attempt == 1 then observe('queue_wait', lane, now - created) end
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
   local mine = '{processing}' .. (payload['_worker'] or '')
   redis.call('HSET', KEYS[1], 'worker', payload['_worker'] or '')
@@ -137,7 +142,16 @@ elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   local owner = redis.call('HGET', KEYS[1], 'owner')
   if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
+  redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
+  local started = redis.call('HGET', KEYS[1], 'started_at')
+  if started and cur == 'running' then observe('run', lane, now - tonumber(started)) end
+  if payload['_first_token_at'] then observe('ttft', lane, tonumber(payload['_first_token_at']) - created) end
+  if payload['_prompt_tokens'] then
+    redis.call('HINCRBY', '{metrics}', 'prompt_tokens|' .. lane, payload['_prompt_tokens'])
+    redis.call('HINCRBY', '{metrics}', 'generated_tokens|' .. lane, payload['_completion_tokens'] or 0)
+  end
 end
+redis.call('EXPIRE', '{metrics}', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'status', 'status', to, 'attempt', attempts)
@@ -145,6 +159,10 @@ if to == 'succeeded' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'done', 'result', payload['result'] or '')
 elseif to == 'failed' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'error', payload['error'] or '')
+  local failure = {job_id = id, at = now, lane = lane, error = payload['error'] or ''}
+  redis.call('LPUSH', '{failures}', cjson.encode(failure))
+  redis.call('LTRIM', '{failures}', 0, {failures_maxlen} - 1)
+  redis.call('EXPIRE', '{failures}', ARGV[3])
 elseif to == 'cancelled' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'cancelled',
              'result', payload['result'] or '')
@@ -161,6 +179,11 @@ if payload['_line'] and #KEYS >= 6 then
   redis.call('HINCRBY', KEYS[6], 'input_tokens', payload['_in'] or 0)
   redis.call('HINCRBY', KEYS[6], 'output_tokens', payload['_out'] or 0)
 end
+if ARGV[5] == '1' then
+  -- what the audit line of a finished job needs (core.audit), read in the same step
+  local f = redis.call('HMGET', KEYS[1], 'started_at', 'owner', 'model', 'batch_id')
+  return {'ok', cur, lane, tostring(created), f[1] or '', attempts, f[2] or '', f[3] or '', f[4] or ''}
+end
 return {'ok', cur}
 """
 
@@ -173,11 +196,15 @@ def _with_prefixes(script: str) -> str:
         ("{worker}", keys.WORKER_PREFIX),
         ("{processing}", keys.PROCESSING_PREFIX),
         ("{active}", keys.ACTIVE_PREFIX),
+        ("{metrics}", keys.METRICS),
+        ("{failures}", keys.FAILURES),
+        ("{failures_maxlen}", str(keys.FAILURES_MAXLEN)),
     ):
         script = script.replace(name, prefix)
     return script
 
 
+_TRANSITION_LUA = metrics.LUA_OBSERVE + _TRANSITION_LUA
 _TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA = map(
     _with_prefixes, (_TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA)
 )
@@ -200,6 +227,8 @@ class TransitionResult:
     missing: bool = False
     #: refused: the job runs on a worker whose heartbeat stands
     alive: bool = False
+    #: the job ended with this move: its facts for the audit line
+    finished: audit.Finished | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +317,8 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         attempts=int(raw.get("attempts", "0")),
         batch_size=int(raw["batch_rows"]) if raw.get("batch_rows") else None,
         metadata=json.loads(raw.get("metadata") or "{}"),
+        lane=raw.get("queue") or None,
+        batch_id=raw.get("batch_id") or None,
         result=ChatCompletion.model_validate_json(raw["result"]) if raw.get("result") else None,
         error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
     )
@@ -324,6 +355,13 @@ def _queue_create(pipe: Any, job_id: str, fields: dict[str, str], ttl: int) -> N
         approximate=True,
     )
     pipe.expire(keys.job_events(job_id), ttl)
+    lane, now = fields["queue"], float(fields["created_at"])
+    metrics.count_queued(pipe, lane, ttl)
+    if not fields.get("batch_id"):  # batch lines are listed through their batch
+        index = keys.owner_jobs(fields["owner"]) if fields.get("owner") else keys.JOB_INDEX
+        pipe.zadd(index, {job_id: now})
+        pipe.zremrangebyscore(index, "-inf", now - ttl)
+        pipe.expire(index, ttl)
 
 
 def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dict[str, str]:
@@ -335,11 +373,31 @@ def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dic
     return fields
 
 
-def _parse(reply: list[Any]) -> TransitionResult:
-    status, prev = (x.decode() if isinstance(x, bytes) else x for x in reply)
+def _parse(reply: list[Any], move: Move | None = None, now: float = 0.0) -> TransitionResult:
+    status, prev, *facts = (x.decode() if isinstance(x, bytes) else x for x in reply)
+    finished = None
+    if facts and move is not None:
+        finished = audit.Finished.from_reply(move.job_id, move.to.value, now, facts)
     return TransitionResult(
-        ok=status == "ok", previous=prev, missing=status == "missing", alive=status == "alive"
+        ok=status == "ok",
+        previous=prev,
+        missing=status == "missing",
+        alive=status == "alive",
+        finished=finished,
     )
+
+
+def _audit(log: audit.AuditLog | None, move: Move, done: TransitionResult, request: Any = None) -> None:
+    """The audit line of a move that ended its job (content: the request's messages, given)."""
+    if log is None or not log.enabled or done.finished is None:
+        return
+    content = None
+    if log.content:
+        content = {
+            "messages": request,
+            "output": [c.message.content for c in move.result.choices] if move.result else None,
+        }
+    log.write(audit.line(done.finished, move.result, move.error.code if move.error else "", content))
 
 
 @dataclass(frozen=True)
@@ -380,9 +438,10 @@ def _move_call(m: Move, now: float, ttl: int) -> tuple[list[str], list[str]]:
 class JobStore:
     """Blocking store, used by the worker child."""
 
-    def __init__(self, client: redis.Redis, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, audit_log: audit.AuditLog | None = None) -> None:
         self.r = client
         self.ttl = ttl
+        self.audit_log = audit_log
         self._transition = client.register_script(_TRANSITION_LUA)
         self._pop = client.register_script(_POP_LUA)
         self._tidy = client.register_script(_TIDY_LUA)
@@ -487,15 +546,24 @@ class JobStore:
         for m in moves:
             job_keys, args = _move_call(m, now, self.ttl)
             self._transition(keys=job_keys, args=args, client=pipe)
-        return [_parse(reply) for reply in pipe.execute()]
+        done = [_parse(reply, m, now) for reply, m in zip(pipe.execute(), moves, strict=True)]
+        for m, d in zip(moves, done, strict=True):
+            if d.finished is not None and self.audit_log is not None:
+                _audit(self.audit_log, m, d, self._messages(m.job_id) if self.audit_log.content else None)
+        return done
+
+    def _messages(self, job_id: str) -> Any:
+        raw = cast(str | None, self.r.hget(keys.job(job_id), "request"))
+        return json.loads(raw).get("messages") if raw else None
 
 
 class AsyncJobStore:
     """Non-blocking twin for the API; shares the encoding and the script above."""
 
-    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+    def __init__(self, client: aredis.Redis, ttl: int, audit_log: audit.AuditLog | None = None) -> None:
         self.r = client
         self.ttl = ttl
+        self.audit_log = audit_log
         self._transition = client.register_script(_TRANSITION_LUA)
 
     async def create(
@@ -556,11 +624,16 @@ class AsyncJobStore:
         error: JobError | None = None,
         batch_line: BatchLine | None = None,
     ) -> TransitionResult:
-        job_keys, args = _move_call(
-            Move(job_id, to, error=error, batch_line=batch_line), time.time(), self.ttl
-        )
-        reply = await self._transition(keys=job_keys, args=args)
-        return _parse(reply)
+        move, now = Move(job_id, to, error=error, batch_line=batch_line), time.time()
+        job_keys, args = _move_call(move, now, self.ttl)
+        done = _parse(await self._transition(keys=job_keys, args=args), move, now)
+        if done.finished is not None and self.audit_log is not None:
+            messages = None
+            if self.audit_log.content:
+                raw = await self.r.hget(keys.job(job_id), "request")
+                messages = json.loads(raw).get("messages") if raw else None
+            _audit(self.audit_log, move, done, messages)
+        return done
 
     async def create_batch_jobs(
         self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]], queue: str

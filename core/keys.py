@@ -137,3 +137,30 @@ def rate(owner: str, minute: int) -> str:
 def active(owner: str) -> str:
     """Counter: a key's jobs (and batch lines) not finished yet. TTL: result_ttl_s, refreshed."""
     return f"{ACTIVE_PREFIX}{owner}"
+
+
+#: Hash of the system's counters and histograms, written by the transition script and the
+#: workers, read by GET /metrics (core.metrics names its fields). TTL: result_ttl_s,
+#: refreshed on every write (an idle week resets the counters, which Prometheus tolerates).
+METRICS = f"{PREFIX}metrics"
+
+#: Sorted set of job ids by creation time (GET /v1/jobs, with keys off); entries older than
+#: result_ttl_s are trimmed on every add. TTL: result_ttl_s, refreshed on every add.
+JOB_INDEX = f"{PREFIX}jobs:index"
+
+
+def owner_jobs(owner: str) -> str:
+    """Sorted set: one key's job ids by creation time (GET /v1/jobs with keys on). Trimmed
+    and TTL as JOB_INDEX."""
+    return f"{JOB_INDEX}:{owner}"
+
+
+#: Sorted set of worker ids by the time of their last heartbeat, so readers find the live
+#: workers without a SCAN of the keyspace (those older than liveness_s are dropped on read).
+#: TTL: refreshed on every beat.
+WORKERS = f"{PREFIX}workers"
+
+#: List of the latest failures (JSON: job_id, at, lane, error), newest first, written by the
+#: transition script. MAXLEN: FAILURES_MAXLEN (LTRIM); TTL: result_ttl_s, refreshed.
+FAILURES = f"{PREFIX}failures"
+FAILURES_MAXLEN = 50

@@ -67,5 +67,19 @@ class Job(BaseModel):
     #: Our extension: how many requests shared the engine call that ran this job.
     batch_size: int | None = None
     metadata: dict[str, str] = {}
+    #: Our extension: the lane (queue) it waits in, and the batch it is a line of
+    lane: str | None = None
+    batch_id: str | None = None
     result: ChatCompletion | None = None
     error: JobError | None = None
+
+
+class JobList(BaseModel):
+    """GET /v1/jobs: OpenAI's list shape. `last_id` is where the next page starts (the last
+    job looked at, which a filter may have skipped)."""
+
+    object: Literal["list"] = "list"
+    data: list[Job]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

@@ -6,8 +6,11 @@ import contextlib
 from typing import cast
 
 import redis
+from celery import Task
+from celery.exceptions import Ignore
 
 from core.config import get_settings
+from tasks import events
 from tasks.app import app
 from workers import lifecycle, runner
 from workers.continuous_runner import ContinuousEngine, drain_continuous
@@ -17,6 +20,7 @@ RUN_JOB = "inferq.run_job"
 
 # Strategy: messages of jobs already run by a batch-mate are acknowledged in the parent (tasks.skip)
 @app.task(
+    bind=True,
     name=RUN_JOB,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -24,7 +28,7 @@ RUN_JOB = "inferq.run_job"
     Strategy="tasks.skip:skip_finished",
     Request="tasks.skip:GateRequest",
 )
-def run_job(job_id: str) -> str | None:
+def run_job(self: Task, job_id: str) -> None:
     st = lifecycle.state()
     s = get_settings()
     opts = runner.RunOptions(
@@ -39,7 +43,7 @@ def run_job(job_id: str) -> str | None:
         timeout_s=s.job_timeout_s,
         worker_id=st.worker_id,
     )
-    with st.task_lock:
+    with st.task_lock, st.busy():
         try:
             if s.engine_mode == "continuous" and s.engine == "swift":
                 engine = cast(ContinuousEngine, st.engine)
@@ -51,12 +55,19 @@ def run_job(job_id: str) -> str | None:
             with contextlib.suppress(redis.RedisError):  # else the heartbeat does it, later
                 st.settle()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)
-    first = outcomes[0].status
-    return first.value if first else None
+    st.tokens_generated += sum(o.completion_tokens for o in outcomes)
+    # Flower: this job's own run time and end (a drain's length, a cancel as a success, would
+    # mislead), sent here; Ignore then acknowledges the message without Celery's own event
+    with contextlib.suppress(redis.RedisError):
+        kind, fields = events.final_event(job_id, events.job_facts(st.redis, job_id))
+        self.send_event(kind, **{k: v for k, v in fields.items() if k != "uuid"})
+    raise Ignore()
 
 
 def _resend(job_id: str, queue: str) -> None:
-    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue)
+    facts = events.job_facts(lifecycle.state().redis, job_id)
+    kwargs = events.kwargs_repr(facts.get("model", ""), queue)
+    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue, kwargsrepr=kwargs)
 
 
 lifecycle.set_resender(_resend)

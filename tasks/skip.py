@@ -60,6 +60,7 @@ from celery.worker.strategy import default
 from core.config import get_settings
 from core.jobs import JobStore
 from schemas.jobs import JobStatus
+from tasks import events
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +214,10 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
     def finished(job_id: str, status: JobStatus, ack: Any) -> None:
         ack(logger, consumer.connection_errors)
         if send is not None:
-            send("task-received", uuid=job_id, name=task.name, args=repr([job_id]), kwargs="{}")
-            send("task-succeeded", uuid=job_id, result=repr(status.value), runtime=0.0)
+            facts = events.job_facts(client, job_id) or {"status": status.value}
+            send("task-received", **events.received_fields(task.name, job_id, facts))
+            kind, fields = events.final_event(job_id, facts)
+            send(kind, **fields)
         logger.debug("job %s is already %s; its message was acknowledged in the parent", job_id, status)
 
     def requeue(reject: Any) -> None:

@@ -119,6 +119,10 @@ def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_s
             break
         time.sleep(0.3)
     assert all(tasks[j]["state"] == "SUCCESS" for j in jobs)
+    # each shows its own run time (from its record), not the 0 ms of a message acked unrun,
+    # and its model and lane
+    assert all(tasks[j]["runtime"] and tasks[j]["runtime"] > 0 for j in jobs), {j: tasks[j] for j in jobs}
+    assert all("'lane': 'inferq.jobs'" in tasks[j]["kwargs"] for j in jobs), tasks[jobs[0]]
     acked_in_parent = [j for j in jobs if tasks[j]["started"] is None]
     assert len(acked_in_parent) >= 3, {j: tasks[j] for j in jobs}
     assert client.llen("inferq.jobs") == 0

@@ -115,6 +115,16 @@ def test_objects_belong_to_their_key(secure: Stack) -> None:
         ).json()
         assert c.get(f"/v1/batches/{b['id']}", headers=_h(K2)).status_code == 404
         assert b["id"] not in [x["id"] for x in c.get("/v1/batches", headers=_h(K2)).json()["data"]]
+        # listing: each key sees its own jobs only, and another key's batch is not found
+        mine = [x["id"] for x in c.get("/v1/jobs", params={"limit": 100}, headers=_h(K1)).json()["data"]]
+        theirs = [x["id"] for x in c.get("/v1/jobs", params={"limit": 100}, headers=_h(K2)).json()["data"]]
+        assert job["id"] in mine and job["id"] not in theirs
+        assert c.get("/v1/jobs", params={"batch_id": b["id"]}, headers=_h(K2)).status_code == 404
+        deadline = time.monotonic() + 60
+        while not (lines := c.get("/v1/jobs", params={"batch_id": b["id"]}, headers=_h(K1)).json()["data"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [x["batch_id"] for x in lines] == [b["id"]]  # its one line
         assert c.delete(f"/v1/files/{f['id']}", headers=_h(K2)).status_code == 404
 
 

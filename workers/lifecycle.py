@@ -13,15 +13,17 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import redis
 from kombu.exceptions import OperationalError
 
 from core import keys
+from core.audit import AuditLog
 from core.config import Settings, get_settings
 from core.jobs import JobStore
 from schemas.jobs import JobError
@@ -40,7 +42,9 @@ class WorkerState:
         self.redis = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
         )
-        self.store = JobStore(self.redis, settings.result_ttl_s)
+        self.store = JobStore(
+            self.redis, settings.result_ttl_s, AuditLog(settings.audit_log, settings.audit_content)
+        )
         #: the heartbeat's own connection, with a timeout well inside `liveness_s`: a beat
         #: stuck behind a slow call would let the key lapse and make this worker look dead
         self._beat_redis = redis.Redis.from_url(
@@ -51,6 +55,11 @@ class WorkerState:
         self.worker_id = runner.process_worker_id()
         self.started_at = time.time()
         self.jobs_done = 0
+        self.tokens_generated = 0
+        #: seconds spent in tasks (busy ratio): finished ones, and since when the current one runs
+        self._busy_s = 0.0
+        self._busy_since: float | None = None
+        self._last_beat = (time.monotonic(), 0.0)
         #: the jobs whose generation is running now (the watchdog fails them if it hangs)
         self.current: list[str] = []
         #: held by a task for as long as it runs: between tasks the heartbeat settles this
@@ -103,6 +112,33 @@ class WorkerState:
             self._beat.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(keys.worker(self.worker_id))
+            self.redis.zrem(keys.WORKERS, self.worker_id)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around a task: the heartbeat reports the share of time spent in them."""
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_s += time.monotonic() - self._busy_since
+            self._busy_since = None
+
+    def busy_ratio(self) -> float:
+        """Busy share since the previous beat."""
+        now = time.monotonic()
+        since = self._busy_since
+        busy = self._busy_s + (now - since if since is not None else 0.0)
+        then, busy_then = self._last_beat
+        self._last_beat = (now, busy)
+        return min(1.0, max(0.0, (busy - busy_then) / (now - then))) if now > then else 0.0
+
+    def gpu_memory_bytes(self) -> int | None:
+        """Memory torch holds on this worker's GPU (None on a CPU)."""
+        torch = sys.modules.get("torch")
+        if torch is None or not self.engine.facts.accelerator or not torch.cuda.is_initialized():
+            return None
+        return int(torch.cuda.memory_reserved())
 
     def heartbeat(self) -> None:
         facts = self.engine.facts
@@ -114,10 +150,17 @@ class WorkerState:
             "demo": facts.demo,
             "started_at": self.started_at,
             "jobs_done": self.jobs_done,
+            "tokens_generated": self.tokens_generated,
+            "busy_ratio": round(self.busy_ratio(), 4),
+            "gpu_memory_bytes": self.gpu_memory_bytes(),
             "at": time.time(),
         }
         ttl_ms = int(max(self.settings.liveness_s, self.settings.heartbeat_interval_s * 2) * 1000)
-        self._beat_redis.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
+        pipe = self._beat_redis.pipeline(transaction=False)
+        pipe.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
+        pipe.zadd(keys.WORKERS, {self.worker_id: info["at"]})
+        pipe.expire(keys.WORKERS, int(ttl_ms / 1000) + 60)
+        pipe.execute()
 
     def _heartbeat_loop(self) -> None:
         """Beats only: nothing else may delay a beat."""

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import cast
 
-from core import batch_lines, keys
+from core import batch_lines, keys, metrics
 from core.jobs import BatchLine, JobRecord, JobStore, Move
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 class RunOutcome:
     status: JobStatus | None
     skipped: bool = False
+    completion_tokens: int = 0
 
 
 def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenParams:
@@ -270,6 +271,7 @@ def count_batch(store: JobStore, rows: int, batches: int = 1) -> None:
     pipe.hincrby(keys.stats(), "batches", batches)
     pipe.hincrby(keys.stats(), "batch_rows", rows)
     pipe.expire(keys.stats(), store.ttl)
+    metrics.observe_rows(pipe, rows, batches, store.ttl)
     pipe.execute()
 
 
@@ -279,9 +281,8 @@ def finish_all(
     """Every job of the call ends on its own terms, in one round trip for the whole batch."""
     ids = [rec.job.id for rec, _ in runs]
     flagged = cast(list[str | None], store.r.mget([keys.cancel(j) for j in ids]))
-    extra = {"batch_rows": str(rows)}
     moves = [
-        _final_move(store, rec, outs, sink, bool(flag), extra)
+        _with_facts(_final_move(store, rec, outs, sink, bool(flag), {"batch_rows": str(rows)}), sink)
         for (rec, outs), flag in zip(runs, flagged, strict=True)
     ]
     outcomes = []
@@ -290,8 +291,21 @@ def finish_all(
             logger.info("job %s became %s while running; result discarded", move.job_id, done.previous)
             outcomes.append(RunOutcome(JobStatus(done.previous), skipped=True))
         else:
-            outcomes.append(RunOutcome(move.to))
+            tokens = move.result.usage.completion_tokens if move.result is not None else 0
+            outcomes.append(RunOutcome(move.to, completion_tokens=tokens))
     return outcomes
+
+
+def _with_facts(move: Move, sink: StreamSink) -> Move:
+    """The metrics only the worker knows, for the transition script (`_` fields are not
+    stored): when the first token came, and the tokens a result counts."""
+    facts = move.extra if move.extra is not None else {}
+    if (first := sink.first_token_at.get(move.job_id)) is not None:
+        facts["_first_token_at"] = repr(first)
+    if move.result is not None:
+        facts["_prompt_tokens"] = str(move.result.usage.prompt_tokens)
+        facts["_completion_tokens"] = str(move.result.usage.completion_tokens)
+    return replace(move, extra=facts)
 
 
 def _final_move(

@@ -112,6 +112,8 @@ class StreamSink:
     deadlines: dict[str, float] = field(default_factory=dict)
     #: False: write in the calling thread (no background writer)
     background: bool = True
+    #: job id -> time.time() of its first generated text (time to first token)
+    first_token_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._streams = [keys.job_events(t.job_id) for t in self.targets]
@@ -136,7 +138,11 @@ class StreamSink:
         self.deadlines.pop(job_id, None)
 
     def on_delta(self, i: int, text: str) -> None:
-        if not text or not self.targets[i].publish:
+        if not text:
+            return
+        if (job_id := self.targets[i].job_id) not in self.first_token_at:
+            self.first_token_at[job_id] = time.time()
+        if not self.targets[i].publish:
             return
         self._pending.setdefault(i, []).append(text)
         self._pending_chars += len(text)

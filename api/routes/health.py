@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis.exceptions
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse
 from api.auth import OwnerDep
 from api.deps import StateDep
 from api.errors import APIError, error_responses
-from core import keys
+from api.observe import live_workers
 from schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["health"])
@@ -22,15 +21,6 @@ router = APIRouter(tags=["health"])
 async def health() -> dict[str, str]:
     """Liveness: the process answers. Says nothing about Redis or workers (see /ready)."""
     return {"status": "ok"}
-
-
-async def live_workers(st: Any) -> list[dict[str, Any]]:
-    found = []
-    async for key in st.redis.scan_iter(match=keys.WORKER_PATTERN, count=100):
-        raw = await st.redis.get(key)
-        if raw:
-            found.append(json.loads(raw))
-    return found
 
 
 @router.get(
@@ -48,7 +38,7 @@ async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     try:
         await st.redis.ping()
         body["redis"] = True
-        body["workers"] = await live_workers(st)
+        body["workers"] = await live_workers(st.redis)
     except (redis.exceptions.RedisError, OSError) as exc:
         body["error"] = f"redis unreachable: {exc}"
     ok = body["redis"] and bool(body["workers"]) and body["validator"]

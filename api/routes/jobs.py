@@ -6,15 +6,15 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api import chat, service
+from api import chat, listing, service
 from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.errors import APIError, error_responses
 from api.streams import read_events
-from schemas.jobs import Job
+from schemas.jobs import Job, JobList, JobStatus
 from schemas.openai import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -36,6 +36,57 @@ async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep)
             code="invalid_value",
         )
     return await chat.submit(st, body, owner, st.settings.queue_jobs)
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List jobs",
+    responses=error_responses(400, 404),
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "metadata[KEY]",
+                "in": "query",
+                "required": False,
+                "description": "Only jobs whose metadata has KEY equal to this value (repeatable).",
+                "schema": {"type": "string"},
+            }
+        ]
+    },
+)
+async def list_jobs(
+    request: Request,
+    st: StateDep,
+    scope: ScopeDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+    status: JobStatus | None = None,
+    lane: str | None = None,
+    batch_id: str | None = None,
+) -> JobList:
+    """Newest first, like OpenAI's lists: pass the page's `last_id` as `after` for the next.
+    Filters: `status`, `lane` (a queue name), `metadata[key]=value`, `batch_id` (that batch's
+    lines). With API keys on, only the caller's own jobs."""
+    if lane is not None and lane not in st.settings.queues:
+        raise APIError(
+            400, f"Unknown lane '{lane}'; lanes are {', '.join(st.settings.queues)}.", param="lane"
+        )
+    if batch_id:
+        await st.batches.get(batch_id, scope or "")  # 404 unless the caller's
+    meta = {
+        k[len("metadata[") : -1]: v
+        for k, v in request.query_params.multi_items()
+        if k.startswith("metadata[") and k.endswith("]") and len(k) > len("metadata[]")
+    }
+    flt = listing.JobFilter(status=status, lane=lane, metadata=meta)
+    page = await listing.list_jobs(st.redis, scope, limit, after, batch_id, flt)
+    return JobList(
+        data=page.data,
+        has_more=page.has_more,
+        first_id=page.data[0].id if page.data else None,
+        last_id=page.cursor or (page.data[-1].id if page.data else None),
+    )
 
 
 @router.get("/{job_id}", response_model=Job, summary="Get a job", responses=error_responses(404))

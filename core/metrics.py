@@ -1,0 +1,153 @@
+"""The system's metrics as the job store keeps them: one Redis hash (`keys.METRICS`).
+
+Why in Redis and not in each process's prometheus-client registry: a worker has no HTTP
+port to scrape and may run on another host, and most of what matters (a job's queue wait,
+its run time, how it ended) is known exactly once, in the transition script that moves it.
+That script updates the hash in the same atomic step, so a counter can never disagree
+with the job records; the API turns the hash into Prometheus families (api.metrics).
+
+Field names: `depth|<lane>`, `finished|<lane>|<status>`, `prompt_tokens|<lane>`,
+`generated_tokens|<lane>`, `h|<histogram>|<lane>|<bucket index>` and `s|<histogram>|<lane>`
+(sum); the batch-rows histogram has the lane "".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from core import keys
+
+#: upper bounds, seconds; one more bucket is +Inf
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    "queue_wait": SECONDS_BUCKETS,
+    "run": SECONDS_BUCKETS,
+    "ttft": SECONDS_BUCKETS,
+    "batch_rows": ROWS_BUCKETS,
+}
+
+
+def _lua_buckets() -> str:
+    rows = [
+        f"{name} = {{{', '.join(repr(float(b)) for b in bounds)}}}" for name, bounds in HISTOGRAMS.items()
+    ]
+    return "local BUCKETS = {" + ", ".join(rows) + "}"
+
+
+#: Prepended to the transition script: `observe(name, lane, value)` adds one sample.
+LUA_OBSERVE = (
+    _lua_buckets()
+    + """
+local function observe(name, lane, v)
+  if v == nil or v < 0 then return end
+  local b = BUCKETS[name]
+  local idx = #b
+  for j = 1, #b do if v <= b[j] then idx = j - 1; break end end
+  redis.call('HINCRBY', '{metrics}', 'h|' .. name .. '|' .. lane .. '|' .. idx, 1)
+  redis.call('HINCRBYFLOAT', '{metrics}', 's|' .. name .. '|' .. lane, v)
+end
+"""
+)
+
+
+def bucket_index(name: str, value: float) -> int:
+    bounds = HISTOGRAMS[name]
+    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+
+
+def observe_rows(pipe: Any, rows: int, calls: int, ttl: int) -> None:
+    """`calls` engine calls of `rows` rows in all (continuous mode: steps), on a pipeline."""
+    if calls <= 0:
+        return
+    mean = rows / calls
+    pipe.hincrby(keys.METRICS, f"h|batch_rows||{bucket_index('batch_rows', mean)}", calls)
+    pipe.hincrbyfloat(keys.METRICS, "s|batch_rows|", rows)
+    pipe.expire(keys.METRICS, ttl)
+
+
+def count_queued(pipe: Any, lane: str, ttl: int, jobs: int = 1) -> None:
+    pipe.hincrby(keys.METRICS, f"depth|{lane}", jobs)
+    pipe.expire(keys.METRICS, ttl)
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, run = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            run += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), run))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the q-th sample (what a dashboard's
+        histogram_quantile would show, without interpolation); None without samples."""
+        n = self.count
+        if not n:
+            return None
+        seen = 0
+        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            seen += c
+            if seen >= q * n:
+                return bound
+        return float("inf")
+
+
+@dataclass
+class Snapshot:
+    """The hash decoded: what /metrics, `inferq status` and `inferq top` show."""
+
+    depth: dict[str, int] = field(default_factory=dict)
+    finished: dict[tuple[str, str], int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    generated_tokens: dict[str, int] = field(default_factory=dict)
+    histograms: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+
+
+def decode(raw: dict[str, str], lanes: list[str]) -> Snapshot:
+    """Every lane appears, with zeros where nothing happened yet (so rate() has a series)."""
+    snap = Snapshot()
+    counts: dict[tuple[str, str], list[int]] = defaultdict(list)
+    sums: dict[tuple[str, str], float] = {}
+    for lane in lanes:
+        snap.depth[lane] = 0
+        snap.prompt_tokens[lane] = snap.generated_tokens[lane] = 0
+        for name in ("queue_wait", "run", "ttft"):
+            counts[(name, lane)] = [0] * (len(HISTOGRAMS[name]) + 1)
+    counts[("batch_rows", "")] = [0] * (len(ROWS_BUCKETS) + 1)
+    for k, v in raw.items():
+        kind, _, rest = k.partition("|")
+        if kind == "depth":
+            snap.depth[rest] = max(int(v), 0)
+        elif kind == "finished":
+            lane, _, status = rest.rpartition("|")
+            snap.finished[(lane, status)] = int(v)
+        elif kind == "prompt_tokens":
+            snap.prompt_tokens[rest] = int(v)
+        elif kind == "generated_tokens":
+            snap.generated_tokens[rest] = int(v)
+        elif kind in ("h", "s"):
+            name, _, tail = rest.partition("|")
+            if name not in HISTOGRAMS:
+                continue
+            if kind == "s":
+                sums[(name, tail)] = float(v)
+                continue
+            lane, _, idx = tail.rpartition("|")
+            slot = counts.setdefault((name, lane), [0] * (len(HISTOGRAMS[name]) + 1))
+            if idx.isdigit() and int(idx) < len(slot):
+                slot[int(idx)] = int(v)
+    for (name, lane), c in counts.items():
+        snap.histograms[(name, lane)] = Histogram(HISTOGRAMS[name], c, sums.get((name, lane), 0.0))
+    return snap

@@ -1,0 +1,51 @@
+"""What Flower is told about a job's task: its own run time, and an end that says how the
+job ended.
+
+Why: a task often runs a whole engine batch, or drains several, and the messages of its
+batch-mates are acknowledged in the parent without running at all (tasks.skip). Celery's
+own events would show the drain's length for the first and 0 ms for the others, and a
+cancelled or failed job as a green success. These events come from the job record instead:
+its start and end, and its status as Celery's success, failure or revocation."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis
+
+from core import keys
+
+_FIELDS = ("model", "queue", "started_at", "finished_at", "error", "status")
+
+
+def job_facts(client: redis.Redis, job_id: str) -> dict[str, str]:
+    values = cast(list[str | None], client.hmget(keys.job(job_id), _FIELDS))
+    return {k: v for k, v in zip(_FIELDS, values, strict=True) if v}
+
+
+def kwargs_repr(model: str, lane: str) -> str:
+    """A job message's kwargs as Flower shows them (the task itself takes only the id)."""
+    return repr({"model": model, "lane": lane})
+
+
+def received_fields(name: str, job_id: str, facts: dict[str, str]) -> dict[str, Any]:
+    """task-received: the job id as the argument, its model and lane as keyword arguments."""
+    kwargs = kwargs_repr(facts.get("model", ""), facts.get("queue", ""))
+    return {"uuid": job_id, "name": name, "args": repr([job_id]), "kwargs": kwargs}
+
+
+def final_event(job_id: str, facts: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """The event that ends the task in Flower, and its fields."""
+    status = facts.get("status", "")
+    started, ended = facts.get("started_at"), facts.get("finished_at")
+    runtime = float(ended) - float(started) if started and ended else 0.0
+    if status == "succeeded":
+        return "task-succeeded", {"uuid": job_id, "result": repr(status), "runtime": runtime}
+    if status in ("cancelled", "expired"):
+        return "task-revoked", {"uuid": job_id, "terminated": False, "expired": status == "expired"}
+    return "task-failed", {
+        "uuid": job_id,
+        "exception": f"job {status or 'missing'}: {facts.get('error', '')}",
+        "traceback": "",
+        "runtime": runtime,
+    }
