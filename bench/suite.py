@@ -28,6 +28,7 @@ import redis
 from bench._stack import QUEUES, ROOT, stack
 from bench.chat import chat, cpu
 from bench.common import last_finish, post_all, prompts, wait_done
+from bench.dashboard import dashboard
 from bench.efficiency import efficiency, interference, ordering, queue_tps
 from bench.engines import engines
 from bench.mixed import mixed
@@ -251,7 +252,11 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "cpu": cpu,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
-DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {"timeline": timeline, "stepcost": stepcost}
+DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {
+    "timeline": timeline,
+    "stepcost": stepcost,
+    "dashboard": dashboard,
+}
 
 
 def machine() -> dict[str, Any]:
