@@ -26,6 +26,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api import files, service
+from api.adapters import AdapterCatalog
 from api.errors import APIError
 from api.publish import task_message
 from core import batch_lines, keys
@@ -97,6 +98,7 @@ class BatchService:
     ) -> None:
         self.r, self.store, self.storage, self.settings, self.celery = r, store, storage, settings, celery
         self.counter = counter  # CounterHolder
+        self.adapters = AdapterCatalog(r)
         self.ttl = batch_ttl(settings)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.owner = uuid.uuid4().hex
@@ -432,7 +434,7 @@ class BatchService:
         if request.stream:
             return bad("body.stream must be false in a batch", custom_id, param="body.stream")
         try:
-            prepared, prompt_tokens = await service.prepare(request, self.settings, counter)
+            prepared, prompt_tokens = await service.prepare(request, self.settings, counter, self.adapters)
         except APIError as exc:
             return bad(
                 exc.message,

@@ -48,6 +48,7 @@ async def submit(
         celery=st.celery,
         owner=owner,
         publish_tokens=publish_tokens,
+        adapters=st.adapters,
     )
 
 

@@ -9,6 +9,7 @@ import redis.asyncio as aredis
 from celery import Celery
 from fastapi import Depends, Request
 
+from api.adapters import AdapterCatalog
 from api.batches import BatchService
 from api.service import CounterHolder
 from core.config import Settings
@@ -30,6 +31,8 @@ class AppState:
     batches: BatchService
     #: SHA-256 hashes of the keys from INFERQ_API_KEYS
     key_hashes: set[str]
+    #: the LoRA adapters live workers serve (accepted as a `model`)
+    adapters: AdapterCatalog
 
 
 async def get_state(request: Request) -> AppState:

@@ -54,6 +54,7 @@ class APIError(Exception):
 _MEANINGS: dict[int, str] = {
     400: "Invalid request: `error.param` names the field",
     401: "Missing or unknown API key (when the server has keys)",
+    403: "The key may not do this (an admin key is needed)",
     404: "No such object, or it belongs to another key",
     409: "The object's state does not allow this (already finished, cancelled)",
     413: "Body over the size limit; the message gives the limit",
@@ -61,6 +62,7 @@ _MEANINGS: dict[int, str] = {
     429: "Rate limit or the key's active-job limit reached; see Retry-After",
     500: "The generation failed on the worker",
     503: "Job store unavailable, or no worker has loaded the model yet; see Retry-After",
+    504: "No worker acted on it in time; the request stays in force",
 }
 _EVERY_ROUTE = (401, 429, 503)
 

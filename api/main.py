@@ -13,13 +13,14 @@ import redis.asyncio as aredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from api import errors
 from api.batches import BatchService
 from api.deps import AppState
 from api.guard import RequestGuard
+from api.routes import adapters, chat, files, health, jobs, observe
 from api.routes import batches as batch_routes
-from api.routes import chat, files, health, jobs, observe
 from api.service import CounterHolder
 from api.timing import TimingHeader
 from core.audit import AuditLog
@@ -110,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             counter=counter,
             celery=celery_app,
             started_at=int(time.time()),
-            key_hashes=configured_hashes(settings.api_keys),
+            key_hashes=configured_hashes([*settings.api_keys, *settings.admin_keys]),
+            adapters=batches.adapters,
         )
         resumer = asyncio.get_running_loop().create_task(batches.resume_all())
         try:
@@ -134,8 +136,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(RequestGuard, settings=settings)
     # HTTP metrics in a registry of this app's own (tests build many apps in one process)
-    app.state.http_metrics = CollectorRegistry()
-    Instrumentator(should_group_status_codes=False, registry=app.state.http_metrics).instrument(app)
+    # Two metrics, not the instrumentator's five: request and response sizes and a second,
+    # finer latency histogram cost CPU on every request, and the API's is part of each job's
+    app.state.http_metrics = registry = CollectorRegistry()
+    instrumentator = Instrumentator(should_group_status_codes=False, registry=registry)
+    instrumentator.add(http_metrics.requests(registry=registry), http_metrics.latency(registry=registry))
+    instrumentator.instrument(app)
     app.add_middleware(TimingHeader)
 
     app.include_router(health.router)
@@ -144,4 +150,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batch_routes.router)
     app.include_router(observe.router)
+    app.include_router(adapters.router)
     return app

@@ -79,7 +79,14 @@ def families(view: SystemView) -> list[Metric]:
         prompt.add_metric([lane], n)
     for lane, n in snap.generated_tokens.items():
         generated.add_metric([lane], n)
-    out: list[Metric] = [depth, finished, prompt, generated]
+    model_jobs = CounterMetricFamily(
+        "inferq_model_jobs",
+        "Finished jobs per model (the base model and each LoRA adapter).",
+        labels=["model"],
+    )
+    for model, n in snap.model_jobs.items():
+        model_jobs.add_metric([model], n)
+    out: list[Metric] = [depth, finished, prompt, generated, model_jobs]
     for name, (metric, doc) in _HISTOGRAMS.items():
         family = HistogramMetricFamily(metric, doc, labels=["lane"])
         for (hname, lane), h in sorted(snap.histograms.items()):
@@ -104,11 +111,21 @@ def families(view: SystemView) -> list[Metric]:
     gpu = GaugeMetricFamily(
         "inferq_gpu_memory_bytes", "GPU memory torch holds, per worker.", labels=["worker"]
     )
+    loads = CounterMetricFamily(
+        "inferq_adapter_loads", "LoRA adapters loaded, per worker.", labels=["worker"]
+    )
+    unloads = CounterMetricFamily(
+        "inferq_adapter_unloads", "LoRA adapters unloaded, per worker.", labels=["worker"]
+    )
+    for w in view.workers:
+        if "adapter_loads" in w:
+            loads.add_metric([w["worker_id"]], w["adapter_loads"])
+            unloads.add_metric([w["worker_id"]], w["adapter_unloads"])
     for w in view.workers:
         busy.add_metric([w["worker_id"]], float(w.get("busy_ratio") or 0.0))
         if w.get("gpu_memory_bytes") is not None:
             gpu.add_metric([w["worker_id"]], float(w["gpu_memory_bytes"]))
-    return [*out, workers, busy, gpu]
+    return [*out, workers, busy, gpu, loads, unloads]
 
 
 class _Fixed(Collector):

@@ -14,6 +14,7 @@ import weakref
 import anyio
 from celery import Celery
 
+from api.adapters import AdapterCatalog
 from api.errors import APIError
 from api.prompt_bound import PromptBound
 from api.publish import task_message
@@ -74,15 +75,19 @@ class CounterHolder:
 
 
 async def prepare(
-    request: ChatCompletionRequest, settings: Settings, counter: PromptCounter
+    request: ChatCompletionRequest,
+    settings: Settings,
+    counter: PromptCounter,
+    adapters: AdapterCatalog | None = None,
 ) -> tuple[ChatCompletionRequest, int]:
-    """Refuse what the engine cannot do; fill in the effective `max_tokens`."""
+    """Refuse what the engine cannot do; fill in the effective `max_tokens`. A `model` other
+    than the base one must be a LoRA adapter a live worker serves."""
     facts = counter.facts
-    if request.model != facts.model_id:
+    if request.model != facts.model_id and (adapters is None or request.model not in await adapters.names()):
         raise APIError(
             404,
             f"The model '{request.model}' does not exist; this server serves "
-            f"'{facts.model_id}' (see GET /v1/models).",
+            f"'{facts.model_id}' and its adapters (see GET /v1/models).",
             param="model",
             code="model_not_found",
         )
@@ -206,10 +211,11 @@ async def submit(
     celery: Celery,
     owner: str = "",
     publish_tokens: bool = True,
+    adapters: AdapterCatalog | None = None,
 ) -> Job:
     """`publish_tokens` False: the caller waits for the result only (a non-stream chat
     request), so the worker writes no token events for it."""
-    prepared, prompt_tokens = await prepare(request, settings, counter)
+    prepared, prompt_tokens = await prepare(request, settings, counter, adapters)
     await reserve(store, owner, 1, settings)
     limits: dict[str, str] = job_limits(prepared, settings)
     if not publish_tokens:

@@ -31,6 +31,7 @@ from bench.common import last_finish, post_all, prompts, wait_done
 from bench.dashboard import dashboard
 from bench.efficiency import efficiency, interference, ordering, queue_tps
 from bench.engines import engines
+from bench.lora import lora
 from bench.mixed import mixed
 from bench.stepcost import stepcost
 from bench.timeline import timeline
@@ -250,6 +251,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "engines": engines,
     "chat": chat,
     "cpu": cpu,
+    "lora": lora,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {

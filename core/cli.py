@@ -46,6 +46,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-type", default="", help="ms-swift model_type, e.g. qwen2 (required for --model)")
     p.add_argument("--template", default="", help="ms-swift template, e.g. qwen2_5 (required for --model)")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter directories to merge at load")
+    p.add_argument(
+        "--adapters-dir",
+        default=None,
+        help="serve every LoRA adapter in this directory by its name, watched for changes",
+    )
     p.add_argument("--served-model-name", default="", help="the `model` id clients send")
     p.add_argument("--engine", choices=["swift", "echo"], default=None)
     p.add_argument("--max-batch-size", type=int, default=None)
@@ -94,6 +99,8 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
         env["INFERQ_ADAPTERS"] = json.dumps([str(Path(a).resolve()) for a in args.adapters])
     if args.served_model_name:
         env["INFERQ_SERVED_MODEL_NAME"] = args.served_model_name
+    if args.adapters_dir:
+        env["INFERQ_ADAPTERS_DIR"] = str(Path(args.adapters_dir).resolve())
     if args.max_batch_size:
         env["INFERQ_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     if args.engine_mode:

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     template: str = ""
     #: LoRA adapter directories merged into the served model at load time.
     adapters: list[str] = Field(default_factory=list)
+    #: Every subdirectory holding a PEFT LoRA adapter is served under its name as a `model`,
+    #: beside the base model, and the directory is watched: adapters dropped in, changed or
+    #: removed are served, reloaded or dropped without a restart. Static engine mode only.
+    adapters_dir: Path | None = None
+    #: At most this many adapters in a worker's memory at once (0: every served one); the
+    #: least recently used is unloaded to make room, and loaded again when a job needs it.
+    max_loaded_adapters: int = Field(default=0, ge=0)
     #: The `model` id clients send; defaults to the model directory's name.
     served_model_name: str = ""
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -78,6 +85,9 @@ class Settings(BaseSettings):
     #: API keys allowed (raw, or `sha256:<hex>`). With keys (here or from `inferq keys
     #: create`) every endpoint but /health needs `Authorization: Bearer <key>`.
     api_keys: list[str] = Field(default_factory=list)
+    #: Keys (raw or sha256:<hex>) that may also load and unload LoRA adapters through the
+    #: API, when keys are on; they work as ordinary keys too.
+    admin_keys: list[str] = Field(default_factory=list)
     #: Require a key even when INFERQ_API_KEYS is empty (keys made with `inferq keys create`).
     require_auth: bool = False
     key_ttl_s: int = 365 * 24 * 3600
@@ -90,7 +100,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return self.require_auth or bool(self.api_keys)
+        return self.require_auth or bool(self.api_keys) or bool(self.admin_keys)
 
     # --- files and batches ---------------------------------------------------------
     #: Local directory for uploaded, output and error files (the API writes, workers never do).

@@ -9,6 +9,7 @@ status event to the job's stream, so the stream's order always matches the recor
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -143,6 +144,7 @@ elseif ARGV[5] == '1' then
   local owner = redis.call('HGET', KEYS[1], 'owner')
   if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
   redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
+  redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (redis.call('HGET', KEYS[1], 'model') or ''), 1)
   local started = redis.call('HGET', KEYS[1], 'started_at')
   if started and cur == 'running' then observe('run', lane, now - tonumber(started)) end
   if payload['_first_token_at'] then observe('ttft', lane, tonumber(payload['_first_token_at']) - created) end
@@ -283,6 +285,9 @@ class BatchLine:
         return [keys.batch_output(self.batch_id), keys.batch_errors(self.batch_id), keys.batch(self.batch_id)]
 
 
+#: Share of job creations that also trim their listing index (its ids past the TTL).
+_TRIM_SHARE = 1 / 32
+
 #: The record field that marks a job whose tokens nobody reads (JobRecord.publish_tokens).
 NO_TOKENS = ("tokens", "0")
 
@@ -360,8 +365,9 @@ def _queue_create(pipe: Any, job_id: str, fields: dict[str, str], ttl: int) -> N
     if not fields.get("batch_id"):  # batch lines are listed through their batch
         index = keys.owner_jobs(fields["owner"]) if fields.get("owner") else keys.JOB_INDEX
         pipe.zadd(index, {job_id: now})
-        pipe.zremrangebyscore(index, "-inf", now - ttl)
         pipe.expire(index, ttl)
+        if random.random() < _TRIM_SHARE:  # every so often: ids older than their records go
+            pipe.zremrangebyscore(index, "-inf", now - ttl)
 
 
 def _finish_fields(result: ChatCompletion | None, error: JobError | None) -> dict[str, str]:

@@ -164,3 +164,13 @@ WORKERS = f"{PREFIX}workers"
 #: transition script. MAXLEN: FAILURES_MAXLEN (LTRIM); TTL: result_ttl_s, refreshed.
 FAILURES = f"{PREFIX}failures"
 FAILURES_MAXLEN = 50
+
+
+#: Hash: LoRA adapters loaded or unloaded on demand (POST /v1/load_lora_adapter, ...): name
+#: -> JSON {"path": ...} or {"unloaded": true}, applied by every worker over what its
+#: INFERQ_ADAPTERS_DIR holds. TTL: none needed beyond result_ttl_s, refreshed on every write.
+ADAPTER_OVERRIDES = f"{PREFIX}adapters:overrides"
+
+#: Hash: why a worker refused an adapter (name -> JSON reason, worker, version), for the load
+#: endpoint to answer with. TTL: result_ttl_s, refreshed on every write.
+ADAPTER_REFUSALS = f"{PREFIX}adapters:refusals"

@@ -6,7 +6,7 @@ its run time, how it ended) is known exactly once, in the transition script that
 That script updates the hash in the same atomic step, so a counter can never disagree
 with the job records; the API turns the hash into Prometheus families (api.metrics).
 
-Field names: `depth|<lane>`, `finished|<lane>|<status>`, `prompt_tokens|<lane>`,
+Field names: `depth|<lane>`, `finished|<lane>|<status>`, `model_jobs|<model>`, `prompt_tokens|<lane>`,
 `generated_tokens|<lane>`, `h|<histogram>|<lane>|<bucket index>` and `s|<histogram>|<lane>`
 (sum); the batch-rows histogram has the lane "".
 """
@@ -112,6 +112,8 @@ class Snapshot:
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     generated_tokens: dict[str, int] = field(default_factory=dict)
+    #: finished jobs by `model` (the base model and each LoRA adapter)
+    model_jobs: dict[str, int] = field(default_factory=dict)
     histograms: dict[tuple[str, str], Histogram] = field(default_factory=dict)
 
 
@@ -137,6 +139,8 @@ def decode(raw: dict[str, str], lanes: list[str]) -> Snapshot:
             snap.prompt_tokens[rest] = int(v)
         elif kind == "generated_tokens":
             snap.generated_tokens[rest] = int(v)
+        elif kind == "model_jobs":
+            snap.model_jobs[rest] = int(v)
         elif kind in ("h", "s"):
             name, _, tail = rest.partition("|")
             if name not in HISTOGRAMS:

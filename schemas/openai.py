@@ -199,6 +199,8 @@ class ModelCard(BaseModel):
     #: Our extension: true for the random-weight demo model, whose output is gibberish.
     demo: bool = False
     context_length: int | None = None
+    #: Our extension (as vLLM's): a LoRA adapter's base model
+    parent: str | None = omitted_if_none()
 
 
 class ModelList(BaseModel):

@@ -42,6 +42,7 @@ def run_job(self: Task, job_id: str) -> None:
         max_attempts=s.max_attempts,
         timeout_s=s.job_timeout_s,
         worker_id=st.worker_id,
+        base_model=s.model_id,
     )
     with st.task_lock, st.busy():
         try:

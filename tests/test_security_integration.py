@@ -71,6 +71,10 @@ def test_keys_are_required_everywhere_but_health(secure: Stack) -> None:
             resp = c.request(method, path, json=_job_body() if method == "POST" else None)
             assert resp.status_code == 401, (path, resp.text)
             assert resp.json()["error"]["code"] == "missing_api_key"
+        # loading adapters needs an admin key, which an ordinary key is not
+        load = {"lora_name": "x", "lora_path": "/tmp/x"}
+        refused = c.post("/v1/load_lora_adapter", json=load, headers=_h(K1))
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
         bad = c.post("/v1/jobs", json=_job_body(), headers=_h("nope"))
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
         assert c.get("/v1/models", headers=_h(K2)).status_code == 200  # configured by hash only

@@ -40,6 +40,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from core.config import Settings
 from workers.continuous_runner import interactive_reserve
 from workers.engine import (
+    AdapterMissing,
     FinishReason,
     GenParams,
     GenRequest,
@@ -276,6 +277,11 @@ class ContinuousEngine(SwiftEngine):
             self._refused.append((row, exc))
 
     def _add(self, row: int, request: GenRequest) -> None:
+        if request.adapter:
+            raise AdapterMissing(
+                f"The adapter '{request.adapter}' cannot run here: LoRA adapters are served by "
+                "workers in static mode (INFERQ_ENGINE_MODE=static)."
+            )
         enc = self.engine.template.encode(
             InferRequest(messages=request.messages), return_template_inputs=True
         )

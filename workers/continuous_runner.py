@@ -76,7 +76,7 @@ class _Drain:
     def admit(self, records: list[JobRecord]) -> None:
         now = time.time()
         for rec in records:
-            reqs = gen_requests(rec.job.id, rec.request, self.opts.default_max_tokens)
+            reqs = gen_requests(rec.job.id, rec.request, self.opts.default_max_tokens, self.opts.base_model)
             publish = self.opts.publish_tokens and rec.publish_tokens
             attempt = rec.job.attempts + 1
             targets = [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]

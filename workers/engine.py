@@ -44,6 +44,12 @@ class GenRequest:
     params: GenParams
     #: Who asked (job id, choice index): for logs and, later, cancel checks.
     tag: str = ""
+    #: the LoRA adapter (served name) this row runs through; "": the base model
+    adapter: str = ""
+
+
+class AdapterMissing(LookupError):
+    """The row names an adapter this worker does not serve (removed, or refused)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import redis
 from kombu.exceptions import OperationalError
@@ -27,10 +27,14 @@ from core.audit import AuditLog
 from core.config import Settings, get_settings
 from core.jobs import JobStore
 from schemas.jobs import JobError
-from workers import runner
+from workers import adapters, runner
 from workers.engine import Engine, GenParams, GenRequest, load_engine
 
 logger = logging.getLogger(__name__)
+
+#: How often a worker looks for adapters loaded or unloaded through the API (and rescans
+#: INFERQ_ADAPTERS_DIR where the file system sends no change events).
+ADAPTER_POLL_S = 2.0
 
 
 class WorkerState:
@@ -69,11 +73,54 @@ class WorkerState:
         self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
         self._reaper = threading.Thread(target=self._reap_loop, name="inferq-reaper", daemon=True)
         self._watchdog = threading.Thread(target=self._watchdog_loop, name="inferq-watchdog", daemon=True)
+        self._adapters = threading.Thread(target=self._adapters_loop, name="inferq-adapters", daemon=True)
 
     def start(self) -> None:
         self._beat.start()
         self._reaper.start()
         self._watchdog.start()
+        if hasattr(self.engine, "sync_adapters"):
+            self._adapters.start()
+
+    def sync_adapters(self) -> None:
+        """Serve what INFERQ_ADAPTERS_DIR holds now, with the loads and unloads asked for
+        through the API (workers.adapters); the next heartbeat tells the API. Refusals go
+        to Redis for the load endpoint to answer with."""
+        sync = getattr(self.engine, "sync_adapters", None)
+        if sync is None:
+            return
+        overrides = cast(dict[str, str], self.redis.hgetall(keys.ADAPTER_OVERRIDES))
+        specs, problems = adapters.wanted(self.settings.adapters_dir, overrides)
+        sync(specs)
+        refused = {**problems, **self.engine.adapter_facts()["refused"]}  # type: ignore[attr-defined]
+        if refused:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, why in refused.items():
+                entry = {"reason": why, "worker": self.worker_id, "at": time.time()}
+                pipe.hset(keys.ADAPTER_REFUSALS, name, json.dumps(entry))
+            pipe.expire(keys.ADAPTER_REFUSALS, self.settings.result_ttl_s)
+            pipe.execute()
+
+    def _adapters_loop(self) -> None:
+        """A rescan on every change in INFERQ_ADAPTERS_DIR, and every ADAPTER_POLL_S (on-demand
+        loads through the API; file systems that send no change events). A reload waits for
+        the running `generate` (the engine's lock)."""
+        root = self.settings.adapters_dir
+        if root is None:
+            ticks: Iterator[object] = iter(lambda: self._stop.wait(ADAPTER_POLL_S), True)
+        else:
+            import watchfiles
+
+            root.mkdir(parents=True, exist_ok=True)
+            ms = int(ADAPTER_POLL_S * 1000)
+            ticks = watchfiles.watch(root, stop_event=self._stop, rust_timeout=ms, yield_on_timeout=True)
+        for _ in ticks:
+            try:
+                self.sync_adapters()
+            except redis.RedisError as exc:
+                logger.warning("adapter sync: %s", exc)
+            except Exception:  # a bad adapter must never take the worker down
+                logger.exception("rescanning the adapters failed")
 
     def stalled(self) -> bool:
         last = self.engine.progress()
@@ -133,6 +180,17 @@ class WorkerState:
         self._last_beat = (now, busy)
         return min(1.0, max(0.0, (busy - busy_then) / (now - then))) if now > then else 0.0
 
+    def _adapter_counts(self) -> dict[str, int]:
+        facts = getattr(self.engine, "adapter_facts", None)
+        if facts is None:
+            return {}
+        f = facts()
+        return {"adapter_loads": f["loads"], "adapter_unloads": f["unloads"]}
+
+    def adapter_names(self) -> list[str]:
+        names = getattr(self.engine, "adapter_names", None)
+        return list(names()) if names is not None else []
+
     def gpu_memory_bytes(self) -> int | None:
         """Memory torch holds on this worker's GPU (None on a CPU)."""
         torch = sys.modules.get("torch")
@@ -151,6 +209,9 @@ class WorkerState:
             "started_at": self.started_at,
             "jobs_done": self.jobs_done,
             "tokens_generated": self.tokens_generated,
+            "adapters": self.adapter_names(),
+            "lora": hasattr(self.engine, "sync_adapters"),
+            **self._adapter_counts(),
             "busy_ratio": round(self.busy_ratio(), 4),
             "gpu_memory_bytes": self.gpu_memory_bytes(),
             "at": time.time(),
@@ -312,6 +373,8 @@ def init_child(**_: Any) -> None:
             engine.facts.model_id,
         )
     _state = WorkerState(settings, engine)
+    with contextlib.suppress(redis.RedisError):
+        _state.sync_adapters()  # before the first beat: the API then lists them at once
     _state.heartbeat()
     _state.start()
     logger.info("worker child %s ready in %.1fs", _state.worker_id, time.monotonic() - t0)

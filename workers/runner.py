@@ -19,7 +19,7 @@ from core.jobs import BatchLine, JobRecord, JobStore, Move
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from workers.claim import claim_more
-from workers.engine import Engine, GenParams, GenRequest, GenResult
+from workers.engine import AdapterMissing, Engine, GenParams, GenRequest, GenResult
 from workers.streaming import StreamSink, Target
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,18 @@ def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenPa
     )
 
 
-def gen_requests(job_id: str, request: ChatCompletionRequest, default_max_tokens: int) -> list[GenRequest]:
+def gen_requests(
+    job_id: str, request: ChatCompletionRequest, default_max_tokens: int, base_model: str = ""
+) -> list[GenRequest]:
     """`n` choices become `n` sibling requests: ms-swift's own `n` breaks its streaming path,
     and siblings batch together anyway. With a `seed`, sibling i samples from its own seed
-    derived from it (the same choices for the same seed, but not n copies of one)."""
+    derived from it (the same choices for the same seed, but not n copies of one). A `model`
+    other than the base one (`base_model`) names a LoRA adapter."""
     messages = [m.for_engine() for m in request.messages]
     params = gen_params(request, default_max_tokens)
+    adapter = request.model if base_model and request.model != base_model else ""
     return [
-        GenRequest(messages=messages, params=_sibling(params, i), tag=f"{job_id}#{i}")
+        GenRequest(messages=messages, params=_sibling(params, i), tag=f"{job_id}#{i}", adapter=adapter)
         for i in range(request.n)
     ]
 
@@ -141,6 +145,8 @@ class RunOptions:
     timeout_s: float = 600.0
     #: this worker's id: its heartbeat and its processing list (the ids it took)
     worker_id: str = field(default_factory=process_worker_id)
+    #: the base model's id: a job for any other `model` runs through that LoRA adapter
+    base_model: str = ""
 
 
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
@@ -217,7 +223,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     targets: list[Target] = []
     spans: list[tuple[JobRecord, int, int]] = []
     for rec in records:
-        reqs = gen_requests(rec.job.id, rec.request, opts.default_max_tokens)
+        reqs = gen_requests(rec.job.id, rec.request, opts.default_max_tokens, opts.base_model)
         attempt = rec.job.attempts + 1  # the RUNNING transition just counted this attempt
         spans.append((rec, len(requests), len(requests) + len(reqs)))
         requests += reqs
@@ -331,7 +337,10 @@ def _final_move(
         )
     failures = [o for o in outs if isinstance(o, Exception)]
     if failures:
-        error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
+        if isinstance(failures[0], AdapterMissing):
+            error = JobError(code="model_not_found", message=str(failures[0]))
+        else:
+            error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
         line = _batch_line(record, store.ttl, error=error)
         return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
     completion = build_completion(job_id, model, [o for o in outs if isinstance(o, GenResult)])

@@ -28,7 +28,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from core.config import Settings
+from workers.adapters import AdapterDir, AdapterSlots, pack
 from workers.engine import (
+    AdapterMissing,
     FinishReason,
     GenParams,
     GenRequest,
@@ -258,6 +260,8 @@ class SwiftEngine:
         self._default_top_k = int(getattr(self.engine.generation_config, "top_k", None) or 0)
         self._progress: float | None = None
         self._lock = threading.Lock()
+        #: LoRA adapters served by name (INFERQ_ADAPTERS_DIR), mixed per row in one call
+        self.adapters = AdapterSlots(self.engine.model, settings.max_loaded_adapters)
         self._orig_generate: Callable[..., Any] = self.engine.template.generate
         self.engine.template.generate = self._generate
         logger.info(
@@ -284,19 +288,46 @@ class SwiftEngine:
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.engine.template.encode(InferRequest(messages=messages))["input_ids"])
 
+    def sync_adapters(self, wanted: dict[str, AdapterDir]) -> list[str]:
+        """Serve exactly these adapters; between calls (the lock), so a running one keeps
+        the weights it started with. Returns the names served now."""
+        with self._lock:
+            self.adapters.sync(wanted)
+            return self.adapters.names
+
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names
+
+    def adapter_facts(self) -> dict[str, Any]:
+        """For the heartbeat: refusals of the last sync, loads and unloads so far."""
+        a = self.adapters
+        return {"refused": a.last_refused, "loads": a.loads, "unloads": a.unloads}
+
     def progress(self) -> float | None:
         return self._progress
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None
     ) -> list[GenResult | Exception]:
-        results: list[GenResult | Exception] = []
+        results: list[GenResult | Exception] = [AdapterMissing()] * len(requests)
         with self._lock:
             self._progress = time.monotonic()
             try:
-                for start in range(0, len(requests), self.max_batch_size):
-                    chunk = list(range(start, min(start + self.max_batch_size, len(requests))))
-                    results += self._run_isolated(requests, chunk, sink)
+                runnable = []
+                for i, r in enumerate(requests):
+                    if r.adapter and r.adapter not in self.adapters.available:
+                        results[i] = AdapterMissing(f"The adapter '{r.adapter}' is not served (any more).")
+                    else:
+                        runnable.append(i)
+                names = [r.adapter for r in requests]
+                for chunk in pack(names, runnable, self.max_batch_size, self.adapters.cap):
+                    problems = self.adapters.ensure({names[i] for i in chunk} - {""})
+                    for i in [i for i in chunk if names[i] in problems]:
+                        why = problems[names[i]]
+                        results[i] = AdapterMissing(f"The adapter '{names[i]}' could not be loaded: {why}")
+                    ok = [i for i in chunk if names[i] not in problems]
+                    for i, res in zip(ok, self._run_isolated(requests, ok, sink) if ok else [], strict=True):
+                        results[i] = res
             finally:
                 self._progress = None
         return results
@@ -334,7 +365,8 @@ class SwiftEngine:
         self._streamer = streamer
         infer_requests = [InferRequest(messages=requests[i].messages) for i in idxs]
         try:
-            outs = self.engine.infer(infer_requests, config, use_tqdm=False)
+            with self.adapters.rows([requests[i].adapter for i in idxs]):
+                outs = self.engine.infer(infer_requests, config, use_tqdm=False)
         finally:
             self._procs, self._stoppers, self._streamer = [], [], None
         results = [

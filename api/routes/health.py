@@ -66,7 +66,13 @@ async def _model_card(st: Any) -> ModelCard:
     responses=error_responses(),
 )
 async def models(st: StateDep, _: OwnerDep) -> ModelList:
-    return ModelList(data=[await _model_card(st)])
+    """The base model, then each LoRA adapter a live worker serves (`parent`: the base)."""
+    base = await _model_card(st)
+    return ModelList(data=[base, *[_adapter_card(base, a) for a in sorted(await st.adapters.names())]])
+
+
+def _adapter_card(base: ModelCard, name: str) -> ModelCard:
+    return base.model_copy(update={"id": name, "parent": base.id})
 
 
 @router.get(
@@ -78,6 +84,8 @@ async def models(st: StateDep, _: OwnerDep) -> ModelList:
 )
 async def model(model_id: str, st: StateDep, _: OwnerDep) -> ModelCard:
     card = await _model_card(st)
+    if model_id != card.id and model_id in await st.adapters.names():
+        return _adapter_card(card, model_id)
     if model_id != card.id:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return card

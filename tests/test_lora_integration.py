@@ -1,0 +1,177 @@
+"""LoRA adapters through the whole stack: served by name from INFERQ_ADAPTERS_DIR, mixed with
+base jobs in one backlog, dropped in, broken and removed while the worker keeps serving, and
+named per line in a /v1/batches batch."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, fresh_db, stack_env, start_stack
+from tests.test_lora_engine import make_adapter
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def adapters_root(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Adapters built once; tests copy them into the served directory."""
+    root = tmp_path_factory.mktemp("lora-src")
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        make_adapter(demo_model, root / name, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_stack(
+    redis_url: str, demo_model: Path, adapters_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, Path]]:
+    home = tmp_path_factory.mktemp("lora-home")
+    served = home / "adapters"
+    shutil.copytree(adapters_root / "alpha", served / "alpha")
+    env = stack_env(fresh_db(redis_url, 4), demo_model, home, INFERQ_ADAPTERS_DIR=str(served))
+    st = start_stack(env, home)
+    yield st, served
+    st.sup.stop_all()
+
+
+def _models(stack: Stack) -> dict[str, dict]:
+    return {m["id"]: m for m in httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"]}
+
+
+def _wait_models(stack: Stack, check: object, timeout: float = 10) -> dict[str, dict]:
+    """Until the model list satisfies `check` (the issue's bound: within 10 s)."""
+    deadline = time.monotonic() + timeout
+    while not check(models := _models(stack)):  # type: ignore[operator]
+        assert time.monotonic() < deadline, models
+        time.sleep(0.2)
+    return models
+
+
+def _text(stack: Stack, model: str, prompt: str) -> str:
+    job = stack.submit(prompt, model=model, max_tokens=10, temperature=0)
+    done = stack.wait_job(job)
+    assert done["status"] == "succeeded", done
+    return str(done["result"]["choices"][0]["message"]["content"])
+
+
+def test_adapters_are_served_by_name_and_share_batches(
+    lora_stack: tuple[Stack, Path], adapters_root: Path
+) -> None:
+    stack, served = lora_stack
+    models = _models(stack)
+    assert models["alpha"]["parent"] == "tiny" and "parent" not in models["tiny"]
+    assert httpx.get(f"{stack.base_url}/v1/models/alpha", timeout=10).json()["parent"] == "tiny"
+
+    # dropped in while the stack runs: served within 10 s, without a restart
+    shutil.copytree(adapters_root / "beta", served / "beta")
+    _wait_models(stack, lambda m: "beta" in m)
+
+    prompts = ["tell me a story", "what is two plus two", "hello"]
+    solo = {(m, p): _text(stack, m, p) for m in ("tiny", "alpha", "beta") for p in prompts}
+    assert solo[("alpha", prompts[0])] != solo[("tiny", prompts[0])] != solo[("beta", prompts[0])]
+
+    # one backlog of all three models: every job as it runs alone, batch-mates across adapters
+    blocker = stack.submit("hold", max_tokens=300)
+    jobs = {
+        (m, p): stack.submit(p, model=m, max_tokens=10, temperature=0)
+        for p in prompts
+        for m in ("tiny", "alpha", "beta")
+    }
+    stack.wait_job(blocker)
+    done = {k: stack.wait_job(j) for k, j in jobs.items()}
+    for key, job in done.items():
+        assert job["status"] == "succeeded", job
+        assert job["result"]["choices"][0]["message"]["content"] == solo[key], key
+        assert job["result"]["model"] == key[0]
+    assert max(j["batch_size"] for j in done.values()) > 3  # adapters mixed in one engine call
+
+    # through /v1/batches, each line naming its model
+    lines = [
+        {
+            "custom_id": f"{m}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": m,
+                "messages": [{"role": "user", "content": p}],
+                "max_tokens": 10,
+                "temperature": 0,
+            },
+        }
+        for i, p in enumerate(prompts)
+        for m in ("tiny", "beta")
+    ]
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    with stack.client() as c:
+        f = c.post(
+            "/v1/files", files={"file": ("l.jsonl", io.BytesIO(data))}, data={"purpose": "batch"}
+        ).json()
+        body = {"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        batch = c.post("/v1/batches", json=body).json()
+        deadline = time.monotonic() + 120
+        while (batch := c.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+            assert time.monotonic() < deadline and batch["status"] not in ("failed", "cancelled"), batch
+            time.sleep(0.2)
+        out = [json.loads(x) for x in c.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+    assert len(out) == len(lines)
+    for row in out:
+        model, i = row["custom_id"].rsplit("-", 1)
+        assert row["response"]["body"]["choices"][0]["message"]["content"] == solo[(model, prompts[int(i)])]
+
+
+def test_broken_and_removed_adapters(lora_stack: tuple[Stack, Path]) -> None:
+    stack, served = lora_stack
+    broken = served / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    deadline = time.monotonic() + 15
+    while "adapter 'broken'" not in stack.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the refusal is logged, naming the adapter"
+        time.sleep(0.2)
+    assert "broken" not in _models(stack)
+    assert _text(stack, "alpha", "still there?")  # the worker keeps serving
+
+    shutil.rmtree(served / "alpha")
+    _wait_models(stack, lambda m: "alpha" not in m)
+    resp = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    assert resp.json()["error"]["param"] == "model"
+
+
+def test_load_and_unload_on_demand(lora_stack: tuple[Stack, Path], adapters_root: Path) -> None:
+    """vLLM's endpoints: an adapter from any path the workers can read, served at once."""
+    stack, _ = lora_stack
+    with stack.client() as c:
+        body = {"lora_name": "gamma", "lora_path": str(adapters_root / "beta")}
+        loaded = c.post("/v1/load_lora_adapter", json=body)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["status"] == "loaded"
+        assert _models(stack)["gamma"]["parent"] == "tiny"
+        assert _text(stack, "gamma", "hello") == _text(stack, "beta", "hello")  # the same weights
+
+        missing = c.post("/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": "/nonexistent"})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "lora_path", missing.text
+        assert "delta" not in _models(stack)
+        bad_name = c.post("/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": "/x"})
+        assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "lora_name"
+
+        gone = c.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+        assert gone.status_code == 200 and gone.json()["status"] == "unloaded", gone.text
+        job = {"model": "gamma", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/jobs", json=job).status_code == 404
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "nope"}).status_code == 404
+    text = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+    assert "inferq_adapter_loads_total{" in text and 'inferq_model_jobs_total{model="gamma"}' in text
