@@ -61,3 +61,21 @@ def test_histograms_decode_to_cumulative_buckets_and_quantiles() -> None:
     cumulative = dict(h.cumulative())
     assert cumulative["0.01"] == 1 and cumulative["0.5"] == 4 and cumulative["+Inf"] == 4
     assert h.quantile(0.25) == 0.01 and h.quantile(0.5) == 0.5
+
+
+def test_inferq_top_renders_the_status_it_reads() -> None:
+    import io
+
+    from rich.console import Console
+
+    from core.top_cli import _rates, render
+
+    state = status(_view())
+    state["workers"][0]["tokens_generated"] = 500
+    earlier = {**state, "workers": [{**state["workers"][0], "tokens_generated": 100}]}
+    rates = _rates(earlier, state, 2.0)
+    assert rates == {"h:1": 200.0}
+    out = io.StringIO()
+    Console(file=out, width=140).print(render(state, rates))
+    text = out.getvalue()
+    assert all(lane in text for lane in LANES) and "h:1" in text and "200" in text and "50 %" in text

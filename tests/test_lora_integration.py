@@ -175,3 +175,33 @@ def test_load_and_unload_on_demand(lora_stack: tuple[Stack, Path], adapters_root
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "nope"}).status_code == 404
     text = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
     assert "inferq_adapter_loads_total{" in text and 'inferq_model_jobs_total{model="gamma"}' in text
+
+
+def test_a_changed_adapter_serves_new_weights_to_later_jobs(
+    lora_stack: tuple[Stack, Path], adapters_root: Path
+) -> None:
+    """A new checkpoint copied over a served adapter while one of its jobs runs: that job
+    ends normally, later jobs get the new weights (here: alpha's, whose output is known). A
+    scan that sees the files half-written refuses that version and keeps the old weights."""
+    stack, served = lora_stack
+    target = served / "swap"
+    shutil.copytree(adapters_root / "beta", target)
+    _wait_models(stack, lambda m: "swap" in m)
+    old = _text(stack, "swap", "tell me a story")
+    new = _text(stack, "alpha", "tell me a story") if "alpha" in _models(stack) else None
+    if new is None:  # alpha was removed by an earlier test: serve it under another name
+        shutil.copytree(adapters_root / "alpha", served / "alpha2")
+        _wait_models(stack, lambda m: "alpha2" in m)
+        new = _text(stack, "alpha2", "tell me a story")
+    assert old != new
+    running = stack.submit("a long one", model="swap", max_tokens=400)
+    with stack.client() as c:
+        while c.get(f"/v1/jobs/{running}").json()["status"] != "running":
+            time.sleep(0.02)
+    for f in (adapters_root / "alpha").iterdir():
+        shutil.copyfile(f, target / f.name)
+    assert stack.wait_job(running)["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while _text(stack, "swap", "tell me a story") != new:
+        assert time.monotonic() < deadline, "the new weights are served within 10 s"
+        time.sleep(0.2)

@@ -219,13 +219,28 @@ class AdapterSlots:
 
     @contextmanager
     def rows(self, adapters: Sequence[str]) -> Iterator[None]:
-        """Around one `generate`: each row through its own adapter."""
+        """Around one `generate`: each row through its own adapter. PEFT's per-row path
+        gathers each adapter's rows in every LoRA layer at every step; a call whose rows all
+        use one adapter, or none, takes the plain path instead (the adapter set active, or
+        the LoRA layers off), so base-model traffic pays nothing for the adapters loaded."""
         names = self.internal_names(adapters)
-        if names is None:
+        if names is None or not self.peft.peft_config:  # no adapter in the layers: the base
             yield
             return
-        with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+        distinct = set(names)
+        if distinct == {BASE}:
+            tuner = self.peft.base_model
+            tuner.disable_adapter_layers()
+            try:
+                yield
+            finally:
+                tuner.enable_adapter_layers()
+        elif len(distinct) == 1:
+            self.peft.set_adapter(names[0])
             yield
+        else:
+            with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+                yield
 
 
 def pack(requests: Sequence[str], idxs: list[int], rows: int, cap: int) -> list[list[int]]:

@@ -90,8 +90,14 @@ class WorkerState:
         if sync is None:
             return
         overrides = cast(dict[str, str], self.redis.hgetall(keys.ADAPTER_OVERRIDES))
-        specs, problems = adapters.wanted(self.settings.adapters_dir, overrides)
-        sync(specs)
+        problems: dict[str, str] = {}
+
+        def read() -> dict[str, adapters.AdapterDir]:
+            specs, found = adapters.wanted(self.settings.adapters_dir, overrides)
+            problems.update(found)
+            return specs
+
+        sync(read)
         refused = {**problems, **self.engine.adapter_facts()["refused"]}  # type: ignore[attr-defined]
         if refused:
             pipe = self.redis.pipeline(transaction=False)

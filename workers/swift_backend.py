@@ -288,11 +288,12 @@ class SwiftEngine:
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.engine.template.encode(InferRequest(messages=messages))["input_ids"])
 
-    def sync_adapters(self, wanted: dict[str, AdapterDir]) -> list[str]:
-        """Serve exactly these adapters; between calls (the lock), so a running one keeps
-        the weights it started with. Returns the names served now."""
+    def sync_adapters(self, wanted: dict[str, AdapterDir] | Callable[[], dict[str, AdapterDir]]) -> list[str]:
+        """Serve exactly these adapters (or what the callable reads, read once the lock is
+        held, so a scan is never older than the call that applies it); between calls, so a
+        running one keeps the weights it started with. Returns the names served now."""
         with self._lock:
-            self.adapters.sync(wanted)
+            self.adapters.sync(wanted() if callable(wanted) else wanted)
             return self.adapters.names
 
     def adapter_names(self) -> list[str]:
