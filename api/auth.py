@@ -16,12 +16,18 @@ from core import keys
 from core.auth import hash_key, owner_of, scope_of
 
 
+def bearer_token(request: Request) -> str:
+    """The token of an `Authorization: Bearer <token>` header ("" without one)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 async def current_owner(request: Request, st: StateDep) -> str:
     settings = st.settings
     if not settings.auth_enabled:
         return ""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if not token:
         raise APIError(
             401,
             "Missing API key: send 'Authorization: Bearer <key>'.",
@@ -29,7 +35,7 @@ async def current_owner(request: Request, st: StateDep) -> str:
             type_="authentication_error",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    digest = hash_key(token.strip())
+    digest = hash_key(token)
     if digest not in st.key_hashes and not await st.redis.exists(keys.api_key(digest)):
         raise APIError(
             401,

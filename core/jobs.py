@@ -125,6 +125,7 @@ if worker and worker ~= payload['_worker'] then
   -- it ended, or a new worker runs it: it is no longer the old one's
   redis.call('LREM', '{processing}' .. worker, 0, id)
 end
+local ended = nil  -- set when the move ends the job
 if to == 'running' then
   local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   if attempt == 1 then observe('queue_wait', lane, now - created) end
@@ -141,11 +142,12 @@ if to == 'running' then
   end
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
-  local owner = redis.call('HGET', KEYS[1], 'owner')
+  -- the finished job's facts, read once: the active counter, the metrics, the audit line
+  ended = redis.call('HMGET', KEYS[1], 'started_at', 'owner', 'model', 'batch_id')
+  local started, owner = ended[1], ended[2]
   if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
   redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
-  redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (redis.call('HGET', KEYS[1], 'model') or ''), 1)
-  local started = redis.call('HGET', KEYS[1], 'started_at')
+  redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (ended[3] or ''), 1)
   if started and cur == 'running' then observe('run', lane, now - tonumber(started)) end
   if payload['_first_token_at'] then observe('ttft', lane, tonumber(payload['_first_token_at']) - created) end
   if payload['_prompt_tokens'] then
@@ -181,10 +183,10 @@ if payload['_line'] and #KEYS >= 6 then
   redis.call('HINCRBY', KEYS[6], 'input_tokens', payload['_in'] or 0)
   redis.call('HINCRBY', KEYS[6], 'output_tokens', payload['_out'] or 0)
 end
-if ARGV[5] == '1' then
+if ended then
   -- what the audit line of a finished job needs (core.audit), read in the same step
-  local f = redis.call('HMGET', KEYS[1], 'started_at', 'owner', 'model', 'batch_id')
-  return {'ok', cur, lane, tostring(created), f[1] or '', attempts, f[2] or '', f[3] or '', f[4] or ''}
+  return {'ok', cur, lane, tostring(created), ended[1] or '', attempts, ended[2] or '', ended[3] or '',
+          ended[4] or ''}
 end
 return {'ok', cur}
 """
@@ -393,6 +395,11 @@ def _parse(reply: list[Any], move: Move | None = None, now: float = 0.0) -> Tran
     )
 
 
+def _request_messages(raw: str | None) -> Any:
+    """A record's `request` field's messages, for an audit line with content."""
+    return json.loads(raw).get("messages") if raw else None
+
+
 def _audit(log: audit.AuditLog | None, move: Move, done: TransitionResult, request: Any = None) -> None:
     """The audit line of a move that ended its job (content: the request's messages, given)."""
     if log is None or not log.enabled or done.finished is None:
@@ -559,8 +566,7 @@ class JobStore:
         return done
 
     def _messages(self, job_id: str) -> Any:
-        raw = cast(str | None, self.r.hget(keys.job(job_id), "request"))
-        return json.loads(raw).get("messages") if raw else None
+        return _request_messages(cast(str | None, self.r.hget(keys.job(job_id), "request")))
 
 
 class AsyncJobStore:
@@ -636,8 +642,7 @@ class AsyncJobStore:
         if done.finished is not None and self.audit_log is not None:
             messages = None
             if self.audit_log.content:
-                raw = await self.r.hget(keys.job(job_id), "request")
-                messages = json.loads(raw).get("messages") if raw else None
+                messages = _request_messages(cast(str | None, await self.r.hget(keys.job(job_id), "request")))
             _audit(self.audit_log, move, done, messages)
         return done
 

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from api.auth import OwnerDep
+from api.auth import OwnerDep, bearer_token
 from api.deps import StateDep
 from api.errors import APIError, error_responses
 from api.observe import live_workers
@@ -50,8 +50,8 @@ async def require_admin(request: Request, st: StateDep, _: OwnerDep) -> None:
     """With keys on, an admin key (INFERQ_ADMIN_KEYS); without keys, anyone (loopback)."""
     if not st.settings.auth_enabled:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or hash_key(token.strip()) not in configured_hashes(st.settings.admin_keys):
+    token = bearer_token(request)
+    if not token or hash_key(token) not in configured_hashes(st.settings.admin_keys):
         raise APIError(
             403,
             "Loading and unloading adapters needs an admin key (INFERQ_ADMIN_KEYS).",
@@ -63,8 +63,10 @@ async def require_admin(request: Request, st: StateDep, _: OwnerDep) -> None:
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-async def _served(st: StateDep) -> set[str]:
-    return {a for w in await live_workers(st.redis) for a in w.get("adapters") or []}
+async def _served(st: StateDep) -> frozenset[str]:
+    """What live workers serve now (not the catalog's second-old copy)."""
+    st.adapters.forget()
+    return await st.adapters.names()
 
 
 @router.post(
@@ -103,7 +105,6 @@ async def load_adapter(body: LoadAdapter, st: StateDep, _: AdminDep) -> AdapterS
             reason = json.loads(refusal)["reason"]
             raise APIError(400, f"The adapter '{name}' was refused: {reason}", param="lora_path")
         if name in await _served(st):
-            st.adapters.forget()
             return AdapterStatus(lora_name=name, status="loaded")
         await asyncio.sleep(0.2)
     raise APIError(504, f"No worker has loaded '{name}' yet; it stays asked for.", code="timeout")
@@ -126,5 +127,4 @@ async def unload_adapter(body: UnloadAdapter, st: StateDep, _: AdminDep) -> Adap
         if time.monotonic() > deadline:
             raise APIError(504, f"'{name}' is still served by a worker; it stays asked for.", code="timeout")
         await asyncio.sleep(0.2)
-    st.adapters.forget()
     return AdapterStatus(lora_name=name, status="unloaded")

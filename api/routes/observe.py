@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import observe
+from api.auth import bearer_token
 from api.deps import StateDep
 from api.errors import APIError
 
@@ -27,8 +28,7 @@ def check_access(request: Request, token: str) -> None:
     host = request.client.host if request.client else ""
     if host in _LOOPBACK or host.startswith("127."):
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token):
+    if token and hmac.compare_digest(bearer_token(request), token):
         return
     hint = "send 'Authorization: Bearer <INFERQ_METRICS_TOKEN>'" if token else "set INFERQ_METRICS_TOKEN"
     raise APIError(
