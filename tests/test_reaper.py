@@ -50,7 +50,12 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
     try:
         state.start()
         deadline = time.monotonic() + 5
-        while (good, "inferq.jobs") not in sent and time.monotonic() < deadline:
+
+        def failed_to_send() -> bool:  # sent in RESEND's order: `good` may go before `bad` fails
+            record = store.get(bad)
+            return record is not None and record.job.error is not None
+
+        while not ((good, "inferq.jobs") in sent and failed_to_send()) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (good, "inferq.jobs") in sent
         assert r.lrange(keys.ready("inferq.jobs"), 0, -1) == [queued]  # back on its lane
