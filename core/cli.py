@@ -118,27 +118,40 @@ def _flower_env(env: dict[str, str], host: str, basic_auth: str) -> dict[str, st
 
 
 def _check_model(args: argparse.Namespace, settings: Settings) -> int | None:
-    """The model flags' problems, logged one per line; an exit code, or None if fine."""
-    if args.model and (not args.model_type or not args.template):
-        logger.error(
-            "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
-        )
-        return 2
-    model = args.model or settings.model_path
-    if model and (args.engine or settings.engine) == "swift":
-        from core.preflight import model_problems
+    """Every problem with the model flags, logged one per line (all at once, so one fix-up
+    round is enough); an exit code, or None if fine."""
+    from core.preflight import adapters_dir_problems, flag_hint, model_problems
 
-        problems = model_problems(
-            model,
-            args.model_type or settings.model_type,
-            args.template or settings.template,
-            args.adapters or list(settings.adapters),
-        )
-        for problem in problems:
-            logger.error("%s", problem)
-        if problems:
-            return 2
-    return None
+    model = args.model or settings.model_path
+    model_type = args.model_type or settings.model_type
+    template = args.template or settings.template
+    adapters = args.adapters or list(settings.adapters)
+    adapters_dir = args.adapters_dir or settings.adapters_dir
+    swift = (args.engine or settings.engine) == "swift"
+    problems: list[str] = []
+    if not model:
+        given = [
+            f
+            for f, v in (("--model-type", model_type), ("--template", template), ("--adapters", adapters))
+            if v
+        ]
+        problems += [
+            f"{flag} applies to --model, and no --model was given (the demo model takes none)"
+            for flag in given
+        ]
+    elif swift:
+        if not model_type or not template:
+            problems.append(
+                "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
+                + flag_hint(str(model))
+            )
+        problems += model_problems(str(model), model_type, template, adapters)
+    if adapters_dir:
+        engine_mode = args.engine_mode or settings.engine_mode
+        problems += adapters_dir_problems(Path(adapters_dir), engine_mode)
+    for problem in problems:
+        logger.error("%s", problem)
+    return 2 if problems else None
 
 
 def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:

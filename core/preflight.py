@@ -16,9 +16,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def model_problems(path: str, model_type: str, template: str, adapters: list[str]) -> list[str]:
     """One line per problem with the model flags (empty: nothing found)."""
     problems = _model_dir(Path(path)) + [p for a in adapters for p in _adapter_dir(Path(a))]
-    if not problems and (model_type or template):
+    if model_type or template:
         problems += _swift_names(model_type, template)
     return problems
+
+
+def adapters_dir_problems(path: Path, engine_mode: str) -> list[str]:
+    """A typo in --adapters-dir would otherwise be created empty, and serve nothing."""
+    if not path.exists():
+        return [f"--adapters-dir {path}: no such directory (create it first; an empty one is fine)"]
+    if not path.is_dir():
+        return [f"--adapters-dir {path}: not a directory"]
+    if engine_mode != "static":
+        return [
+            f"--adapters-dir serves adapters in the static engine mode only, not --engine-mode {engine_mode}"
+        ]
+    return []
 
 
 def _model_dir(path: Path) -> list[str]:
@@ -59,6 +72,26 @@ def _swift_names(model_type: str, template: str) -> list[str]:
         near = _near(template, TEMPLATE_MAPPING)
         problems.append(f"--template {template}: not a template ms-swift knows{near}")
     return problems
+
+
+def flag_hint(path: str) -> str:
+    """What the model's own config.json suggests for --model-type and --template, said with
+    the error that they are missing (ms-swift's registry maps architectures to types)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    from swift.model import MODEL_MAPPING
+
+    hf_type, archs = config.get("model_type"), config.get("architectures") or []
+    matches = [k for k, v in MODEL_MAPPING.items() if k == hf_type] + [
+        k for k, v in MODEL_MAPPING.items() if k != hf_type and set(archs) & set(v.architectures or [])
+    ]
+    if not matches:
+        return ""
+    templates = (MODEL_MAPPING[matches[0]].candidate_templates or [])[:3]
+    such = f" and a --template such as {', '.join(templates)}" if templates else ""
+    return f"; its config.json suggests --model-type {matches[0]}{such}"
 
 
 def _near(name: str, known: object) -> str:

@@ -51,6 +51,58 @@ def test_an_unknown_template_fails_at_once_with_suggestions(tmp_path: Path, demo
     assert "qwen2_5" in out
 
 
+def test_every_problem_is_named_in_one_go_with_a_hint_from_the_config(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    """One round of fixes, not one per run: the missing flags (with what the model's own
+    config.json suggests) and a bad adapter path, together."""
+    code, out, _ = _run(tmp_path, "--model", str(demo_model), "--adapters", "/nope", timeout=120)
+    assert code == 2, out[-2000:]
+    assert "--model needs --model-type and --template" in out
+    assert "its config.json suggests --model-type qwen2 and a --template such as" in out
+    assert "--adapters /nope: no such directory" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--adapters", "/nope"], "--adapters applies to --model, and no --model was given"),
+        (["--template", "qwen2_5"], "--template applies to --model, and no --model was given"),
+        (["--adapters-dir", "/nope/loras"], "--adapters-dir /nope/loras: no such directory"),
+        (
+            ["--adapters-dir", ".", "--engine-mode", "continuous"],
+            "--adapters-dir serves adapters in the static engine mode only",
+        ),
+    ],
+)
+def test_flags_that_would_be_ignored_or_create_a_typo_are_refused(
+    tmp_path: Path, args: list[str], line: str
+) -> None:
+    """With the demo model these used to be dropped silently (the run served no adapter),
+    and a mistyped --adapters-dir was created empty."""
+    code, out, took = _run(tmp_path, *args, timeout=60)
+    assert code == 2 and line in out, out[-2000:]
+    assert took < 30 and not (tmp_path / "home" / "run.lock").exists()
+
+
+def test_the_model_flags_readme_shows_are_names_ms_swift_knows() -> None:
+    """README's real-model commands are the first a user copies: each --model-type and
+    --template (and their INFERQ_ forms) must pass the same check `inferq run` makes."""
+    import re
+
+    from core.preflight import _swift_names
+
+    text = (ROOT / "README.md").read_text() + (ROOT / "docker-compose.yml").read_text()
+    types = set(re.findall(r"(?:--model-type |INFERQ_MODEL_TYPE=)(\w+)", text))
+    templates = set(re.findall(r"(?:--template |INFERQ_TEMPLATE=)(\w+)", text))
+    assert types and templates
+    for model_type in types:
+        assert _swift_names(model_type, "") == [], model_type
+    for template in templates:
+        assert _swift_names("", template) == [], template
+
+
 def test_weights_that_do_not_load_stop_the_run_with_the_childs_error(
     tmp_path: Path, demo_model: Path
 ) -> None:
