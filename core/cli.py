@@ -229,10 +229,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         env = build_env(args, settings, redis_url)
         if quiet:
             env = quiet_env(env)
+        since = time.time()
         sup.start("worker", worker_argv(settings.queues, quiet=quiet), env=env)
         sup.start("api", api_argv(args.host, args.port, quiet=quiet), env=env)
         base = f"http://{args.host}:{args.port}"
-        _wait_ready(base, redis_url, sup, lambda: stopping)
+        _wait_ready(base, redis_url, since, sup, lambda: stopping)
         if not args.no_flower and not stopping:
             # after the worker is up: Flower asks the workers about themselves once at start,
             # and warns "Inspect method ... failed" for each question nobody could answer yet
@@ -312,13 +313,14 @@ def _lock_home(home: Path) -> IO[bytes] | None:
     return fh
 
 
-def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) -> None:
-    """The API answers /health and a worker child has announced a loaded engine. (Not
-    /ready: with API keys it needs a key, which the supervisor may not have.)"""
+def _wait_ready(base: str, redis_url: str, started: float, sup: Supervisor, stopping: object) -> None:
+    """The API answers /health and a worker child started by this run has announced a loaded
+    engine. (Not /ready: with API keys it needs a key, which the supervisor may not have; and
+    a heartbeat of the worker that a kill -9 of the last run left in the AOF stands for
+    liveness_s after it died.)"""
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
-    started = time.time()
 
     def ready() -> bool:
         if sup.exited():
@@ -334,7 +336,8 @@ def _wait_ready(base: str, redis_url: str, sup: Supervisor, stopping: object) ->
         with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
             if resp.status != 200:
                 return False
-        return any(client.scan_iter(match=keys.WORKER_PATTERN, count=100))
+        beats = [client.get(name) for name in client.scan_iter(match=keys.WORKER_PATTERN, count=100)]
+        return any(json.loads(beat).get("started_at", 0) >= started for beat in beats if beat)
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

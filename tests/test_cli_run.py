@@ -3,7 +3,9 @@ goes through; Ctrl-C stops everything and leaves no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +153,10 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
             assert status == "succeeded"
         assert proc.poll() is None  # still up
         assert "worker exited" in log_path.read_text(errors="replace")
+        # a heartbeat that outlives its worker in the AOF, as one does for liveness_s after kill -9
+        url = re.search(r"embedded Valkey on (redis://\S+)", log_path.read_text()).group(1)  # type: ignore[union-attr]
+        ghost = {"worker_id": "ghost", "pid": 1, "started_at": time.time() - 100, "at": time.time()}
+        redis.Redis.from_url(url).set("inferq:worker:ghost", json.dumps(ghost), px=120_000)
     finally:
         proc.kill()  # SIGKILL: no clean-up of its own
         proc.wait()
@@ -158,6 +164,17 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     while _procs_with(f"INFERQ_HOME={home}"):
         assert time.monotonic() < deadline, _procs_with(f"INFERQ_HOME={home}")
         time.sleep(0.2)
+    # started again on the same home at once: the lock died with the run, and READY waits for
+    # this run's own worker, not the ghost's beat
+    again = tmp_path / "again.log"
+    proc = _start_run(home, again, "--port", str(api_port), "--no-flower")
+    try:
+        _wait_banner(proc, again)
+        text = again.read_text(errors="replace")
+        assert text.index("SERVING THE DEMO MODEL") < text.index("READY  API"), text[-3000:]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
 
 
 def test_worker_and_api_started_on_their_own_serve_a_job(
