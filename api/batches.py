@@ -233,7 +233,9 @@ class BatchService:
         return file_id, size, count
 
     async def result_lines(self, batch_id: str, *, output: bool) -> AsyncIterator[str]:
-        """Lines finished so far (durable in Redis while the batch lives), else the final file."""
+        """Lines finished so far (durable in Redis while the batch lives), else the final file.
+        Callers check who may read the batch first: the dispatcher, which finalizes it, acts
+        for no key."""
         key = keys.batch_output(batch_id) if output else keys.batch_errors(batch_id)
         if await self.r.exists(key):
             start = 0
@@ -242,8 +244,10 @@ class BatchService:
                     yield line
                 start += len(page)
             return
-        batch = await self.get(batch_id)
-        file_id = batch.output_file_id if output else batch.error_file_id
+        file_id = cast(
+            str | None,
+            await self.r.hget(keys.batch(batch_id), "output_file_id" if output else "error_file_id"),
+        )
         if file_id and self.storage.exists(file_id):
             with self.storage.reader(file_id) as fh:
                 for raw in fh:
@@ -514,6 +518,9 @@ class BatchService:
         now = str(int(time.time()))
         await self.r.hset(keys.batch(batch_id), mapping={"status": "finalizing", "finalizing_at": now})
         ids: dict[str, str] = {}
+        owner = cast(
+            str, await self.r.hget(keys.batch(batch_id), "owner") or ""
+        )  # its files are the key's too
         for kind, output in (("output_file_id", True), ("error_file_id", False)):
             lines = [line async for line in self.result_lines(batch_id, output=output)]
             if not lines:
@@ -522,7 +529,9 @@ class BatchService:
             data = ("\n".join(lines) + "\n").encode()
             await anyio.to_thread.run_sync(self._write, file_id, data)
             name = f"{batch_id}_{'output' if output else 'error'}.jsonl"
-            await files.register(self.r, self.settings, file_id, name, "batch_output", len(data), len(lines))
+            await files.register(
+                self.r, self.settings, file_id, name, "batch_output", len(data), len(lines), owner
+            )
             ids[kind] = file_id
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
         done: dict[str, str] = {"status": final, stamp: str(int(time.time())), **ids}

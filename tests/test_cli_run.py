@@ -83,6 +83,7 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
         body = {"model": "inferq-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
         job = httpx.post(f"{base}/v1/jobs", json=body).json()
         assert _wait_status(base, job["id"], ("succeeded", "failed")) == "succeeded"
+        _readme_shell_examples(tmp_path / "shell", base)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 200
         assert len(_procs_with(f"INFERQ_HOME={home}")) >= 4  # valkey, worker parent+child, api, flower
         # four rows of 1900 tokens: still generating when Ctrl-C reaches the worker, about 2 s
@@ -114,6 +115,39 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def _readme_shell_examples(workdir: Path, base: str) -> None:
+    """README's "From the shell" block, run as written from a checkout's root (a `.venv` link
+    stands in for it), against this run's API through INFERQ_URL; its `batch_…`
+    placeholders get the id the submit printed."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("From the shell:") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    workdir.mkdir()
+    (workdir / ".venv").symlink_to(ROOT / ".venv")
+    env = cli_env(INFERQ_URL=base)
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    submitted = bash("\n".join(line for line in lines if "batch_…" not in line))
+    batch = json.loads(submitted.stdout.strip().splitlines()[-1])
+    assert batch["status"] == "completed", batch
+    out = [json.loads(line) for line in (workdir / "out.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in out) == ["q1", "q2"]
+    assert all(line["response"]["status_code"] == 200 for line in out)
+    later = [line.replace("batch_…", batch["id"]) for line in lines if "batch_…" in line]
+    assert later and batch["id"] in bash("\n".join([lines[0], *later])).stdout
 
 
 def _ppid(pid: int) -> int:

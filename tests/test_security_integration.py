@@ -245,11 +245,27 @@ def test_batch_cli_with_keys_and_clear_errors(secure: Stack, tmp_path: Path) -> 
             json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
             for i in range(2)
         )
+        + "\nnot json\n"
     )
-    done = _cli("batch", "--url", secure.base_url, "--api-key", K1, "submit", str(lines))
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    done = _cli(
+        "batch", "--url", secure.base_url, "--api-key", K1, "submit", str(lines), "--wait",
+        "--output", str(out), "--errors", str(err),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     batch = json.loads(done.stdout.strip().splitlines()[-1])
-    assert batch["request_counts"]["total"] in (0, 2) and batch["id"].startswith("batch_")
+    assert batch["status"] == "completed" and batch["request_counts"] == {
+        "total": 3,
+        "completed": 2,
+        "failed": 1,
+    }
+    # the dispatcher finalizes for no key, yet the files are the key's: once it could not
+    # read the batch it was finalizing, so --wait never ended; then the key got 404 for them
+    assert sorted(json.loads(line)["custom_id"] for line in out.read_text().splitlines()) == ["c0", "c1"]
+    assert "line 3" in err.read_text()
+    for file_id in (batch["output_file_id"], batch["error_file_id"]):
+        assert httpx.get(f"{secure.base_url}/v1/files/{file_id}/content", headers=_h(K1)).status_code == 200
+        assert httpx.get(f"{secure.base_url}/v1/files/{file_id}/content", headers=_h(K2)).status_code == 404
     # the key from the environment, --url after the subcommand
     status = _cli("batch", "status", batch["id"], "--url", secure.base_url, INFERQ_API_KEY=K1)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == batch["id"], status.stderr
