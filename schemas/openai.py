@@ -28,10 +28,36 @@ def omitted_if_none() -> Any:
     return Field(None, exclude_if=_is_none)
 
 
+def _unicode(value: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text holds: the
+    tokenizer, Redis and every writer would fail on it later, as a 500."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"text holds a lone surrogate ({value[exc.start]!r}), which is not valid Unicode"
+                ) from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _unicode(key)
+            _unicode(item)
+
+
 class StrictModel(BaseModel):
     """Unknown fields are errors, so a typo or an unsupported option never goes unnoticed."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        _unicode(v)  # models inside were checked by their own validator
+        return v
 
 
 class TextPart(StrictModel):
@@ -53,6 +79,7 @@ class ChatMessage(StrictModel):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind is not None and kind != "text":
                 raise ValueError(f"this model accepts text only: content part {j} is of type '{kind}'")
+        _unicode(v)  # here, not per union branch: one error, not "Input should be a valid string"
         return v
 
     def text(self) -> str:

@@ -258,6 +258,15 @@ def test_transport_level_bad_input(stack: Stack, r: redis.Redis) -> None:
     assert httpx.post(url, json=[1, 2]).status_code == 400
     bad_utf8 = httpx.post(url, content=b'{"model": "\xff"}', headers={"content-type": "application/json"})
     assert bad_utf8.status_code == 400
+    # valid JSON, not valid Unicode: a lone surrogate was a 500 from the tokenizer
+    for path in ("/v1/jobs", "/v1/chat/completions"):
+        for text in ('"\\ud800"', '[{"type": "text", "text": "a\\udc00"}]'):
+            raw = f'{{"model": "tiny", "messages": [{{"role": "user", "content": {text}}}]}}'
+            lone = httpx.post(
+                f"{stack.base_url}{path}", content=raw, headers={"content-type": "application/json"}
+            )
+            assert lone.status_code == 400, lone.text
+            assert lone.json()["error"]["param"] == "messages[0].content" and "surrogate" in lone.text
     assert httpx.get(f"{stack.base_url}/health").status_code == 200  # still serving
     assert _job_keys(r) == before
 

@@ -68,3 +68,27 @@ def test_image_and_audio_parts_get_a_text_only_error_naming_the_part() -> None:
         with pytest.raises(ValidationError) as err:
             ChatCompletionRequest.model_validate(body)
         assert f"this model accepts text only: content part 1 is of type '{kind}'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]}, "messages"),
+        ({"stop": ["ok", "\ud800"]}, "stop"),
+        ({"metadata": {"run": "\udc00"}}, "metadata"),
+        ({"user": "\ud83d"}, "user"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_naming_the_field(patch: dict, field: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **patch}
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate(body)
+    text = str(err.value)  # ours, or pydantic's own for a length-checked string
+    assert ("lone surrogate" in text or "unicode" in text) and err.value.errors()[0]["loc"][0] == field
+
+
+def test_a_surrogate_pair_is_an_emoji_not_an_error() -> None:
+    parsed = __import__("json").loads('{"content": "\\ud83d\\ude00 hi"}')  # as JSON: one character
+    ok = {"model": "m", "messages": [{"role": "user", **parsed}]}
+    assert ChatCompletionRequest.model_validate(ok).messages[0].text() == "\U0001f600 hi"
