@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from core import batch_cli, keys, top_cli
+from core import batch_cli, keys, preflight, top_cli
 from core.config import Settings
 from core.processes import (
     Supervisor,
@@ -112,46 +112,9 @@ def _flower_env(env: dict[str, str], host: str, basic_auth: str) -> dict[str, st
     if basic_auth:
         return {**env, "FLOWER_BASIC_AUTH": basic_auth}
     # Flower's JSON API is off without auth; on loopback only this machine can reach it.
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if host in preflight.LOOPBACK:
         return {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
     return env
-
-
-def _check_model(args: argparse.Namespace, settings: Settings) -> int | None:
-    """Every problem with the model flags, logged one per line (all at once, so one fix-up
-    round is enough); an exit code, or None if fine."""
-    from core.preflight import adapters_dir_problems, flag_hint, model_problems
-
-    model = args.model or settings.model_path
-    model_type = args.model_type or settings.model_type
-    template = args.template or settings.template
-    adapters = args.adapters or list(settings.adapters)
-    adapters_dir = args.adapters_dir or settings.adapters_dir
-    swift = (args.engine or settings.engine) == "swift"
-    problems: list[str] = []
-    if not model:
-        given = [
-            f
-            for f, v in (("--model-type", model_type), ("--template", template), ("--adapters", adapters))
-            if v
-        ]
-        problems += [
-            f"{flag} applies to --model, and no --model was given (the demo model takes none)"
-            for flag in given
-        ]
-    elif swift:
-        if not model_type or not template:
-            problems.append(
-                "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
-                + flag_hint(str(model))
-            )
-        problems += model_problems(str(model), model_type, template, adapters)
-    if adapters_dir:
-        engine_mode = args.engine_mode or settings.engine_mode
-        problems += adapters_dir_problems(Path(adapters_dir), engine_mode)
-    for problem in problems:
-        logger.error("%s", problem)
-    return 2 if problems else None
 
 
 def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
@@ -167,35 +130,21 @@ def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
         )
 
 
-def _check_host(args: argparse.Namespace, settings: Settings, flower: bool) -> int | None:
-    """Off loopback, the API needs keys (and Flower basic auth) unless told --insecure; an
-    exit code, or None if fine."""
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    if loopback or args.insecure:
-        return None
-    if not settings.auth_enabled:
-        logger.error(
-            "Refusing to serve on %s without API keys: anyone who can reach it could use your GPUs. "
-            "Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
-            "INFERQ_REQUIRE_AUTH=true), or pass --insecure.",
-            args.host,
-        )
-        return 2
-    if flower and not settings.flower_basic_auth:
-        logger.error(
-            "Refusing to expose Flower on %s without INFERQ_FLOWER_BASIC_AUTH=user:password "
-            "(or pass --no-flower / --insecure).",
-            args.host,
-        )
-        return 2
-    return None
+def _refused(problems: list[str]) -> int | None:
+    """Each problem on a line of its own, and exit code 2; None when there are none."""
+    for problem in problems:
+        logger.error("%s", problem)
+    return 2 if problems else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
-    if (code := _check_host(args, settings, flower=not args.no_flower)) is not None:
-        return code
-    if (code := _check_model(args, settings)) is not None:
+    with_flower = not args.no_flower
+    if (
+        code := _refused(
+            preflight.host_problems(args, settings, with_flower) or preflight.model_problems(args, settings)
+        )
+    ) is not None:
         return code
     lock = _lock_home(settings.home)
     if lock is None:
@@ -207,6 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.home,
         )
         return 2
+    if (code := _refused(preflight.port_problems(args, with_flower))) is not None:
+        return code
     _demo_if_no_model(args, settings)
     sup = Supervisor(die_with_parent=True)
     stopping = False
@@ -377,9 +328,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.cmd,
         )
         return 2
-    if args.cmd == "api" and (code := _check_host(args, settings, flower=False)) is not None:
-        return code
-    if (code := _check_model(args, settings)) is not None:
+    problems = preflight.host_problems(args, settings, False) if args.cmd == "api" else []
+    problems = problems or preflight.model_problems(args, settings)
+    if args.cmd == "api" and not problems:
+        problems = preflight.port_problems(args, False)
+    if (code := _refused(problems)) is not None:
         return code
     _demo_if_no_model(args, settings)
     env = build_env(args, settings, redis_url)

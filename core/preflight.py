@@ -1,23 +1,88 @@
-"""What can be checked about a model before anything starts.
+"""What can be checked before anything starts: the model flags, the host, the ports.
 
 Why: a model path with a typo used to start every process, and the user waited up to ten
 minutes for a READY line that never came while the API answered 500. Each check here names
-the path or value to fix; `inferq run` prints them and exits before starting anything.
+the path or value to fix, every problem at once (one round of fixes); `inferq run`,
+`inferq worker` and `inferq api` print them and exit 2 before starting anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from core.config import Settings
+from core.processes import bindable
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def model_problems(path: str, model_type: str, template: str, adapters: list[str]) -> list[str]:
-    """One line per problem with the model flags (empty: nothing found)."""
+def model_problems(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The model flags (or their INFERQ_ settings), with what the demo model would ignore."""
+    model = args.model or settings.model_path
+    model_type = args.model_type or settings.model_type
+    template = args.template or settings.template
+    adapters = args.adapters or list(settings.adapters)
+    adapters_dir = args.adapters_dir or settings.adapters_dir
+    problems: list[str] = []
+    if not model:
+        given = [
+            f
+            for f, v in (("--model-type", model_type), ("--template", template), ("--adapters", adapters))
+            if v
+        ]
+        problems += [
+            f"{flag} applies to --model, and no --model was given (the demo model takes none)"
+            for flag in given
+        ]
+    elif (args.engine or settings.engine) == "swift":
+        if not model_type or not template:
+            problems.append(
+                "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
+                + flag_hint(str(model))
+            )
+        problems += model_dir_problems(str(model), model_type, template, adapters)
+    if adapters_dir:
+        problems += adapters_dir_problems(Path(adapters_dir), args.engine_mode or settings.engine_mode)
+    return problems
+
+
+def port_problems(args: argparse.Namespace, flower: bool) -> list[str]:
+    """A port in use (another `inferq run`, a notebook on 8000), said before anything starts:
+    uvicorn's bind error came after the worker had started loading, amid its shutdown."""
+    wanted = [("--port", args.port)] + ([("--flower-port", args.flower_port)] if flower else [])
+    return [
+        f"{flag} {port}: {args.host}:{port} is already in use; pick a free one with {flag} N"
+        for flag, port in wanted
+        if not bindable(args.host, port)
+    ]
+
+
+def host_problems(args: argparse.Namespace, settings: Settings, flower: bool) -> list[str]:
+    """Off loopback, the API needs keys (and Flower basic auth) unless told --insecure."""
+    if args.host in LOOPBACK or args.insecure:
+        return []
+    if not settings.auth_enabled:
+        return [
+            f"Refusing to serve on {args.host} without API keys: anyone who can reach it could use your "
+            "GPUs. Set INFERQ_API_KEYS (or create keys with `inferq keys create` and set "
+            "INFERQ_REQUIRE_AUTH=true), or pass --insecure."
+        ]
+    if flower and not settings.flower_basic_auth:
+        return [
+            f"Refusing to expose Flower on {args.host} without INFERQ_FLOWER_BASIC_AUTH=user:password "
+            "(or pass --no-flower / --insecure)."
+        ]
+    return []
+
+
+def model_dir_problems(path: str, model_type: str, template: str, adapters: list[str]) -> list[str]:
+    """One line per problem with a local model and its flags (empty: nothing found)."""
     problems = _model_dir(Path(path)) + [p for a in adapters for p in _adapter_dir(Path(a))]
     if model_type or template:
-        problems += _swift_names(model_type, template)
+        problems += swift_name_problems(model_type, template)
     return problems
 
 
@@ -59,7 +124,7 @@ def _adapter_dir(path: Path) -> list[str]:
     return []
 
 
-def _swift_names(model_type: str, template: str) -> list[str]:
+def swift_name_problems(model_type: str, template: str) -> list[str]:
     """ms-swift's registries (importing them takes seconds, so only for a real model)."""
     from swift.model import MODEL_MAPPING
     from swift.template import TEMPLATE_MAPPING

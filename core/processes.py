@@ -152,6 +152,18 @@ def wait_for(
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
 
 
+def bindable(host: str, port: int) -> bool:
+    """Whether a server could listen there now (as uvicorn and Flower bind: SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)

@@ -5,6 +5,7 @@ answers 503 with the reason, never 500."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,11 +20,12 @@ from tests.conftest import ROOT, cli_env, stack_env, with_db
 pytestmark = pytest.mark.integration
 
 
-def _run(tmp_path: Path, *args: str, timeout: float) -> tuple[int, str, float]:
+def _run(tmp_path: Path, *args: str, timeout: float, flower: bool = False) -> tuple[int, str, float]:
     env = cli_env(INFERQ_HOME=str(tmp_path / "home"))
     t0 = time.monotonic()
+    no_flower = [] if flower else ["--no-flower"]
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), "--no-flower", *args],
+        [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), *no_flower, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -91,16 +93,80 @@ def test_the_model_flags_readme_shows_are_names_ms_swift_knows() -> None:
     --template (and their INFERQ_ forms) must pass the same check `inferq run` makes."""
     import re
 
-    from core.preflight import _swift_names
+    from core.preflight import swift_name_problems
 
     text = (ROOT / "README.md").read_text() + (ROOT / "docker-compose.yml").read_text()
     types = set(re.findall(r"(?:--model-type |INFERQ_MODEL_TYPE=)(\w+)", text))
     templates = set(re.findall(r"(?:--template |INFERQ_TEMPLATE=)(\w+)", text))
     assert types and templates
     for model_type in types:
-        assert _swift_names(model_type, "") == [], model_type
+        assert swift_name_problems(model_type, "") == [], model_type
     for template in templates:
-        assert _swift_names("", template) == [], template
+        assert swift_name_problems("", template) == [], template
+
+
+def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
+    """uvicorn's bind error used to come after Valkey and the worker had started, amid their
+    shutdown; now one line per port, and nothing started."""
+    import socket
+
+    with socket.socket() as api, socket.socket() as flower:
+        for held in (api, flower):
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+        taken, taken_flower = api.getsockname()[1], flower.getsockname()[1]
+        code, out, took = _run(
+            tmp_path, "--port", str(taken), "--flower-port", str(taken_flower), timeout=60, flower=True
+        )
+    assert code == 2, out[-2000:]
+    assert f"--port {taken}: 127.0.0.1:{taken} is already in use; pick a free one with --port N" in out
+    assert f"--flower-port {taken_flower}: 127.0.0.1:{taken_flower} is already in use" in out
+    assert "started" not in out and took < 30
+
+
+def test_ctrl_c_while_the_worker_loads_says_nothing_of_a_job(tmp_path: Path) -> None:
+    """Celery reports every child a stop signal ends; one still loading its model had no job,
+    and "stopped with a job in flight" was said anyway."""
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), "--no-flower"],
+            cwd=ROOT,
+            env=cli_env(INFERQ_HOME=str(tmp_path / "home")),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _pool_child_of(proc.pid):  # the Celery parent's child is loading torch
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert code == 0 and "READY" not in text, text[-2000:]  # stopped before it was up
+    for wrong in ("job in flight", "Traceback", "WorkerLostError", "exited with"):
+        assert wrong not in text, (wrong, text[-2000:])
+
+
+def _pool_child_of(pid: int) -> bool:
+    """Whether `inferq run` (pid) has a pool child under its worker, and it has torch loaded
+    (the parent never imports it: the child is loading its engine)."""
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            return b""
+
+    def children(of: int) -> list[int]:
+        return [int(c) for c in read(f"/proc/{of}/task/{of}/children").split()]
+
+    for child in children(pid):
+        if b"celery" in read(f"/proc/{child}/cmdline"):
+            return any(b"libtorch" in read(f"/proc/{pool}/maps") for pool in children(child))
+    return False
 
 
 def test_weights_that_do_not_load_stop_the_run_with_the_childs_error(

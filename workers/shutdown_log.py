@@ -5,7 +5,8 @@ child mid-generation. Nothing is lost: the child puts its jobs back on the way o
 (`WorkerState.settle` sends them again) and the late-acked message is requeued. But
 Celery's parent reports the child's exit as an error with a WorkerLostError traceback,
 which reads like a crash to whoever pressed Ctrl-C. Only while the parent is shutting down,
-those two records are replaced by one line that says what happens to the job.
+those two records are replaced by one line that says what happens to the job; a child
+that had no job (Ctrl-C while it loaded its model) goes without a word.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-_LOST_MARKS = ("WorkerLostError", "exited with")
+#: the request's WorkerLostError means a job was in flight; billiard's "exited with" comes
+#: for every child that a stop signal ends, one loading its model included
+_JOB_LOST = "WorkerLostError"
+_CHILD_EXITED = "exited with"
 
 
 class ShutdownLossFilter(logging.Filter):
@@ -26,8 +30,8 @@ class ShutdownLossFilter(logging.Filter):
         if not self.shutting_down or record.levelno < logging.ERROR:
             return True
         text = record.getMessage()
-        if not any(mark in text for mark in _LOST_MARKS):
-            return True
+        if _JOB_LOST not in text:
+            return _CHILD_EXITED not in text
         if not self._said:
             self._said = True
             logging.getLogger("inferq.worker").warning(
