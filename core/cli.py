@@ -274,16 +274,17 @@ def _wait_ready(base: str, redis_url: str, started: float, sup: Supervisor, stop
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
 
     def ready() -> bool:
-        if sup.exited():
-            name, code = sup.exited()[0]
-            raise RuntimeError(f"{name} exited with code {code} during start-up")
-        if callable(stopping) and stopping():
-            return True
+        # the child's reason first: it also stops its parent, which may have exited already
         for name in client.scan_iter(match=keys.WORKER_FAILURE_PATTERN, count=100):
             raw = client.get(name)
             info = json.loads(raw) if raw else {}
             if info.get("at", 0) >= started:
                 raise RuntimeError(f"a worker child could not load its engine: {info.get('error')}")
+        if sup.exited():
+            name, code = sup.exited()[0]
+            raise RuntimeError(f"{name} exited with code {code} during start-up")
+        if callable(stopping) and stopping():
+            return True
         with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
             if resp.status != 200:
                 return False

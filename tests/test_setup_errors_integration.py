@@ -183,6 +183,31 @@ def test_weights_that_do_not_load_stop_the_run_with_the_childs_error(
     assert took < 240
 
 
+def test_a_worker_whose_engine_cannot_load_exits_instead_of_forking_again(
+    tmp_path: Path, demo_model: Path, redis_url: str
+) -> None:
+    """`inferq worker` (docker-compose, systemd): Celery's parent forked a new child after
+    every failed load, forever, and looked alive; it now exits 3 with the child's error."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    flags = ["--model", str(broken), "--model-type", "qwen2", "--template", "qwen2_5"]
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "worker", "--redis-url", with_db(redis_url, 8), *flags],
+        cwd=ROOT,
+        env=cli_env(INFERQ_HOME=str(tmp_path / "home")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 3, out[-3000:]
+    assert "this worker child could not load its engine" in out and time.monotonic() - t0 < 200
+    assert out.count("could not load its engine") <= 2, out[-3000:]  # no loop of loads
+
+
 def test_an_api_without_a_model_answers_503_with_the_reason(redis_url: str, tmp_path: Path) -> None:
     missing = tmp_path / "no-model-here"
     env = stack_env(with_db(redis_url, 8), missing, tmp_path)

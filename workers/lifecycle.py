@@ -27,7 +27,7 @@ from core.audit import AuditLog
 from core.config import Settings, get_settings
 from core.jobs import JobStore
 from schemas.jobs import JobError
-from workers import adapters, runner
+from workers import adapters, engine_failure, runner
 from workers.engine import Engine, GenParams, GenRequest, load_engine
 
 logger = logging.getLogger(__name__)
@@ -350,14 +350,16 @@ def warm_up(engine: Engine, sizes: list[int]) -> float:
 
 def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
     """A child that cannot load its engine says why in Redis (for `inferq run`, which stops
-    waiting and prints it) and exits: left running it would take jobs and fail them all."""
+    waiting and prints it), stops its parent (workers.engine_failure) and exits: left
+    running it would take jobs and fail them all."""
     logger.exception("this worker child could not load its engine: %s", exc)
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
         client.set(keys.worker_failure(runner.process_worker_id()), info, ex=keys.WORKER_FAILURE_TTL_S)
+    engine_failure.tell_parent()
     logging.shutdown()
-    os._exit(3)
+    os._exit(engine_failure.ENGINE_FAILED)
 
 
 def init_child(**_: Any) -> None:
