@@ -5,6 +5,9 @@ from typing import Any
 
 import yaml
 
+from core.config import Settings
+from core.processes import worker_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,7 +37,8 @@ def test_worker_reserves_a_gpu_and_runs_prefork_one() -> None:
     worker = _compose()["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    cmd = worker["command"]
+    assert worker["command"][:2] == ["inferq", "worker"]  # the checks, then Celery as below
+    cmd = worker_argv(Settings().queues)
     assert cmd[cmd.index("--pool") + 1] == "prefork" and cmd[cmd.index("--concurrency") + 1] == "1"
 
 

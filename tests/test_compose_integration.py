@@ -57,7 +57,8 @@ class Local:
         return raw
 
     def argv(self, command: list[str]) -> list[str]:
-        head = [sys.executable] if command[0] == "python" else [sys.executable, "-m", command[0]]
+        modules = {"python": [], "inferq": ["-m", "core.cli"]}  # the image's console script
+        head = [sys.executable, *modules.get(command[0], ["-m", command[0]])]
         return head + [self.text(part) for part in command[1:]]
 
 
