@@ -19,6 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from pydantic import ValidationError
+
 from core import batch_cli, keys, preflight, top_cli
 from core.config import Settings
 from core.processes import (
@@ -101,7 +103,7 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
         env["INFERQ_SERVED_MODEL_NAME"] = args.served_model_name
     if args.adapters_dir:
         env["INFERQ_ADAPTERS_DIR"] = str(Path(args.adapters_dir).resolve())
-    if args.max_batch_size:
+    if args.max_batch_size is not None:
         env["INFERQ_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     if args.engine_mode:
         env["INFERQ_ENGINE_MODE"] = args.engine_mode
@@ -140,6 +142,17 @@ def _refused(problems: list[str]) -> int | None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
     with_flower = not args.no_flower
+    given_url = args.redis_url or settings.redis_url
+    if given_url and (code := _refused(preflight.redis_url_problems(given_url))) is not None:
+        return code
+    if given_url and (reason := _unreachable(given_url)):
+        logger.error(
+            "cannot reach %s (%s): start it, or leave out --redis-url (and REDIS_URL) "
+            "for the embedded Valkey",
+            given_url,
+            reason,
+        )
+        return 2
     if (
         code := _refused(
             preflight.host_problems(args, settings, with_flower) or preflight.model_problems(args, settings)
@@ -156,7 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.home,
         )
         return 2
-    if (code := _refused(preflight.port_problems(args, with_flower))) is not None:
+    problems = preflight.settings_problems(build_env(args, settings, "redis://127.0.0.1:6379/0"))
+    if (code := _refused(problems or preflight.port_problems(args, with_flower))) is not None:
         return code
     _demo_if_no_model(args, settings)
     sup = Supervisor(die_with_parent=True)
@@ -329,8 +343,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.cmd,
         )
         return 2
-    problems = preflight.host_problems(args, settings, False) if args.cmd == "api" else []
+    problems = preflight.redis_url_problems(redis_url)
+    problems = problems or (preflight.host_problems(args, settings, False) if args.cmd == "api" else [])
     problems = problems or preflight.model_problems(args, settings)
+    problems = problems or preflight.settings_problems(build_env(args, settings, redis_url))
     if args.cmd == "api" and not problems:
         problems = preflight.port_problems(args, False)
     if (code := _refused(problems)) is not None:
@@ -344,8 +360,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv = worker_argv(settings.queues, quiet=quiet)
     else:
         argv = api_argv(args.host, args.port, quiet=quiet)
+    if reason := _unreachable(redis_url):
+        logger.warning(
+            "cannot reach %s now (%s): %s starts anyway and waits for it; check the URL if it stays so",
+            redis_url,
+            reason,
+            args.cmd,
+        )
     logger.info("starting %s against %s", args.cmd, redis_url)
     os.execvpe(argv[0], argv, env)
+
+
+def _unreachable(redis_url: str) -> str | None:
+    """Why Redis does not answer a PING within 2 s, or None. A service manager may start the
+    worker before Redis, so this is a warning: a typo in the URL is said once, up front."""
+    import redis
+
+    try:
+        redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -385,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("which", nargs="?", default="all")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="see `inferq bench all --help`")
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except ValidationError as exc:  # a bad INFERQ_ variable, read by Settings()
+        return _refused(preflight.settings_error_lines(exc)) or 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.cmd == "keys":
         return cmd_keys(args)
     if args.cmd == "bench":

@@ -10,13 +10,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from unittest import mock
+
+from pydantic import ValidationError
 
 from core.config import Settings
 from core.processes import bindable
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+#: Settings that a command-line flag sets (core.cli.build_env), to name the flag too
+FLAGS = {"max_batch_size": "--max-batch-size", "engine_mode": "--engine-mode", "engine": "--engine"}
+
+
+def settings_error_lines(exc: ValidationError) -> list[str]:
+    """A bad INFERQ_ value as one line naming the variable (and its flag), not pydantic's
+    traceback."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = field if field.isupper() else f"INFERQ_{field.upper()}"
+        where = f"{FLAGS[field]} / {name}" if field in FLAGS else name
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return lines
+
+
+def settings_problems(env: Mapping[str, str]) -> list[str]:
+    """The settings every process started with `env` will read, checked once here: a bad
+    value (an INFERQ_ variable, or a flag passed on as one) was a traceback in each child."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        try:
+            Settings()
+        except ValidationError as exc:
+            return settings_error_lines(exc)
+    return []
 
 
 def model_problems(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -47,6 +79,17 @@ def model_problems(args: argparse.Namespace, settings: Settings) -> list[str]:
     if adapters_dir:
         problems += adapters_dir_problems(Path(adapters_dir), args.engine_mode or settings.engine_mode)
     return problems
+
+
+def redis_url_problems(url: str) -> list[str]:
+    """A URL redis-py cannot parse fails every process the same way; say it once."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        return [f"--redis-url {url}: {exc}"]
+    return []
 
 
 def port_problems(args: argparse.Namespace, flower: bool) -> list[str]:

@@ -20,8 +20,10 @@ from tests.conftest import ROOT, cli_env, stack_env, with_db
 pytestmark = pytest.mark.integration
 
 
-def _run(tmp_path: Path, *args: str, timeout: float, flower: bool = False) -> tuple[int, str, float]:
-    env = cli_env(INFERQ_HOME=str(tmp_path / "home"))
+def _run(
+    tmp_path: Path, *args: str, timeout: float, flower: bool = False, env_extra: dict[str, str] | None = None
+) -> tuple[int, str, float]:
+    env = cli_env(INFERQ_HOME=str(tmp_path / "home"), **(env_extra or {}))
     t0 = time.monotonic()
     no_flower = [] if flower else ["--no-flower"]
     proc = subprocess.run(
@@ -86,6 +88,29 @@ def test_flags_that_would_be_ignored_or_create_a_typo_are_refused(
     code, out, took = _run(tmp_path, *args, timeout=60)
     assert code == 2 and line in out, out[-2000:]
     assert took < 30 and not (tmp_path / "home" / "run.lock").exists()
+
+
+BATCH_SIZE = "--max-batch-size / INFERQ_MAX_BATCH_SIZE: Input should be"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        ([], {"INFERQ_MAX_BATCH_SIZE": "abc"}, f"{BATCH_SIZE} a valid integer"),
+        (["--max-batch-size", "0"], {}, f"{BATCH_SIZE} greater than or equal to 1 (got '0')"),
+        ([], {"INFERQ_REDIS_TIMEOUT_S": "soon"}, "INFERQ_REDIS_TIMEOUT_S: Input should be a valid number"),
+        (["--redis-url", "localhost:6379"], {}, "--redis-url localhost:6379: Redis URL must specify one of"),
+        (["--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach redis://127.0.0.1:1/0 ("),
+    ],
+)
+def test_bad_settings_and_an_unreachable_redis_are_one_line_each(
+    tmp_path: Path, args: list[str], env: dict[str, str], line: str
+) -> None:
+    """A bad INFERQ_ value was a pydantic traceback (in each child, for one given as a flag;
+    --max-batch-size 0 was dropped silently), a Redis that does not answer a 600 s wait."""
+    code, out, took = _run(tmp_path, *args, timeout=60, env_extra=env)
+    assert code == 2 and line in out, out[-2000:]
+    assert "Traceback" not in out and "started" not in out and took < 30
 
 
 def test_the_model_flags_readme_shows_are_names_ms_swift_knows() -> None:
