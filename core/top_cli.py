@@ -44,12 +44,12 @@ def _seconds(v: float | None) -> str:
 
 def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) -> Group:
     lanes = Table(title="lanes", title_justify="left", expand=True)
-    for col in ("lane", "depth", "wait p50", "wait p99", "run p50", "succeeded", "failed", "cancelled"):
-        lanes.add_column(col, justify="left" if col == "lane" else "right")
+    for col in ("lane", "depth", "wait p50", "wait p99", "run p50", "ok", "failed", "cancel"):
+        lanes.add_column(col, justify="left" if col == "lane" else "right", no_wrap=col == "lane")
     for lane, row in state["lanes"].items():
         done = row["finished"]
         lanes.add_row(
-            lane,
+            lane.removeprefix("inferq."),  # on 80 columns the three full names read "inferq…"
             str(row["depth"]),
             _seconds(row["wait_p50_s"]),
             _seconds(row["wait_p99_s"]),
@@ -65,7 +65,9 @@ def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) 
         expand=True,
     )
     for col in ("worker", "model", "busy", "jobs", "tokens/s"):
-        workers.add_column(col, justify="left" if col in ("worker", "model") else "right")
+        workers.add_column(
+            col, justify="left" if col in ("worker", "model") else "right", no_wrap=col == "worker"
+        )
     for w in state["workers"]:
         rate = (tokens_per_s or {}).get(w["worker_id"])
         workers.add_row(
@@ -79,11 +81,10 @@ def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) 
         workers.add_row("(no live worker)", "", "", "", "")
     failures = Table(title="recent failures", title_justify="left", expand=True)
     for col in ("job", "lane", "code", "message"):
-        failures.add_column(col)
+        failures.add_column(col, overflow="fold" if col == "job" else "ellipsis")  # a job id, whole
     for f in state["recent_failures"][:5]:
-        failures.add_row(
-            str(f.get("job_id")), str(f.get("lane")), str(f.get("code")), str(f.get("message"))[:80]
-        )
+        lane = str(f.get("lane")).removeprefix("inferq.")
+        failures.add_row(str(f.get("job_id")), lane, str(f.get("code")), str(f.get("message"))[:80])
     return Group(lanes, workers, failures)
 
 
