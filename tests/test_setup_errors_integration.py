@@ -265,3 +265,23 @@ def test_a_second_run_on_the_same_home_is_refused(tmp_path: Path) -> None:
     assert code == 2 and f"INFERQ_HOME={home}" in out and "its own home" in out, out[-2000:]
     assert took < 30
     assert not (home / "valkey").exists()  # nothing was started
+
+
+def test_bootstrap_names_a_python_too_old_or_missing(tmp_path: Path) -> None:
+    """The first `scripts/run` on a machine whose python3 is 3.10 (or absent) used to fail
+    deep in pip; it says which Python it needs and how to name one."""
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for python in ("no-such-python", "/usr/bin/false"):
+        done = subprocess.run(
+            ["bash", "scripts/bootstrap"],
+            cwd=tmp_path,
+            env=cli_env(PYTHON=python),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert "inferq needs Python 3.11 or newer" in lines[0] and "PYTHON=python3.11" in lines[0]
+    assert not (tmp_path / ".venv").exists()
