@@ -143,21 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
     with_flower = not args.no_flower
     given_url = args.redis_url or settings.redis_url
-    if given_url and (code := _refused(preflight.redis_url_problems(given_url))) is not None:
-        return code
-    if given_url and (reason := _unreachable(given_url)):
-        logger.error(
-            "cannot reach %s (%s): start it, or leave out --redis-url (and REDIS_URL) "
-            "for the embedded Valkey",
-            given_url,
-            reason,
-        )
-        return 2
-    if (
-        code := _refused(
-            preflight.host_problems(args, settings, with_flower) or preflight.model_problems(args, settings)
-        )
-    ) is not None:
+    problems = preflight.redis_problems(given_url, must_answer=True) if given_url else []
+    problems += preflight.host_problems(args, settings, with_flower) + preflight.model_problems(
+        args, settings
+    )
+    if (code := _refused(problems)) is not None:
         return code
     lock = _lock_home(settings.home)
     if lock is None:
@@ -170,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 2
     problems = preflight.settings_problems(build_env(args, settings, "redis://127.0.0.1:6379/0"))
-    if (code := _refused(problems or preflight.port_problems(args, with_flower))) is not None:
+    if (code := _refused(problems + preflight.port_problems(args, with_flower))) is not None:
         return code
     _demo_if_no_model(args, settings)
     sup = Supervisor(die_with_parent=True)
@@ -343,12 +333,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.cmd,
         )
         return 2
-    problems = preflight.redis_url_problems(redis_url)
-    problems = problems or (preflight.host_problems(args, settings, False) if args.cmd == "api" else [])
-    problems = problems or preflight.model_problems(args, settings)
-    problems = problems or preflight.settings_problems(build_env(args, settings, redis_url))
-    if args.cmd == "api" and not problems:
-        problems = preflight.port_problems(args, False)
+    problems = preflight.redis_problems(redis_url, must_answer=False)
+    problems += preflight.model_problems(args, settings)
+    problems += preflight.settings_problems(build_env(args, settings, redis_url))
+    if args.cmd == "api":
+        problems += preflight.host_problems(args, settings, False) + preflight.port_problems(args, False)
     if (code := _refused(problems)) is not None:
         return code
     _demo_if_no_model(args, settings)
@@ -360,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv = worker_argv(settings.queues, quiet=quiet)
     else:
         argv = api_argv(args.host, args.port, quiet=quiet)
-    if reason := _unreachable(redis_url):
+    if reason := preflight.redis_unreachable(redis_url):
         logger.warning(
             "cannot reach %s now (%s): %s starts anyway and waits for it; check the URL if it stays so",
             redis_url,
@@ -369,18 +358,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     logger.info("starting %s against %s", args.cmd, redis_url)
     os.execvpe(argv[0], argv, env)
-
-
-def _unreachable(redis_url: str) -> str | None:
-    """Why Redis does not answer a PING within 2 s, or None. A service manager may start the
-    worker before Redis, so this is a warning: a typo in the URL is said once, up front."""
-    import redis
-
-    try:
-        redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
-    except (redis.RedisError, OSError, ValueError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -81,15 +81,33 @@ def model_problems(args: argparse.Namespace, settings: Settings) -> list[str]:
     return problems
 
 
-def redis_url_problems(url: str) -> list[str]:
-    """A URL redis-py cannot parse fails every process the same way; say it once."""
+def redis_problems(url: str, *, must_answer: bool) -> list[str]:
+    """A URL redis-py cannot parse fails every process the same way: said once. `inferq run`
+    also needs the server now (it waited 600 s for a READY that could not come); `inferq
+    worker`/`api` may be started before it, and only warn (core.cli)."""
     from redis.connection import parse_url
 
     try:
         parse_url(url)
     except ValueError as exc:
         return [f"--redis-url {url}: {exc}"]
+    if must_answer and (reason := redis_unreachable(url)):
+        return [
+            f"cannot reach {url} ({reason}): start it, or leave out --redis-url (and REDIS_URL) "
+            "for the embedded Valkey"
+        ]
     return []
+
+
+def redis_unreachable(url: str) -> str | None:
+    """Why Redis does not answer a PING within 2 s, or None."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except (redis.RedisError, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def port_problems(args: argparse.Namespace, flower: bool) -> list[str]:
