@@ -181,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wait_for(lambda: port_open(port), 15, "valkey", valkey)
             redis_url = f"redis://127.0.0.1:{port}/0"
             logger.info("embedded Valkey on %s (AOF in %s)", redis_url, settings.home / "valkey")
+            _embedded_url_file(settings).write_text(redis_url)  # for `inferq keys create`
         env = build_env(args, settings, redis_url)
         if quiet:
             env = quiet_env(env)
@@ -231,7 +232,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         sup.stop_all()
+        _embedded_url_file(settings).unlink(missing_ok=True)
         logger.info("stopped")
+
+
+def _embedded_url_file(settings: Settings) -> Path:
+    """Where a running `inferq run` says its embedded Valkey's URL (a new port each start).
+    Kept beside the AOF, under the home's lock; a SIGKILLed run leaves a stale one."""
+    return settings.home / "valkey" / "url"
 
 
 def _probe_host(host: str) -> str:
@@ -366,10 +374,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from core.auth import create_key
 
     settings = Settings()
-    url = args.redis_url or settings.redis_url
+    embedded = _embedded_url_file(settings)
+    url = args.redis_url or settings.redis_url or (embedded.read_text().strip() if embedded.is_file() else "")
     if not url:
-        logger.error("name the server with --redis-url or INFERQ_REDIS_URL")
+        logger.error(
+            "name the server with --redis-url or INFERQ_REDIS_URL (or start `inferq run`: its embedded "
+            "Valkey, in INFERQ_HOME=%s, is found by itself)",
+            settings.home,
+        )
         return 2
+    if (code := _refused(preflight.redis_problems(url, must_answer=True))) is not None:
+        return code
     raw, owner = create_key(redis.Redis.from_url(url), args.name, settings.key_ttl_s)
     sys.stdout.write(f"{raw}\n")
     logger.info(

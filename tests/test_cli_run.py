@@ -84,6 +84,18 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
         job = httpx.post(f"{base}/v1/jobs", json=body).json()
         assert _wait_status(base, job["id"], ("succeeded", "failed")) == "succeeded"
         _readme_shell_examples(tmp_path / "shell", base)
+        # `inferq keys create` finds the running embedded Valkey by itself (a new port each start)
+        made = subprocess.run(
+            [sys.executable, "-m", "core.cli", "keys", "create", "alice"],
+            cwd=ROOT,
+            env=cli_env(INFERQ_HOME=str(home)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0 and made.stdout.startswith("iq-"), made.stderr
+        valkey = redis.Redis.from_url((home / "valkey" / "url").read_text())
+        assert list(valkey.scan_iter(match="inferq:apikey:*"))
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 200
         assert len(_procs_with(f"INFERQ_HOME={home}")) >= 4  # valkey, worker parent+child, api, flower
         # four rows of 1900 tokens: still generating when Ctrl-C reaches the worker, about 2 s
@@ -107,6 +119,7 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
     if "sending them again" in text:  # the child was mid-generation: one line replaces them
         assert "stopped with a job in flight" in text, text[-3000:]
     assert _procs_with(f"INFERQ_HOME={home}") == []
+    assert not (home / "valkey" / "url").exists()  # said only while it runs
 
     proc = _start_run(home, log_path, "--port", str(api_port), "--no-flower")
     try:
