@@ -398,6 +398,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except ValidationError as exc:  # a bad INFERQ_ variable, read by Settings()
+        return _refused(preflight.settings_error_lines(exc)) or 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
@@ -411,11 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite (bench/), or render its report")
     bench.add_argument("which", nargs="?", default="all")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="see `inferq bench all --help`")
-    args = parser.parse_args(argv)
-    try:
-        return _dispatch(parser, args)
-    except ValidationError as exc:  # a bad INFERQ_ variable, read by Settings()
-        return _refused(preflight.settings_error_lines(exc)) or 2
+    return parser
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
