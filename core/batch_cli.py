@@ -113,17 +113,23 @@ def follow(client: httpx.Client, batch_id: str, console: Console) -> dict[str, A
 def _download(client: httpx.Client, file_id: str | None, path: Path | None) -> None:
     """Into PATH only once the whole file came: an error answer or a broken connection
     leaves no PATH that looks like output."""
-    if not file_id or not path:
+    if not path:
+        return
+    if not file_id:  # none of that kind: an empty PATH, not an earlier run's lines
+        path.write_bytes(b"")
         return
     part = path.with_name(f".{path.name}.part")
-    with client.stream("GET", f"/v1/files/{file_id}/content") as resp:
-        if resp.status_code >= 400:
-            resp.read()
-            _check(resp)
-        with part.open("wb") as fh:
-            for chunk in resp.iter_bytes():
-                fh.write(chunk)
-    part.replace(path)
+    try:
+        with client.stream("GET", f"/v1/files/{file_id}/content") as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _check(resp)
+            with part.open("wb") as fh:
+                for chunk in resp.iter_bytes():
+                    fh.write(chunk)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +176,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 _download(client, b.get("error_file_id"), args.errors)
                 console.print(_summary(b))
                 if b.get("error_file_id") and not args.errors:
-                    console.print(f"{b['request_counts']['failed']} lines failed: --errors PATH saves why")
+                    console.print("some lines failed or did not run: --errors PATH saves why")
             sys.stdout.write(json.dumps(b) + "\n")
             return 0 if b["status"] in ("completed", "validating", "in_progress") else 1
         if args.batch_cmd == "status":

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import IO
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from core import batch_cli, keys, preflight, top_cli
 from core.config import Settings
@@ -40,6 +41,17 @@ logger = logging.getLogger("inferq")
 #: a process that exits this many times within CRASH_WINDOW_S is not started again
 MAX_RESTARTS = 5
 CRASH_WINDOW_S = 300.0
+
+
+def port_number(text: str) -> int:
+    """argparse's type for a TCP port: 70000 was an OverflowError traceback from the bind check."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -75,8 +87,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--redis-url", default=None, help="use this Redis/Valkey instead of the embedded one")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--flower-port", type=port_number, default=5555)
     p.add_argument("--no-flower", action="store_true")
     p.add_argument(
         "--insecure",
@@ -94,10 +106,14 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.engine:
         env["INFERQ_ENGINE"] = args.engine
+    # each flag overrides its own INFERQ_ variable, as core.preflight checks them
     if args.model:
         env["INFERQ_MODEL_PATH"] = str(Path(args.model).resolve())
+    if args.model_type:
         env["INFERQ_MODEL_TYPE"] = args.model_type
+    if args.template:
         env["INFERQ_TEMPLATE"] = args.template
+    if args.adapters:
         env["INFERQ_ADAPTERS"] = json.dumps([str(Path(a).resolve()) for a in args.adapters])
     if args.served_model_name:
         env["INFERQ_SERVED_MODEL_NAME"] = args.served_model_name
@@ -323,7 +339,7 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--redis-url", default=None, help="the Redis/Valkey every process of the stack uses")
         if name == "api":
             p.add_argument("--host", default="127.0.0.1")
-            p.add_argument("--port", type=int, default=8000)
+            p.add_argument("--port", type=port_number, default=8000)
             p.add_argument(
                 "--insecure", action="store_true", help="allow binding off loopback without API keys"
             )
@@ -342,7 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     problems = preflight.redis_problems(redis_url, must_answer=False)
-    problems += preflight.model_problems(args, settings)
+    problems += preflight.model_problems(args, settings, worker=args.cmd == "worker")
     problems += preflight.settings_problems(build_env(args, settings, redis_url))
     if args.cmd == "api":
         problems += preflight.host_problems(args, settings, False) + preflight.port_problems(args, False)
@@ -404,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(parser, args)
     except ValidationError as exc:  # a bad INFERQ_ variable, read by Settings()
         return _refused(preflight.settings_error_lines(exc)) or 2
+    except SettingsError as exc:  # one that is not the JSON its list or dict needs
+        return _refused([preflight.settings_parse_line(exc)]) or 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,10 @@ from pathlib import Path
 from unittest import mock
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from core.config import Settings
-from core.processes import bindable
+from core.processes import bind_error
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -48,28 +49,41 @@ def settings_problems(env: Mapping[str, str]) -> list[str]:
             Settings()
         except ValidationError as exc:
             return settings_error_lines(exc)
+        except SettingsError as exc:
+            return [settings_parse_line(exc)]
     return []
 
 
-def model_problems(args: argparse.Namespace, settings: Settings) -> list[str]:
-    """The model flags (or their INFERQ_ settings), with what the demo model would ignore."""
+def settings_parse_line(exc: SettingsError) -> str:
+    """A list or dict variable that is not the JSON pydantic-settings reads it as."""
+    return f"{exc} (a list or dict setting is JSON, e.g. INFERQ_API_KEYS='[\"my-key\"]')"
+
+
+def model_problems(args: argparse.Namespace, settings: Settings, *, worker: bool = True) -> list[str]:
+    """The model flags, each over its INFERQ_ variable (as core.cli.build_env passes them on);
+    flags the demo model would drop. `worker`: also what only workers read (adapters)."""
     model = args.model or settings.model_path
     model_type = args.model_type or settings.model_type
     template = args.template or settings.template
-    adapters = args.adapters or list(settings.adapters)
-    adapters_dir = args.adapters_dir or settings.adapters_dir
+    adapters = (args.adapters or list(settings.adapters)) if worker else []
+    adapters_dir = (args.adapters_dir or settings.adapters_dir) if worker else None
+    swift = (args.engine or settings.engine) == "swift"
     problems: list[str] = []
-    if not model:
+    if not model and swift:  # only flags given here: a leftover variable is not the user's doing now
         given = [
             f
-            for f, v in (("--model-type", model_type), ("--template", template), ("--adapters", adapters))
+            for f, v in (
+                ("--model-type", args.model_type),
+                ("--template", args.template),
+                ("--adapters", args.adapters),
+            )
             if v
         ]
         problems += [
             f"{flag} applies to --model, and no --model was given (the demo model takes none)"
             for flag in given
         ]
-    elif (args.engine or settings.engine) == "swift":
+    elif model and swift:
         if not model_type or not template:
             problems.append(
                 "--model needs --model-type and --template (ms-swift will not guess them for a local dir)"
@@ -114,11 +128,15 @@ def port_problems(args: argparse.Namespace, flower: bool) -> list[str]:
     """A port in use (another `inferq run`, a notebook on 8000), said before anything starts:
     uvicorn's bind error came after the worker had started loading, amid its shutdown."""
     wanted = [("--port", args.port)] + ([("--flower-port", args.flower_port)] if flower else [])
-    return [
-        f"{flag} {port}: {args.host}:{port} is already in use; pick a free one with {flag} N"
-        for flag, port in wanted
-        if not bindable(args.host, port)
-    ]
+    if flower and args.port == args.flower_port:
+        return [f"--port and --flower-port are both {args.port}: give each its own"]
+    problems = []
+    for flag, port in wanted:
+        if (why := bind_error(args.host, port)) is not None:
+            problems.append(
+                f"{flag} {port}: cannot listen on {args.host}:{port} ({why}); pick another with {flag} N"
+            )
+    return problems
 
 
 def host_problems(args: argparse.Namespace, settings: Settings, flower: bool) -> list[str]:
@@ -206,6 +224,8 @@ def flag_hint(path: str) -> str:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
+        return ""
+    if not isinstance(config, dict):
         return ""
     from swift.model import MODEL_MAPPING
 

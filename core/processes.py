@@ -8,6 +8,7 @@ tests start the same processes through the same functions.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -152,16 +153,21 @@ def wait_for(
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
 
 
-def bindable(host: str, port: int) -> bool:
-    """Whether a server could listen there now (as uvicorn and Flower bind: SO_REUSEADDR)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+def bind_error(host: str, port: int) -> str | None:
+    """Why a server could not listen there now (as uvicorn and Flower bind: SO_REUSEADDR, each
+    address the host resolves to), or None."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host}: {exc}"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                return "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+    return None
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -101,6 +101,9 @@ BATCH_SIZE = "--max-batch-size / INFERQ_MAX_BATCH_SIZE: Input should be"
         ([], {"INFERQ_REDIS_TIMEOUT_S": "soon"}, "INFERQ_REDIS_TIMEOUT_S: Input should be a valid number"),
         (["--redis-url", "localhost:6379"], {}, "--redis-url localhost:6379: Redis URL must specify one of"),
         (["--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach redis://127.0.0.1:1/0 ("),
+        ([], {"INFERQ_API_KEYS": "my-key"}, 'error parsing value for field "api_keys"'),
+        (["--port", "5555", "--flower-port", "5555"], {}, "--port and --flower-port are both 5555"),
+        (["--port", "70000"], {}, "argument --port: 70000 is not a port (1-65535)"),
     ],
 )
 def test_bad_settings_and_an_unreachable_redis_are_one_line_each(
@@ -108,7 +111,7 @@ def test_bad_settings_and_an_unreachable_redis_are_one_line_each(
 ) -> None:
     """A bad INFERQ_ value was a pydantic traceback (in each child, for one given as a flag;
     --max-batch-size 0 was dropped silently), a Redis that does not answer a 600 s wait."""
-    code, out, took = _run(tmp_path, *args, timeout=60, env_extra=env)
+    code, out, took = _run(tmp_path, *args, timeout=60, env_extra=env, flower="--flower-port" in args)
     assert code == 2 and line in out, out[-2000:]
     assert "Traceback" not in out and "started" not in out and took < 30
 
@@ -144,8 +147,8 @@ def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
             tmp_path, "--port", str(taken), "--flower-port", str(taken_flower), timeout=60, flower=True
         )
     assert code == 2, out[-2000:]
-    assert f"--port {taken}: 127.0.0.1:{taken} is already in use; pick a free one with --port N" in out
-    assert f"--flower-port {taken_flower}: 127.0.0.1:{taken_flower} is already in use" in out
+    assert f"--port {taken}: cannot listen on 127.0.0.1:{taken} (already in use); pick another with" in out
+    assert f"--flower-port {taken_flower}: cannot listen on 127.0.0.1:{taken_flower} (already in use)" in out
     assert "started" not in out and took < 30
 
 

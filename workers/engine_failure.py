@@ -10,6 +10,7 @@ start it again with a backoff of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from types import FrameType
@@ -21,8 +22,14 @@ ENGINE_FAILED = 3
 SIGNAL = signal.SIGUSR2
 
 
+#: the Celery parent's pid, set in it before the pool forks (so its children know it too)
+_PARENT: int | None = None
+
+
 def on_worker_init(**_: Any) -> None:
     """`worker_init`, in the parent, before the pool starts."""
+    global _PARENT
+    _PARENT = os.getpid()
     signal.signal(SIGNAL, _stop)
 
 
@@ -34,5 +41,9 @@ def _stop(_signum: int, _frame: FrameType | None) -> None:
 
 
 def tell_parent() -> None:
-    """In the pool child whose engine failed to load."""
-    os.kill(os.getppid(), SIGNAL)
+    """In the pool child whose engine failed to load. Only to the parent that set the
+    handler: under `--pool solo` there is none (the shell would get the signal), and an
+    orphaned child's parent is init."""
+    if _PARENT is not None and os.getppid() == _PARENT:
+        with contextlib.suppress(OSError):
+            os.kill(_PARENT, SIGNAL)
