@@ -209,6 +209,7 @@ def test_weights_that_do_not_load_stop_the_run_with_the_childs_error(
     )
     assert code == 1 and "a worker child could not load its engine" in out, out[-3000:]
     assert took < 240
+    assert "Traceback" not in out and "(--verbose shows the traceback)" in out  # a calm console
 
 
 def test_a_worker_whose_engine_cannot_load_exits_instead_of_forking_again(

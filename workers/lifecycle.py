@@ -352,7 +352,16 @@ def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
     """A child that cannot load its engine says why in Redis (for `inferq run`, which stops
     waiting and prints it), stops its parent (workers.engine_failure) and exits: left
     running it would take jobs and fail them all."""
-    logger.exception("this worker child could not load its engine: %s", exc)
+    # the traceback helps with --verbose (INFO); at the default level one line says it
+    verbose = logger.isEnabledFor(logging.INFO)
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    logger.error(
+        "this worker child could not load its engine: %s: %s%s",
+        type(exc).__name__,
+        exc,
+        hint,
+        exc_info=verbose,
+    )
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
