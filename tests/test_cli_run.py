@@ -299,3 +299,49 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
     finally:
         sup.stop_all()
         log.close()
+
+
+def test_a_crash_loop_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    """The API is killed and its port taken by another program: every restart fails to
+    bind. After MAX_RESTARTS in the window `inferq run` stops everything and says which
+    process could not stay up, instead of restarting it forever."""
+    import socket
+
+    home, log_path, port = tmp_path / "home", tmp_path / "run.log", free_port()
+    proc = _start_run(home, log_path, "--port", str(port), "--no-flower", "--engine", "echo")
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the API's TIME_WAIT ones
+    try:
+        _wait_banner(proc, log_path)
+        api = [pid for pid in _procs_with(f"INFERQ_HOME={home}") if b"api.serve" in _cmdline(pid)]
+        assert api, log_path.read_text()[-2000:]
+        os.kill(api[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # the port is free once the killed API is gone
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        squatter.listen()
+        code = proc.wait(timeout=120)
+    finally:
+        squatter.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "api exited (code 3) 6 times in 300 s: it cannot stay up; stopping everything" in text, text[
+        -3000:
+    ]
+    assert "starting it again in 16 s" in text  # with backoff
+    assert _procs_with(f"INFERQ_HOME={home}") == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
