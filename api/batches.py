@@ -313,7 +313,7 @@ class BatchService:
             await self._stop_lines(batch_id, raw, code)
             raw = cast(dict[str, str], await self.r.hgetall(keys.batch(batch_id)))
             if int(raw.get("done_lines", 0)) >= int(raw["total"]):
-                await self._finalize(batch_id, "cancelled" if status == "cancelling" else "expired")
+                await self._finalize(batch_id, "cancelled" if status == "cancelling" else "expired", raw)
                 return False
             await asyncio.sleep(0.2)
             return True
@@ -321,7 +321,7 @@ class BatchService:
             await self._dispatch_chunk(batch_id, raw)
             return True
         if raw.get("dispatch_done") == "1" and n["done_lines"] >= n["total"]:
-            await self._finalize(batch_id, "completed")
+            await self._finalize(batch_id, "completed", raw)
             return False
         await asyncio.sleep(0.1)
         return True
@@ -514,13 +514,12 @@ class BatchService:
                 out.append(custom_id if isinstance(custom_id, str) else None)
         return out
 
-    async def _finalize(self, batch_id: str, final: str) -> None:
+    async def _finalize(self, batch_id: str, final: str, raw: dict[str, str]) -> None:
+        """`raw`: the batch record the step just read (its owner owns the files too)."""
         now = str(int(time.time()))
         await self.r.hset(keys.batch(batch_id), mapping={"status": "finalizing", "finalizing_at": now})
         ids: dict[str, str] = {}
-        owner = cast(
-            str, await self.r.hget(keys.batch(batch_id), "owner") or ""
-        )  # its files are the key's too
+        owner = raw.get("owner", "")
         for kind, output in (("output_file_id", True), ("error_file_id", False)):
             lines = [line async for line in self.result_lines(batch_id, output=output)]
             if not lines:

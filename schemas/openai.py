@@ -79,7 +79,8 @@ class ChatMessage(StrictModel):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind is not None and kind != "text":
                 raise ValueError(f"this model accepts text only: content part {j} is of type '{kind}'")
-        _unicode(v)  # here, not per union branch: one error, not "Input should be a valid string"
+        if isinstance(v, list):  # here, not per union branch: one error, not "Input should be a valid string"
+            _unicode(v)  # (a string is checked once, by StrictModel's validator)
         return v
 
     def text(self) -> str:
