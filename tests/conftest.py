@@ -131,6 +131,14 @@ def _cancel_blockers() -> Iterator[None]:
         stack.wait_job(job)
 
 
+def proc_file(pid: int, name: str) -> bytes:
+    """/proc/<pid>/<name> of a process that may have ended meanwhile (b"" then)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """A user's environment for the `inferq` command: none of this test run's INFERQ_* or
     REDIS_URL."""

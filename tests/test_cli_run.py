@@ -18,7 +18,7 @@ import redis
 
 from core.demo_model import build_demo_model
 from core.processes import Supervisor, free_port
-from tests.conftest import ROOT, cli_env, wait_ready, with_db
+from tests.conftest import ROOT, cli_env, proc_file, wait_ready, with_db
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +28,8 @@ def _procs_with(marker: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
+        if marker.encode() in proc_file(int(entry.name), "environ"):
+            found.append(int(entry.name))
     return found
 
 
@@ -313,7 +310,7 @@ def test_a_crash_loop_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the API's TIME_WAIT ones
     try:
         _wait_banner(proc, log_path)
-        api = [pid for pid in _procs_with(f"INFERQ_HOME={home}") if b"api.serve" in _cmdline(pid)]
+        api = [pid for pid in _procs_with(f"INFERQ_HOME={home}") if b"api.serve" in proc_file(pid, "cmdline")]
         assert api, log_path.read_text()[-2000:]
         os.kill(api[0], signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -338,10 +335,3 @@ def test_a_crash_loop_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
     ]
     assert "starting it again in 16 s" in text  # with backoff
     assert _procs_with(f"INFERQ_HOME={home}") == []
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

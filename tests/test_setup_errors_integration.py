@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from core.processes import Supervisor, api_argv, free_port, port_open, wait_for
-from tests.conftest import ROOT, cli_env, stack_env, with_db
+from tests.conftest import ROOT, cli_env, proc_file, stack_env, with_db
 
 pytestmark = pytest.mark.integration
 
@@ -182,18 +182,12 @@ def _pool_child_of(pid: int) -> bool:
     """Whether `inferq run` (pid) has a pool child under its worker, and it has torch loaded
     (the parent never imports it: the child is loading its engine)."""
 
-    def read(path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError:
-            return b""
-
     def children(of: int) -> list[int]:
-        return [int(c) for c in read(f"/proc/{of}/task/{of}/children").split()]
+        return [int(c) for c in proc_file(of, f"task/{of}/children").split()]
 
     for child in children(pid):
-        if b"celery" in read(f"/proc/{child}/cmdline"):
-            return any(b"libtorch" in read(f"/proc/{pool}/maps") for pool in children(child))
+        if b"celery" in proc_file(child, "cmdline"):
+            return any(b"libtorch" in proc_file(pool, "maps") for pool in children(child))
     return False
 
 
