@@ -6,7 +6,8 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import cast
+from dataclasses import dataclass
+from typing import Literal, cast
 
 import anyio
 import redis.asyncio as aredis
@@ -19,6 +20,8 @@ from core.storage import Storage, check_id
 from schemas.batches import FileObject
 
 _CHUNK = 1 << 16
+#: file records read per round trip while listing
+_LIST_CHUNK = 200
 
 
 def new_file_id() -> str:
@@ -164,16 +167,87 @@ async def get(r: aredis.Redis, file_id: str, scope: str | None = None) -> tuple[
     return FileObject.model_validate_json(raw["json"]), int(raw.get("lines", "0"))
 
 
-async def list_files(r: aredis.Redis, limit: int, scope: str | None = None) -> list[FileObject]:
-    ids = await r.zrevrange(keys.FILE_INDEX, 0, -1)
-    out = []
-    for file_id in cast(list[str], ids):
-        raw = await r.hgetall(keys.file(file_id))
-        if raw and (scope is None or raw.get("owner", "") == scope):
-            out.append(FileObject.model_validate_json(raw["json"]))
-            if len(out) >= limit:
-                break
-    return out
+@dataclass(frozen=True)
+class FilePage:
+    data: list[FileObject]
+    #: whether a file matching the same filters follows the page's last
+    has_more: bool
+
+
+async def _rank(r: aredis.Redis, file_id: str, desc: bool) -> int | None:
+    return cast(int | None, await (r.zrevrank if desc else r.zrank)(keys.FILE_INDEX, file_id))
+
+
+async def _start(r: aredis.Redis, after: str | None, desc: bool, scope: str | None) -> int:
+    """Where the page after `after` starts. Another key's file is as unknown as a missing one."""
+    if not after:
+        return 0
+    rank = await _rank(r, after, desc)
+    owner = await r.hget(keys.file(after), "owner")
+    if rank is None or owner is None or (scope is not None and owner != scope):
+        raise APIError(
+            400,
+            f"No file '{after[:80]}' to list after (unknown or expired).",
+            param="after",
+            code="invalid_value",
+        )
+    return rank + 1
+
+
+async def _live(r: aredis.Redis, ids: list[str]) -> list[tuple[str, str, str]]:
+    """(id, record JSON, owner) of the files among `ids` that still exist. An id whose record has
+    expired (files have a TTL; the index only as a whole) leaves the index here."""
+    async with r.pipeline(transaction=False) as pipe:
+        for file_id in ids:
+            pipe.hmget(keys.file(file_id), ["json", "owner"])
+        rows = await pipe.execute()
+    stale = [file_id for file_id, (raw, _) in zip(ids, rows, strict=True) if raw is None]
+    if stale:
+        await r.zrem(keys.FILE_INDEX, *stale)
+    return [(i, raw, owner or "") for i, (raw, owner) in zip(ids, rows, strict=True) if raw is not None]
+
+
+def _visible(rows: list[tuple[str, str, str]], scope: str | None, purpose: str | None) -> list[FileObject]:
+    """The files the caller may see (its own when keys are on), of `purpose` if given."""
+    objs = [FileObject.model_validate_json(raw) for _, raw, owner in rows if scope in (None, owner)]
+    return [o for o in objs if purpose is None or o.purpose == purpose]
+
+
+async def _next(r: aredis.Redis, rows: list[tuple[str, str, str]], pos: int, desc: bool) -> int:
+    """Where the next chunk starts: after the last live id's rank now, not at `pos + chunk`, as
+    uploads, deletes and the pruning of expired ids meanwhile shift ranks (a file would be
+    repeated or skipped)."""
+    last = await _rank(r, rows[-1][0], desc) if rows else None
+    return pos + len(rows) if last is None else last + 1
+
+
+async def list_files(
+    r: aredis.Redis,
+    limit: int,
+    scope: str | None = None,
+    *,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+) -> FilePage:
+    """One page of files by `created_at` (ties by id), as OpenAI's list: `has_more` is true only
+    when a matching file follows, so a client that pages until it is false (the `openai` SDK's
+    auto-paging) sees every file once. It reads one file past the page to know."""
+    desc = order == "desc"
+    pos = await _start(r, after, desc, scope)
+    chunk = min(_LIST_CHUNK, limit + 1)
+    found: list[FileObject] = []
+    while len(found) <= limit:
+        ids = cast(
+            list[str],
+            await (r.zrevrange if desc else r.zrange)(keys.FILE_INDEX, pos, pos + chunk - 1),
+        )
+        if not ids:
+            break
+        rows = await _live(r, ids)
+        found += _visible(rows, scope, purpose)
+        pos = await _next(r, rows, pos, desc)
+    return FilePage(found[:limit], len(found) > limit)
 
 
 async def content(

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as http_metrics
 
-from api import errors
+from api import errors, request_id
 from api.batches import BatchService
 from api.deps import AppState
 from api.guard import RequestGuard
@@ -33,15 +33,18 @@ logger = logging.getLogger("inferq.api")
 
 
 def install_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs with its JS and CSS from the API itself (the `swagger-ui-bundle`
-    package): FastAPI's default page loads them from a CDN and is blank offline, and /docs is
-    the first page `inferq run` points to."""
+    """Swagger UI at /docs with its JS and CSS from the API itself: FastAPI's default page loads
+    them from a CDN and is blank offline, and /docs is the first page `inferq run` points to.
+    Swagger UI 5 (from the `fastapi-offline` package, which ships swagger-ui-dist 5's files):
+    FastAPI emits OpenAPI 3.1, and Swagger UI 4 refuses it ("Unable to render this definition")."""
+    from importlib.resources import files
+
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    assets = files("fastapi_offline") / "static"
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
@@ -50,7 +53,7 @@ def install_docs(app: FastAPI) -> None:
             title="inferq API",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_favicon_url="/docs-assets/favicon.png",
         )
 
     plain_openapi = app.openapi
@@ -143,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrumentator.add(http_metrics.requests(registry=registry), http_metrics.latency(registry=registry))
     instrumentator.instrument(app)
     app.add_middleware(TimingHeader)
+    request_id.install(app)  # around all of the above, and around Starlette's 500s
 
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -27,10 +27,21 @@ async def upload_file(
 
 @router.get("", response_model=FileList, summary="List files", responses=error_responses(400))
 async def list_files(
-    st: StateDep, scope: ScopeDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    st: StateDep,
+    scope: ScopeDep,
+    after: Annotated[str | None, Query(description="A file id: the page after it")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query(description="By created_at")] = "desc",
+    purpose: Annotated[str | None, Query(description="Only files of this purpose")] = None,
 ) -> FileList:
-    data = await files.list_files(st.redis, limit, scope)
-    return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+    page = await files.list_files(st.redis, limit, scope, after=after, order=order, purpose=purpose)
+    data = page.data
+    return FileList(
+        data=data,
+        has_more=page.has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Get a file", responses=error_responses(404))
