@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api import service
+from api.chunks import ChoiceStream
 from api.deps import AppState
 from api.errors import APIError
 from api.streams import read_events
@@ -27,6 +28,7 @@ from schemas.openai import (
     Usage,
     error_body,
 )
+from workers.engine import PromptCounter
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +173,14 @@ async def stream_chunks(
 ) -> AsyncIterator[str]:
     cid = f"chatcmpl-{job.id.removeprefix('job_')}"
     created = int(job.created_at)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    opts = body.stream_options
+    running = await RunningUsage.start(st, body) if opts and opts.continuous_usage_stats else None
+    include_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
+    views = [ChoiceStream(i, body.calls_tools) for i in range(body.n)]
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        if usage is None and running is not None:
+            usage = running.usage(views)
         c = ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=usage)
         data = c.model_dump(exclude=None if include_usage else {"usage"})
         return f"data: {json.dumps(data)}\n\n"
@@ -185,13 +192,14 @@ async def stream_chunks(
             yield ": keep-alive\n\n"
         elif event.type == "token":
             data = event.data()
-            yield chunk([ChunkChoice(index=data["index"], delta=ChunkDelta(content=data["text"]))])
+            if text := views[data["index"]].delta(data["text"]):
+                yield chunk([ChunkChoice(index=data["index"], delta=ChunkDelta(content=text))])
         elif event.type == "done":
             state["finished"] = True
             result = ChatCompletion.model_validate(event.data())
             for ch in result.choices:
-                reason = "stop" if ch.finish_reason == "cancelled" else ch.finish_reason
-                yield chunk([ChunkChoice(index=ch.index, delta=ChunkDelta(), finish_reason=reason)])
+                for part in views[ch.index].final(ch):
+                    yield chunk([part], usage=result.usage if running is not None else None)
             if include_usage:
                 yield chunk([], usage=result.usage)
             yield "data: [DONE]\n\n"
@@ -204,3 +212,28 @@ async def stream_chunks(
             )
             yield f"data: {json.dumps(payload)}\n\n"
             return
+
+
+class RunningUsage:
+    """vLLM's `continuous_usage_stats`: `usage` on every chunk. The prompt is counted exactly
+    (once); completion tokens so far are the text streamed so far, tokenized again (a token
+    split across two deltas may count twice until the final chunk, whose usage is exact)."""
+
+    def __init__(self, counter: PromptCounter, prompt_tokens: int) -> None:
+        self.counter = counter
+        self.prompt_tokens = prompt_tokens
+
+    @classmethod
+    async def start(cls, st: AppState, body: ChatCompletionRequest) -> RunningUsage:
+        counter = await st.counter.get()
+        messages = body.engine_messages()
+        prompt = await anyio.to_thread.run_sync(
+            counter.count_prompt_tokens, messages, body.tools_for_engine()
+        )
+        return cls(counter, prompt)
+
+    def usage(self, views: list[ChoiceStream]) -> Usage:
+        done = sum(self.counter.count_text_tokens(v.seen) for v in views if v.seen)
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done
+        )

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 #: tokens added to each message's measured markup, for merges that differ at the
 #: boundary between markup and text
 MARGIN = 4
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ class PromptBound:
 
 def plain_shape(messages: Messages) -> bool:
     """An optional system message, then user and assistant turns by turns, ending with the
-    user's: the conversation every chat template renders."""
+    user's: the conversation every chat template renders (tool calls and tool answers are
+    rendered by the template's agent template: counted exactly)."""
+    if any("tool_calls" in m for m in messages):
+        return False
     roles = [m["role"] for m in messages]
     if roles and roles[0] == "system":
         roles = roles[1:]

@@ -20,9 +20,10 @@ from api.prompt_bound import PromptBound
 from api.publish import task_message
 from core.config import Settings
 from core.jobs import NO_TOKENS, AsyncJobStore, JobRecord
+from schemas.grammar import GrammarError, check_request_grammar
 from schemas.jobs import Job, JobStatus
 from schemas.openai import ChatCompletionRequest
-from workers.engine import PromptCounter, load_prompt_counter
+from workers.engine import ModelFacts, PromptCounter, load_prompt_counter
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +117,20 @@ async def prepare(
             param="inferq.timeout_s",
             code="invalid_value",
         )
-    messages = [m.for_engine() for m in request.messages]
-    bound = prompt_bound(counter)
+    check_structured(request, facts)
+    messages = request.engine_messages()
+    tools = request.tools_for_engine()
+    bound = prompt_bound(counter) if tools is None else None
     needed = limit if limit is not None else settings.default_max_tokens
     upper = bound(messages) if bound is not None else None
     if upper is not None and upper + needed <= facts.context_length:
         # it fits for certain: the exact count would decide nothing (the worker reports it)
         return _effective(request, settings, limit, facts.context_length - upper), upper
     try:
-        if sum(len(m["content"]) for m in messages) <= INLINE_COUNT_CHARS:
-            prompt_tokens = counter.count_prompt_tokens(messages)
+        if sum(len(m["content"]) for m in messages) <= INLINE_COUNT_CHARS and not tools:
+            prompt_tokens = counter.count_prompt_tokens(messages, tools)
         else:
-            prompt_tokens = await anyio.to_thread.run_sync(counter.count_prompt_tokens, messages)
+            prompt_tokens = await anyio.to_thread.run_sync(counter.count_prompt_tokens, messages, tools)
     except Exception as exc:  # the template refused the conversation
         too_long = TOO_LONG.search(str(exc))
         if too_long is None:
@@ -154,6 +157,38 @@ async def prepare(
             code="context_length_exceeded",
         )
     return _effective(request, settings, limit, room), prompt_tokens
+
+
+def check_structured(request: ChatCompletionRequest, facts: ModelFacts) -> None:
+    """Tools need a template with a tool-call format; every JSON schema (response format,
+    tool parameters) must be one the grammar compiler takes: refused here, before the job
+    is queued, not as a failed job later."""
+    if request.calls_tools and facts.tool_format is None:
+        raise APIError(
+            400,
+            f"The model '{facts.model_id}' has no tool-call format in its template; tools work "
+            "with templates that use hermes tool calls (Qwen2.5, Qwen3, ...).",
+            param="tools",
+            code="invalid_value",
+        )
+    if facts.vocab_size:
+        for token in request.logit_bias or {}:
+            if int(token) >= facts.vocab_size:
+                raise APIError(
+                    400,
+                    f"Invalid value for 'logit_bias': token {token} is outside the vocabulary "
+                    f"(ids 0-{facts.vocab_size - 1}).",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+    try:
+        check_request_grammar(
+            request.response_format, request.tools, request.tool_choice, request.parallel_tool_calls
+        )
+    except GrammarError as exc:
+        raise APIError(
+            400, f"Invalid value for '{exc.param}': {exc}", param=exc.param, code="invalid_value"
+        ) from exc
 
 
 def _effective(

@@ -3,7 +3,7 @@ side by side in one run on this machine. Results go to bench/results/*.json; `re
 renders docs/benchmarks.md and its plot from them.
 
     inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling
-                 | mixed | engines | report
+                 | mixed | engines | structured | report
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from bench.engines import engines
 from bench.lora import lora
 from bench.mixed import mixed
 from bench.stepcost import stepcost
+from bench.structured import structured
 from bench.timeline import timeline
 from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
@@ -252,6 +253,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "chat": chat,
     "cpu": cpu,
     "lora": lora,
+    "structured": structured,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {

@@ -153,7 +153,7 @@ def _job_keys(r: redis.Redis) -> int:
         (_body("x", temperature=-1), 400, "temperature"),
         (_body("hello " * 3000), 400, "messages"),
         (_body("hello " * 1000, max_tokens=1500), 400, "max_tokens"),
-        (_body("x", tools=[{"type": "function"}]), 400, "tools"),
+        (_body("x", tools=[{"type": "function"}]), 400, "tools[0].function"),
         (_body("x", stream=True), 400, "stream"),
         (_body("x", metadata={f"k{i}": "v" for i in range(17)}), 400, "metadata"),
         (_body("x", presence_penalty="high"), 400, "presence_penalty"),

@@ -30,12 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from swift.infer_engine import InferRequest
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor,
-)
 
 from core.config import Settings
 from workers.continuous_runner import interactive_reserve
@@ -49,107 +45,11 @@ from workers.engine import (
     TokenSink,
     truncate_at_stop,
 )
-from workers.rows import random_seed, sample, stop_window
+from workers.rows import stop_window
+from workers.slots import SLOT_KWARG, SlotSampler
 from workers.swift_backend import DeltaStreamer, SwiftEngine
 
 logger = logging.getLogger(__name__)
-
-_KWARG = "inferq_slot"
-
-
-class SlotSampler(ContinuousBatchingLogitsProcessor):
-    """Each row's token by its own settings, read from per-slot tables on the device (slot 0:
-    greedy, for requests that are not ours, such as the manager's warm-up)."""
-
-    supported_kwargs: dict[str, type] = {_KWARG: int}
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def __init__(self, slots: int, device: torch.device) -> None:
-        self.slots, self.device = slots, device
-        self.temperature = torch.zeros(slots, device=device)
-        self.top_p = torch.ones(slots, device=device)
-        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
-        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
-        self.presence = torch.zeros(slots, device=device)
-        self.frequency = torch.zeros(slots, device=device)
-        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
-        self.counts: torch.Tensor | None = None  # [slots, vocab] generated-token counts, with penalties
-        #: host-side: which slots sample, truncate, penalise (no device read per step)
-        self.sampling: set[int] = set()
-        self.truncating: set[int] = set()
-        self.penalised: set[int] = set()
-        #: generation steps and rows run (occupancy); read and reset by the engine
-        self.steps_run = 0
-        self.rows_run = 0
-
-    def assign(self, slot: int, p: GenParams, default_top_k: int) -> None:
-        top_k = default_top_k if p.top_k is None else p.top_k
-        self.temperature[slot] = p.temperature
-        self.top_p[slot] = p.top_p
-        self.top_k[slot] = top_k
-        self.seeds[slot] = random_seed() if p.seed is None else p.seed
-        self.presence[slot] = p.presence_penalty
-        self.frequency[slot] = p.frequency_penalty
-        self.steps[slot] = 0
-        if self.counts is not None:
-            self.counts[slot] = 0
-        if self.device.type == "cuda":
-            # the loop reads these on its own stream: they must be written before the request
-            # is added
-            torch.cuda.current_stream(self.device).synchronize()
-        for flag, on in (
-            (self.sampling, p.temperature > 0),
-            (self.truncating, p.temperature > 0 and (p.top_p < 1.0 or top_k > 0)),
-            (self.penalised, bool(p.presence_penalty or p.frequency_penalty)),
-        ):
-            if on:
-                flag.add(slot)
-            else:
-                flag.discard(slot)
-
-    def release(self, slot: int) -> None:
-        self.sampling.discard(slot)
-        self.truncating.discard(slot)
-        self.penalised.discard(slot)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        slots = [r.state.logit_processor_kwargs.get(_KWARG, 0) for r in requests_with_new_token]
-        return torch.tensor(slots, dtype=torch.int32, device="cpu")
-
-    def __call__(self, logits: torch.FloatTensor, tensor_arg: torch.Tensor) -> torch.FloatTensor:
-        scores: torch.Tensor = logits
-        rows, vocab = scores.shape
-        self.steps_run += 1
-        self.rows_run += rows
-        slots = tensor_arg[:rows].long()
-        if self.penalised:
-            if self.counts is None:
-                self.counts = torch.zeros(self.slots, vocab, device=scores.device)
-            c = self.counts.index_select(0, slots)
-            scores = scores - self.frequency[slots, None] * c - self.presence[slots, None] * (c > 0).float()
-        if self.sampling:
-            tokens = sample(
-                scores,
-                self.temperature[slots],
-                self.top_p[slots],
-                self.top_k[slots],
-                self.seeds[slots],
-                self.steps[slots],
-                truncate=bool(self.truncating),
-            )
-        else:
-            tokens = scores.argmax(-1)
-        self.steps.index_add_(0, slots, torch.ones_like(slots))
-        if self.counts is not None:
-            self.counts.index_put_(
-                (slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True
-            )
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, tokens[:, None], 0.0)
-        return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -176,7 +76,6 @@ class ContinuousEngine(SwiftEngine):
         super().__init__(spec, settings)
         self.settings = settings
         self.engine.template.set_mode("transformers")
-        self.stop_token_ids = self._stop_token_ids()
         self.rows_max = settings.max_batch_size + interactive_reserve(settings.max_batch_size)
         self._slots: deque[int] = deque(range(1, 2 * self.rows_max + 2))
         self._rows: dict[str, _Row] = {}
@@ -187,22 +86,9 @@ class ContinuousEngine(SwiftEngine):
         self._count = 0
         self._last_output: float | None = None
         self.manager: Any = None
-        self.sampler = SlotSampler(len(self._slots) + 1, self.engine.model.device)
+        self.sampler = SlotSampler(len(self._slots) + 1, self.engine.model.device, self.stop_token_ids)
+        self.sampler.know_vocab(self.grammars.vocab_size)
         self._start_manager()
-
-    def _stop_token_ids(self) -> list[int]:
-        """Template stop words that are one token (as ms-swift's static path stops at them),
-        and the model's EOS."""
-        tok = self.engine.tokenizer
-        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        gen_eos = getattr(self.engine.generation_config, "eos_token_id", None)
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        for word in self.engine.template.template_meta.stop_words:
-            if isinstance(word, str):
-                enc = tok.encode(word, add_special_tokens=False)
-                if len(enc) == 1:
-                    ids.add(enc[0])
-        return sorted(ids)
 
     def _start_manager(self) -> None:
         gc = copy.deepcopy(self.engine.generation_config)
@@ -283,11 +169,14 @@ class ContinuousEngine(SwiftEngine):
                 "workers in static mode (INFERQ_ENGINE_MODE=static)."
             )
         enc = self.engine.template.encode(
-            InferRequest(messages=request.messages), return_template_inputs=True
+            InferRequest(messages=request.messages, tools=request.tools), return_template_inputs=True
         )
         input_ids = list(enc["input_ids"])
+        # compiled here, in the drain's thread: the loop's steps go on meanwhile
+        grammar = request.params.grammar
+        matcher = self.grammars.matcher(grammar) if grammar is not None else None
         slot = self._slots.popleft()
-        self.sampler.assign(slot, request.params, self._default_top_k)
+        self.sampler.assign(slot, request.params, self._default_top_k, input_ids, matcher)
         self._count += 1
         rid = f"r{self._count}"
         stream = self._sink is not None and self._sink.wants_tokens(row)
@@ -307,7 +196,7 @@ class ContinuousEngine(SwiftEngine):
             max_new_tokens=request.params.max_tokens,
             streaming=True,
             eos_token_id=self.stop_token_ids,
-            **{_KWARG: slot},
+            **{SLOT_KWARG: slot},
         )
 
     def active_rows(self) -> int:
@@ -407,8 +296,10 @@ class ContinuousEngine(SwiftEngine):
         if self._streamer is not None and r.stream:
             self._streamer.decode(force=True)
             self._streamer.settle(r.row, text)
+        trail = self.sampler.trail(r.slot)
+        logprobs = trail.entries(self.grammars, n) if trail is not None else None
         self._release(r)
-        return GenResult(text, finish, r.prompt_tokens, n)
+        return GenResult(text, finish, r.prompt_tokens, n, logprobs)
 
     def _release(self, r: _Row) -> None:
         self._rows.pop(r.rid, None)

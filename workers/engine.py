@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from core.config import Settings
 from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, is_demo_model
@@ -36,16 +36,43 @@ class GenParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: vLLM's extensions (see schemas.openai)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    #: (token id, bias) pairs added to the logits
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: the llguidance grammar the output must follow (schemas.grammar); None: free text
+    grammar: str | None = None
+    #: None: no logprobs; else the alternatives per token (0-20)
+    logprobs: int | None = None
+
+    @property
+    def picks(self) -> bool:
+        """The row needs the per-row picker (anything beyond greedy, limits and stops)."""
+        return bool(
+            self.temperature > 0
+            or self.grammar is not None
+            or self.logprobs is not None
+            or self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.min_tokens
+            or self.ignore_eos
+        )
 
 
 @dataclass(frozen=True)
 class GenRequest:
-    messages: list[dict[str, str]]
+    #: OpenAI-shaped messages as ms-swift's template takes them (tool calls included)
+    messages: list[dict[str, Any]]
     params: GenParams
-    #: Who asked (job id, choice index): for logs and, later, cancel checks.
+    #: Who asked (job id, choice index): for logs.
     tag: str = ""
     #: the LoRA adapter (served name) this row runs through; "": the base model
     adapter: str = ""
+    #: OpenAI tool definitions, rendered into the prompt by the template's agent template
+    tools: list[dict[str, Any]] | None = None
 
 
 class AdapterMissing(LookupError):
@@ -58,6 +85,8 @@ class GenResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    #: OpenAI's `logprobs.content` entries, one per generated token, when asked for
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,10 @@ class ModelFacts:
     demo: bool
     #: runs on a GPU (the warm-up sweeps batch sizes there)
     accelerator: bool = False
+    #: the template's tool-call format ("hermes"), or None: it renders no tools
+    tool_format: str | None = None
+    #: the tokenizer's vocabulary (logit_bias keys are checked against it); 0: unknown
+    vocab_size: int = 0
 
 
 class TokenSink(Protocol):
@@ -107,7 +140,9 @@ class Engine(Protocol):
         result's text."""
         ...
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+    def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int: ...
 
     def progress(self) -> float | None:
         """`time.monotonic()` of the last generation step while a `generate` runs, None when
@@ -120,7 +155,13 @@ class PromptCounter(Protocol):
 
     facts: ModelFacts
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+    def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int: ...
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of a piece of generated text (no template)."""
+        ...
 
 
 @dataclass(frozen=True)

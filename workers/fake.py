@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, TokenSink, run_split
 from workers.streaming import StopFilter
@@ -37,8 +38,13 @@ class EchoEngine:
     def progress(self) -> float | None:
         return self._progress
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return sum(len(m["content"].split()) + 2 for m in messages)
+    def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
+        return sum(len(str(m["content"]).split()) + 2 for m in messages) + 8 * len(tools or [])
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(text.split())
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None

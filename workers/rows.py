@@ -28,6 +28,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from workers.engine import GenParams
+from workers.guide import GrammarBook, LogprobTrail, apply_grammars, consume, record_logprobs
 
 
 class RowPenalties(LogitsProcessor):
@@ -92,18 +93,16 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     return -torch.log(-torch.log(u))
 
 
-def sample(
+def shape_logits(
     scores: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     top_k: torch.Tensor,
-    seeds: torch.Tensor,
-    steps: torch.Tensor,
+    min_p: torch.Tensor | None = None,
     truncate: bool = True,
 ) -> torch.Tensor:
-    """One token per row: argmax where temperature is 0, else a sample of the row's own
-    temperature / top-k / top-p distribution (columns [B] each; top_k 0 or >= vocab: off)."""
-    greedy = scores.argmax(-1)
+    """Each row's logits as it samples them: over its temperature, cut to its top-k, top-p
+    and min-p (columns [B] each; top_k 0 or >= vocab: off; greedy rows' are meaningless)."""
     vocab = scores.shape[1]
     top_k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
     logits = scores.float() / temperature.clamp(min=1e-6)[:, None]
@@ -115,33 +114,96 @@ def sample(
         probs = ranked.masked_fill(cut, float("-inf")).softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         cut |= ((probs.cumsum(-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0)
+        if min_p is not None:  # vLLM's min_p: below min_p times the most likely token's
+            cut |= probs < (min_p[:, None] * probs[:, :1])
         logits = logits.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), float("-inf"))
+    return logits
+
+
+def sample(
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    truncate: bool = True,
+    min_p: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row: argmax where temperature is 0, else a sample of the row's own
+    distribution; and the logits each row's token was drawn from, for its logprobs (a
+    greedy row's: its scores as they are, the distribution OpenAI reports at temperature 0)."""
+    greedy = scores.argmax(-1)
+    logits = shape_logits(scores, temperature, top_p, top_k, min_p, truncate)
     drawn = (logits + gumbel_noise(seeds, steps, scores.shape[1])).argmax(-1)
-    return torch.where(temperature > 0, drawn, greedy)
+    hot = temperature > 0
+    return torch.where(hot, drawn, greedy), torch.where(hot[:, None], logits, scores.float())
 
 
 def random_seed() -> int:
     return secrets.randbits(62)
 
 
-class RowSampler(LogitsProcessor):
-    """Samples the non-greedy rows, each with its own settings, inside a greedy `generate`,
-    and hands HF a one-hot row for each (greedy rows are left as they are)."""
+def repeat_penalise(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF's (and vLLM's) repetition penalty: a seen token's positive logit divided by the
+    row's penalty, a negative one multiplied (`seen`: [B, V] bool, `penalty`: [B])."""
+    p = penalty[:, None].to(scores.dtype)
+    penalised = torch.where(scores > 0, scores / p, scores * p)
+    return torch.where(seen, penalised, scores)
 
-    def __init__(self, params: Sequence[GenParams], default_top_k: int = 0) -> None:
-        self.rows = [i for i, p in enumerate(params) if p.temperature > 0]
-        self.temperature = [params[i].temperature for i in self.rows]
-        self.top_p = [params[i].top_p for i in self.rows]
-        top_k = [params[i].top_k for i in self.rows]
-        self.top_k = [default_top_k if k is None else k for k in top_k]
-        seeds = [params[i].seed for i in self.rows]
-        self.seeds = [random_seed() if s is None else s for s in seeds]
+
+def bias_and_bans(scores: torch.Tensor, row: int, p: GenParams, step: int, stop_ids: Sequence[int]) -> None:
+    """In place: the row's logit_bias, and no end token before min_tokens (or ever, with
+    ignore_eos)."""
+    pairs = [(t, b) for t, b in p.logit_bias if t < scores.shape[1]]
+    if pairs:
+        ids = [t for t, _ in pairs]
+        scores[row, ids] += torch.tensor([b for _, b in pairs], device=scores.device, dtype=scores.dtype)
+    if stop_ids and (p.ignore_eos or step < p.min_tokens):
+        scores[row, list(stop_ids)] = float("-inf")
+
+
+class RowSampler(LogitsProcessor):
+    """Picks each row's token by its own settings inside a greedy `generate`, and hands HF
+    a one-hot row for it: temperature / top-k / top-p / min-p and seed, repetition penalty,
+    logit bias, min_tokens and ignore_eos, its grammar (structured outputs, enforced tool
+    calls) and its logprobs. Rows that need none of it are left as they are (HF's argmax
+    takes their token, exactly as alone)."""
+
+    def __init__(
+        self,
+        params: Sequence[GenParams],
+        default_top_k: int = 0,
+        book: GrammarBook | None = None,
+        stop_ids: Sequence[int] = (),
+    ) -> None:
+        self.rows = [i for i, p in enumerate(params) if p.picks]
+        picked = [params[i] for i in self.rows]
+        self.params = picked
+        self.temperature = [p.temperature for p in picked]
+        self.top_p = [p.top_p for p in picked]
+        self.top_k = [default_top_k if p.top_k is None else p.top_k for p in picked]
+        self.min_p = [p.min_p for p in picked]
+        self.seeds = [random_seed() if p.seed is None else p.seed for p in picked]
+        self.stop_ids = list(stop_ids)
+        # j: a row's position among the picked rows
+        grammars = [(j, p.grammar) for j, p in enumerate(picked) if p.grammar is not None]
+        if grammars and book is None:
+            raise ValueError("a row has a grammar but the engine has no grammar book")
+        self.matchers = {j: book.matcher(g) for j, g in grammars} if book is not None else {}
+        self.trails = {j: LogprobTrail(p.logprobs) for j, p in enumerate(picked) if p.logprobs is not None}
+        #: positions that took an end token: nothing more is fed to their matcher or trail
+        self.ended: set[int] = set()
         self.prompt_width: int | None = None
         self._dev: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.rows)
+
+    def trail(self, row: int) -> LogprobTrail | None:
+        """The logprobs of batch row `row`, if it asked for them."""
+        return self.trails.get(self.rows.index(row)) if row in self.rows else None
 
     def _setup(self, scores: torch.Tensor) -> dict[str, Any]:
         dev, vocab = scores.device, scores.shape[1]
@@ -150,9 +212,31 @@ class RowSampler(LogitsProcessor):
             "temperature": torch.tensor(self.temperature, device=dev, dtype=torch.float32),
             "top_p": torch.tensor(self.top_p, device=dev, dtype=torch.float32),
             "top_k": torch.tensor(self.top_k, device=dev),
-            "truncate": any(p < 1.0 for p in self.top_p) or any(0 < k < vocab for k in self.top_k),
+            "min_p": torch.tensor(self.min_p, device=dev, dtype=torch.float32) if any(self.min_p) else None,
+            "truncate": any(p < 1.0 for p in self.top_p)
+            or any(0 < k < vocab for k in self.top_k)
+            or any(self.min_p),
             "seeds": torch.tensor(self.seeds, device=dev, dtype=torch.long),
+            "repeat": torch.tensor([p.repetition_penalty for p in self.params], device=dev)
+            if any(p.repetition_penalty != 1.0 for p in self.params)
+            else None,
         }
+
+    def _adjust(self, sub: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
+        d = self._dev
+        assert d is not None
+        if d["repeat"] is not None:
+            ids = input_ids.index_select(0, d["rows"])
+            seen = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, ids, True)
+            sub = repeat_penalise(sub, seen, d["repeat"])
+        for j, p in enumerate(self.params):
+            bias_and_bans(sub, j, p, step, self.stop_ids)
+        if self.matchers:
+            live = [j for j in self.matchers if j not in self.ended]
+            if live:
+                stop = self.stop_ids[0] if self.stop_ids else 0
+                sub = apply_grammars(sub, live, [self.matchers[j] for j in live], stop)
+        return sub
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.rows:
@@ -162,19 +246,34 @@ class RowSampler(LogitsProcessor):
             self.prompt_width = input_ids.shape[1]
         d = self._dev
         assert self.prompt_width is not None
-        step = torch.full_like(d["seeds"], input_ids.shape[1] - self.prompt_width)
-        tokens = sample(
-            scores.index_select(0, d["rows"]),
-            d["temperature"],
-            d["top_p"],
-            d["top_k"],
-            d["seeds"],
-            step,
-            d["truncate"],
+        step = input_ids.shape[1] - self.prompt_width
+        if step and self.matchers:  # the token each guided row took last step
+            last = input_ids[:, -1].tolist()
+            live = {j: m for j, m in self.matchers.items() if j not in self.ended}
+            consume(live, {j: last[self.rows[j]] for j in live}, self.stop_ids)
+        sub = self._adjust(scores.index_select(0, d["rows"]), input_ids, step)
+        steps = torch.full_like(d["seeds"], step)
+        tokens, logits = sample(
+            sub, d["temperature"], d["top_p"], d["top_k"], d["seeds"], steps, d["truncate"], d["min_p"]
         )
+        if self.trails or self.matchers:
+            self._note(tokens, logits)
         out = scores.index_fill(0, d["rows"], float("-inf"))
         out[d["rows"], tokens] = 0.0
         return cast(torch.FloatTensor, out)
+
+    def _note(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Logprobs of the rows still running, and which rows took an end token."""
+        live = [
+            j
+            for j in self.trails
+            if j not in self.ended and len(self.trails[j].steps) < self.params[j].max_tokens
+        ]
+        if live:
+            record_logprobs(logits, tokens, live, [self.trails[j] for j in live])
+        if self.stop_ids:
+            picked = tokens.tolist()
+            self.ended |= {j for j, t in enumerate(picked) if t in self.stop_ids}
 
 
 def stop_window(stops: Sequence[str]) -> int:

@@ -16,8 +16,11 @@ from typing import cast
 
 from core import batch_lines, keys, metrics
 from core.jobs import BatchLine, JobRecord, JobStore, Move
+from schemas.grammar import request_grammar
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from schemas.structured import ChoiceLogprobs, TokenLogprob, ToolCall
+from schemas.tool_calls import parse_tool_calls
 from workers.claim import claim_more
 from workers.engine import AdapterMissing, Engine, GenParams, GenRequest, GenResult
 from workers.streaming import StreamSink, Target
@@ -42,6 +45,15 @@ def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenPa
         seed=request.seed,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
+        logit_bias=tuple((int(t), b) for t, b in (request.logit_bias or {}).items()),
+        grammar=request_grammar(
+            request.response_format, request.tools, request.tool_choice, request.parallel_tool_calls
+        ),
+        logprobs=request.top_logprobs_n,
     )
 
 
@@ -52,11 +64,12 @@ def gen_requests(
     and siblings batch together anyway. With a `seed`, sibling i samples from its own seed
     derived from it (the same choices for the same seed, but not n copies of one). A `model`
     other than the base one (`base_model`) names a LoRA adapter."""
-    messages = [m.for_engine() for m in request.messages]
+    messages = request.engine_messages()
     params = gen_params(request, default_max_tokens)
     adapter = request.model if base_model and request.model != base_model else ""
+    tools = request.tools_for_engine()
     return [
-        GenRequest(messages=messages, params=_sibling(params, i), tag=f"{job_id}#{i}", adapter=adapter)
+        GenRequest(messages, _sibling(params, i), tag=f"{job_id}#{i}", adapter=adapter, tools=tools)
         for i in range(request.n)
     ]
 
@@ -67,11 +80,31 @@ def _sibling(params: GenParams, i: int) -> GenParams:
     return replace(params, seed=(params.seed + i * 0x9E3779B97F4A7C15) % 2**63)
 
 
-def build_completion(job_id: str, model: str, results: list[GenResult]) -> ChatCompletion:
-    choices = [
-        Choice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
-        for i, r in enumerate(results)
-    ]
+def answer(result: GenResult, index: int, calls_tools: bool) -> Choice:
+    """One choice: tool calls parsed out of the text when tools were offered (the hermes
+    format), logprobs when asked for. A call cut by max_tokens is left as text, with
+    finish_reason "length", as OpenAI leaves a cut answer."""
+    content: str | None = result.text
+    calls: list[ToolCall] = []
+    if calls_tools and result.finish_reason == "stop":
+        content, calls = parse_tool_calls(result.text)
+    logprobs = (
+        ChoiceLogprobs(content=[TokenLogprob.model_validate(e) for e in result.logprobs])
+        if result.logprobs is not None
+        else None
+    )
+    return Choice(
+        index=index,
+        message=AssistantMessage(content=content, tool_calls=calls or None),
+        finish_reason="tool_calls" if calls else result.finish_reason,
+        logprobs=logprobs,
+    )
+
+
+def build_completion(
+    job_id: str, model: str, results: list[GenResult], calls_tools: bool = False
+) -> ChatCompletion:
+    choices = [answer(r, i, calls_tools) for i, r in enumerate(results)]
     prompt = results[0].prompt_tokens
     completion = sum(r.completion_tokens for r in results)
     return ChatCompletion(
@@ -331,7 +364,7 @@ def _final_move(
         return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
     if sink.cancelled(job_id) or cancel_flag:
         partial = [o if isinstance(o, GenResult) else GenResult("", "stop", 0, 0) for o in outs]
-        result = build_completion(job_id, model, partial)
+        result = build_completion(job_id, model, partial, record.request.calls_tools)
         return Move(
             job_id, JobStatus.CANCELLED, result=result, batch_line=_batch_line(record, store.ttl), extra=extra
         )
@@ -343,7 +376,8 @@ def _final_move(
             error = JobError(code="engine_error", message=f"{type(failures[0]).__name__}: {failures[0]}")
         line = _batch_line(record, store.ttl, error=error)
         return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
-    completion = build_completion(job_id, model, [o for o in outs if isinstance(o, GenResult)])
+    results = [o for o in outs if isinstance(o, GenResult)]
+    completion = build_completion(job_id, model, results, record.request.calls_tools)
     line = _batch_line(record, store.ttl, completion=completion)
     return Move(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line, extra=extra)
 

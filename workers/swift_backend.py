@@ -41,6 +41,7 @@ from workers.engine import (
     run_split,
     truncate_at_stop,
 )
+from workers.guide import GrammarBook, LogprobTrail
 from workers.rows import RowLimits, RowPenalties, RowSampler
 from workers.streaming import StopFilter
 
@@ -218,6 +219,37 @@ class DeltaStreamer(BaseStreamer):
         self.emitted[row] = final
 
 
+def tool_format(template: Any) -> str | None:
+    """ "hermes" when the template renders tools and calls in the format we parse (Qwen2.5,
+    Qwen3, ...), else None: tools are refused for the model with a 400."""
+    from swift.agent_template.hermes import HermesAgentTemplate
+
+    return "hermes" if isinstance(getattr(template, "agent_template", None), HermesAgentTemplate) else None
+
+
+def stop_token_ids(template: Any, generation_config: Any) -> list[int]:
+    """Template stop words that are one token (as ms-swift's static path stops at them), and
+    the model's EOS: the tokens that end a row, and that a finished grammar allows."""
+    tok = template.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    for word in template.template_meta.stop_words:
+        if isinstance(word, str):
+            enc = tok.encode(word, add_special_tokens=False)
+            if len(enc) == 1:
+                ids.add(enc[0])
+    # the EOS first: a finished grammar forces the first of them
+    first = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return first + sorted(ids - set(first))
+
+
+def _vocab_size(model: Any) -> int:
+    """The width of the model's logits (it may exceed the tokenizer's vocabulary)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
 class ProgressBeat(StoppingCriteria):
     """Never stops anything; records that a generation step happened (for the watchdog)."""
 
@@ -250,6 +282,13 @@ class SwiftEngine:
             context_length=int(self.engine.model_info.max_model_len or self.engine.template.max_length),
             demo=spec.demo,
             accelerator=torch.cuda.is_available() and _device_map(settings.device_map) != "cpu",
+            tool_format=tool_format(self.engine.template),
+            vocab_size=len(self.engine.tokenizer),
+        )
+        self.stop_token_ids = stop_token_ids(self.engine.template, self.engine.generation_config)
+        #: structured outputs and enforced tool calls: one matcher per guided row
+        self.grammars = GrammarBook(
+            self.engine.tokenizer, _vocab_size(self.engine.model), self.stop_token_ids
         )
         # Per-call extras the wrapped `generate` reads; one call runs at a time per child.
         self._procs: list[LogitsProcessor] = []
@@ -285,8 +324,10 @@ class SwiftEngine:
             kwargs["streamer"] = self._streamer
         return self._orig_generate(model, *args, **kwargs)
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.engine.template.encode(InferRequest(messages=messages))["input_ids"])
+    def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
+        return len(self.engine.template.encode(InferRequest(messages=messages, tools=tools))["input_ids"])
 
     def sync_adapters(self, wanted: dict[str, AdapterDir] | Callable[[], dict[str, AdapterDir]]) -> list[str]:
         """Serve exactly these adapters (or what the callable reads, read once the lock is
@@ -351,7 +392,7 @@ class SwiftEngine:
         self._procs = []
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             self._procs.append(RowPenalties(params))
-        sampler = RowSampler(params, self._default_top_k)
+        sampler = RowSampler(params, self._default_top_k, self.grammars, self.stop_token_ids)
         if sampler.active:
             self._procs.append(sampler)
         limits = RowLimits(params, self._decode_tails)
@@ -364,14 +405,14 @@ class SwiftEngine:
             stops = [p.stop for p in params]
             streamer = DeltaStreamer(self.engine.template, _SubSink(sink, idxs), stops, len(idxs))
         self._streamer = streamer
-        infer_requests = [InferRequest(messages=requests[i].messages) for i in idxs]
+        infer_requests = [InferRequest(messages=requests[i].messages, tools=requests[i].tools) for i in idxs]
         try:
             with self.adapters.rows([requests[i].adapter for i in idxs]):
                 outs = self.engine.infer(infer_requests, config, use_tqdm=False)
         finally:
             self._procs, self._stoppers, self._streamer = [], [], None
         results = [
-            self._to_result(out, p, row in limits.stopped)
+            self._to_result(out, p, row in limits.stopped, sampler.trail(row))
             for row, (out, p) in enumerate(zip(outs, params, strict=True))
         ]
         if streamer is not None:
@@ -385,8 +426,9 @@ class SwiftEngine:
         """The last tokens of rows, for the stop checks that run every step."""
         return decode_many(self.engine.tokenizer, self._fast_decode, tails)
 
-    @staticmethod
-    def _to_result(out: Any, params: GenParams, stop_seen: bool) -> GenResult | Exception:
+    def _to_result(
+        self, out: Any, params: GenParams, stop_seen: bool, trail: LogprobTrail | None
+    ) -> GenResult | Exception:
         """Finish reason by the row's own settings: the call's limit is the largest row's."""
         if isinstance(out, Exception):
             return out
@@ -394,7 +436,8 @@ class SwiftEngine:
         text, cut = truncate_at_stop(choice.message.content or "", params.stop)
         tokens = out.usage.completion_tokens
         finish: FinishReason = "length" if tokens >= params.max_tokens and not (cut or stop_seen) else "stop"
-        return GenResult(text, finish, out.usage.prompt_tokens, tokens)
+        logprobs = trail.entries(self.grammars, tokens) if trail is not None else None
+        return GenResult(text, finish, out.usage.prompt_tokens, tokens, logprobs)
 
 
 class _SubSink:
@@ -432,8 +475,17 @@ class SwiftPromptCounter:
         processor = get_processor(str(spec.path), model_type=spec.model_type or None)
         self.template = get_template(processor, template_type=spec.template or None)
         self.facts = ModelFacts(
-            model_id=settings.model_id, context_length=int(self.template.max_length or 0), demo=spec.demo
+            model_id=settings.model_id,
+            context_length=int(self.template.max_length or 0),
+            demo=spec.demo,
+            tool_format=tool_format(self.template),
+            vocab_size=len(self.template.tokenizer),
         )
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.template.encode(InferRequest(messages=messages))["input_ids"])
+    def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
+        return len(self.template.encode(InferRequest(messages=messages, tools=tools))["input_ids"])
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.template.tokenizer.encode(text, add_special_tokens=False))
