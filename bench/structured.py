@@ -71,8 +71,12 @@ def _fmt(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
 
 
-def backlog(n: int, structured: bool, max_tokens: int) -> list[dict[str, Any]]:
-    """`n` requests (temperature 0.7); with `structured`, every other one has a schema."""
+def backlog(n: int, max_tokens: int, lengths: list[int] | None = None) -> list[dict[str, Any]]:
+    """`n` seeded requests (temperature 0.7, seed i), every other one with a schema. With
+    `lengths`, the same requests unconstrained, each row limited to the tokens its constrained
+    run made: both backlogs then make the same tokens in the same rows (a seeded row's text
+    does not depend on its batch-mates), so their ratio is the cost of the constraint alone,
+    not of structured rows ending early."""
     out = []
     for i, p in enumerate(prompts(n)):
         body: dict[str, Any] = {
@@ -80,9 +84,13 @@ def backlog(n: int, structured: bool, max_tokens: int) -> list[dict[str, Any]]:
             "messages": [{"role": "user", "content": p}],
             "max_tokens": max_tokens,
             "temperature": 0.7,
+            "seed": i,
         }
-        if structured and i % 2 == 0:
-            body["response_format"] = _fmt(SCHEMAS[(i // 2) % len(SCHEMAS)])
+        if i % 2 == 0:
+            if lengths is None:
+                body["response_format"] = _fmt(SCHEMAS[(i // 2) % len(SCHEMAS)])
+            else:
+                body["max_tokens"] = max(1, lengths[i])
         out.append(body)
     return out
 
@@ -115,8 +123,8 @@ def _stack_round(base: str, r: redis.Redis, bodies: list[dict[str, Any]]) -> dic
     records = wait_done(r, ids)
     wall = max(float(rec["finished_at"]) for rec in records) - t0
     results = [json.loads(rec["result"]) for rec in records]
-    toks = sum(res["usage"]["completion_tokens"] for res in results)
-    return {"tokens_per_s": toks / wall, "tokens": toks, **_valid(bodies, results)}
+    lengths = [res["usage"]["completion_tokens"] for res in results]
+    return {"tokens_per_s": sum(lengths) / wall, "lengths": lengths, **_valid(bodies, results)}
 
 
 def _direct_round(engine: Any, bodies: list[dict[str, Any]]) -> float:
@@ -134,11 +142,13 @@ def _size(size: str, n: int, batch: int, max_tokens: int, rounds: int) -> dict[s
     res: dict[str, Any] = {}
     with stack(size=size, INFERQ_MAX_BATCH_SIZE=str(batch)) as (base, model, env, _sup):
         r = redis.Redis.from_url(env["INFERQ_REDIS_URL"], decode_responses=True)
-        _stack_round(base, r, backlog(batch * 2, True, max_tokens))  # warm-up (schemas compiled)
+        # warm-up: schemas compiled, and each row's constrained length learnt
+        lengths = _stack_round(base, r, backlog(n, max_tokens))["lengths"]
+        bodies = {"structured": backlog(n, max_tokens), "plain": backlog(n, max_tokens, lengths)}
         runs: dict[str, list[dict[str, Any]]] = {"plain": [], "structured": []}
         for i in range(rounds):  # alternating: this VM's speed drifts over tens of seconds
             for kind in ("plain", "structured") if i % 2 == 0 else ("structured", "plain"):
-                runs[kind].append(_stack_round(base, r, backlog(n, kind == "structured", max_tokens)))
+                runs[kind].append(_stack_round(base, r, bodies[kind]))
                 print(
                     f"  {size} {kind} round {i + 1}: {runs[kind][-1]['tokens_per_s']:.0f} tok/s", flush=True
                 )
@@ -148,15 +158,17 @@ def _size(size: str, n: int, batch: int, max_tokens: int, rounds: int) -> dict[s
     res["structured_outputs"] = sum(g["structured"] for g in runs["structured"])
     res["structured_ended"] = sum(g["ended"] for g in runs["structured"])
     res["structured_valid"] = sum(g["valid"] for g in runs["structured"])
+    # seeded rows: the same lengths in every round, whatever their batch-mates
+    res["lengths_stable"] = all(g["lengths"] == lengths for g in runs["structured"])
 
     from workers.engine import load_engine
 
     engine = load_engine(bench_settings(model, batch))
-    _direct_round(engine, backlog(batch, True, max_tokens))  # warm-up
+    _direct_round(engine, bodies["structured"][: batch * 2])  # warm-up
     direct: dict[str, list[float]] = {"plain": [], "structured": []}
     for i in range(rounds):
         for kind in ("plain", "structured") if i % 2 == 0 else ("structured", "plain"):
-            direct[kind].append(_direct_round(engine, backlog(n, kind == "structured", max_tokens)))
+            direct[kind].append(_direct_round(engine, bodies[kind]))
     for kind, vals in direct.items():
         res[f"direct_{kind}_tokens_per_s"] = round(statistics.median(vals), 1)
     res["direct_ratio"] = round(res["direct_structured_tokens_per_s"] / res["direct_plain_tokens_per_s"], 3)
@@ -165,14 +177,16 @@ def _size(size: str, n: int, batch: int, max_tokens: int, rounds: int) -> dict[s
 
 def _large_tokenizer() -> Any:
     """A real vocabulary (DeepSeek's, ~128k tokens, shipped inside litellm), or None."""
-    try:
-        import litellm
-        from transformers import PreTrainedTokenizerFast
-    except ImportError:
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("litellm")  # not imported: it fetches a price list at import
+    if spec is None or spec.origin is None:
         return None
-    path = Path(litellm.__file__).parent / "litellm_core_utils" / "tokenizers" / "deepseek_tokenizer.json"
+    path = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers" / "deepseek_tokenizer.json"
     return (
-        PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<｜end▁of▁sentence｜>")
+        PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<\uff5cend\u2581of\u2581sentence\uff5c>")
         if path.exists()
         else None
     )
@@ -206,7 +220,7 @@ def mask_cost(tokenizer: Any, steps: int = 400) -> dict[str, float]:
     for f in formats:
         check_request_grammar(f, None, None, None)
     check = (time.perf_counter() - t0) / len(formats)
-    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(matchers), vocab, generator=torch.Generator().manual_seed(0))
     made = 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -214,7 +228,7 @@ def mask_cost(tokenizer: Any, steps: int = 400) -> dict[str, float]:
         if not live:
             matchers = [book.matcher(g) for g in grammars if g is not None]
             continue
-        scores = torch.randn(len(live), vocab, generator=gen)
+        scores = logits[: len(live)].clone()
         masked = apply_grammars(scores, list(range(len(live))), [matchers[k] for k in live], book.stop_ids[0])
         picked = masked.argmax(-1).tolist()
         consume({j: matchers[k] for j, k in enumerate(live)}, dict(enumerate(picked)), book.stop_ids)

@@ -16,6 +16,7 @@ from openai import BadRequestError, OpenAI
 from pydantic import BaseModel, Field
 
 from tests.conftest import Stack
+from tests.openai_schema import assert_openai, assert_openai_all
 from tests.test_guided_engine import LABEL, NESTED, PERSON, WEATHER, _fmt
 
 pytestmark = pytest.mark.integration
@@ -304,3 +305,28 @@ def test_what_a_vllm_load_tester_sends_is_honoured(any_stack: Stack) -> None:
     # in between: the text so far, tokenized again (an estimate); the last chunk's is exact
     assert counts[0] == 0 and counts[-1] == 24 and any(c > 0 for c in counts[1:-1])
     assert len({u["prompt_tokens"] for u in usages}) == 1
+
+
+def test_answers_and_chunks_match_openais_published_schema(stack: Stack) -> None:
+    """Tool calls, logprobs and their stream chunks, in the shape OpenAI publishes."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "max_tokens": 200,
+    }
+    resp = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert_openai("CreateChatCompletionResponse", resp.json())
+    chunks = []
+    with httpx.stream(
+        "POST", f"{stack.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    assert_openai_all(("CreateChatCompletionStreamResponse", c) for c in chunks)
