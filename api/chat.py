@@ -180,7 +180,7 @@ async def stream_chunks(
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         if usage is None and running is not None:
-            usage = running.usage(views)
+            usage = running.usage()
         c = ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=usage)
         data = c.model_dump(exclude=None if include_usage else {"usage"})
         return f"data: {json.dumps(data)}\n\n"
@@ -192,6 +192,8 @@ async def stream_chunks(
             yield ": keep-alive\n\n"
         elif event.type == "token":
             data = event.data()
+            if running is not None:
+                running.add(data["text"])
             if text := views[data["index"]].delta(data["text"]):
                 yield chunk([ChunkChoice(index=data["index"], delta=ChunkDelta(content=text))])
         elif event.type == "done":
@@ -216,12 +218,18 @@ async def stream_chunks(
 
 class RunningUsage:
     """vLLM's `continuous_usage_stats`: `usage` on every chunk. The prompt is counted exactly
-    (once); completion tokens so far are the text streamed so far, tokenized again (a token
-    split across two deltas may count twice until the final chunk, whose usage is exact)."""
+    (once); completion tokens so far are the token events' texts, each tokenized as it comes
+    (a token split across two events may count twice until the final chunk, whose usage is
+    exact)."""
 
     def __init__(self, counter: PromptCounter, prompt_tokens: int) -> None:
         self.counter = counter
         self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    def add(self, delta: str) -> None:
+        """A token event's text, counted once (on the event loop: a few microseconds)."""
+        self.completion_tokens += self.counter.count_text_tokens(delta)
 
     @classmethod
     async def start(cls, st: AppState, body: ChatCompletionRequest) -> RunningUsage:
@@ -232,8 +240,8 @@ class RunningUsage:
         )
         return cls(counter, prompt)
 
-    def usage(self, views: list[ChoiceStream]) -> Usage:
-        done = sum(self.counter.count_text_tokens(v.seen) for v in views if v.seen)
+    def usage(self) -> Usage:
+        done = self.completion_tokens
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done
         )

@@ -27,12 +27,10 @@ class ChoiceStream:
     def __init__(self, index: int, calls_tools: bool) -> None:
         self.index = index
         self.filter = ContentFilter() if calls_tools else None
-        #: the content sent so far, and the raw text seen so far (for token counts)
+        #: the content sent so far
         self.sent = ""
-        self.seen = ""
 
     def delta(self, text: str) -> str:
-        self.seen += text
         out = self.filter.feed(text) if self.filter is not None else text
         self.sent += out
         return out

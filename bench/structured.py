@@ -229,7 +229,7 @@ def mask_cost(tokenizer: Any, steps: int = 400) -> dict[str, float]:
             matchers = [book.matcher(g) for g in grammars if g is not None]
             continue
         scores = logits[: len(live)].clone()
-        masked = apply_grammars(scores, list(range(len(live))), [matchers[k] for k in live], book.stop_ids[0])
+        masked = apply_grammars(scores, list(range(len(live))), [matchers[k] for k in live], book.stop_ids)
         picked = masked.argmax(-1).tolist()
         consume({j: matchers[k] for j, k in enumerate(live)}, dict(enumerate(picked)), book.stop_ids)
         made += len(live)

@@ -141,6 +141,11 @@ class InferqOptions(StrictModel):
     expires_after_s: float | None = Field(default=None, gt=0)
 
 
+def _system_lead(messages: list[ChatMessage]) -> int:
+    """How many system and developer messages open the conversation."""
+    return next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+
+
 Metadata = Annotated[dict[str, str], Field(max_length=16)]
 
 
@@ -192,7 +197,7 @@ class ChatCompletionRequest(StrictModel):
     @field_validator("messages")
     @classmethod
     def _check_system_first(cls, v: list[ChatMessage]) -> list[ChatMessage]:
-        lead = next((i for i, m in enumerate(v) if m.role not in ("system", "developer")), len(v))
+        lead = _system_lead(v)
         for i, m in enumerate(v[lead:], lead):
             if m.role in ("system", "developer"):
                 raise ValueError(
@@ -327,9 +332,7 @@ class ChatCompletionRequest(StrictModel):
         """The messages as the engine's template takes them: the system and developer
         messages at the start become one system message (OpenAI takes several; ms-swift's
         templates one)."""
-        lead = 0
-        while lead < len(self.messages) and self.messages[lead].role in ("system", "developer"):
-            lead += 1
+        lead = _system_lead(self.messages)
         if lead <= 1:
             return [m.for_engine() for m in self.messages]
         system = {"role": "system", "content": "\n\n".join(m.text() for m in self.messages[:lead])}

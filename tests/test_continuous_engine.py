@@ -15,12 +15,12 @@ from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from workers.engine import Engine, GenParams, GenRequest, GenResult, load_engine
 
 
-def _settings(model: Path, mode: str) -> Settings:
+def _settings(model: Path, mode: str, batch: int = 4) -> Settings:
     return Settings(
         model_path=str(model),
         model_type=DEMO_MODEL_TYPE,
         template=DEMO_TEMPLATE,
-        max_batch_size=4,
+        max_batch_size=batch,
         served_model_name="tiny",
         engine_mode=mode,  # type: ignore[arg-type]
     )

@@ -16,9 +16,9 @@ from typing import Any, cast
 import jsonschema_rs
 import pytest
 
-from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
+from core.demo_model import build_demo_model
 from schemas.openai import ChatCompletionRequest
+from tests.test_continuous_engine import _settings
 from workers.engine import Engine, GenParams, GenRequest, GenResult, load_engine
 from workers.runner import build_completion, gen_requests
 
@@ -83,17 +83,7 @@ def plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engines(plain_model: Path) -> Iterator[dict[str, Engine]]:
-    def settings(mode: str) -> Settings:
-        return Settings(
-            model_path=str(plain_model),
-            model_type=DEMO_MODEL_TYPE,
-            template=DEMO_TEMPLATE,
-            max_batch_size=8,
-            served_model_name="tiny",
-            engine_mode=mode,  # type: ignore[arg-type]
-        )
-
-    loaded = {mode: load_engine(settings(mode)) for mode in ("static", "continuous")}
+    loaded = {mode: load_engine(_settings(plain_model, mode, batch=8)) for mode in ("static", "continuous")}
     yield loaded
     cast(Any, loaded["continuous"]).shutdown()
 

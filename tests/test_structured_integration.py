@@ -302,7 +302,7 @@ def test_what_a_vllm_load_tester_sends_is_honoured(any_stack: Stack) -> None:
                 usages.append(json.loads(line[6:])["usage"])
     assert all(u is not None for u in usages) and len(usages) >= 3
     counts = [u["completion_tokens"] for u in usages]
-    # in between: the text so far, tokenized again (an estimate); the last chunk's is exact
+    # in between: each token event's text tokenized as it comes (an estimate); the last is exact
     assert counts[0] == 0 and counts[-1] == 24 and any(c > 0 for c in counts[1:-1])
     assert len({u["prompt_tokens"] for u in usages}) == 1
 

@@ -86,8 +86,9 @@ class ContinuousEngine(SwiftEngine):
         self._count = 0
         self._last_output: float | None = None
         self.manager: Any = None
-        self.sampler = SlotSampler(len(self._slots) + 1, self.engine.model.device, self.stop_token_ids)
-        self.sampler.know_vocab(self.grammars.vocab_size)
+        self.sampler = SlotSampler(
+            len(self._slots) + 1, self.engine.model.device, self.grammars.vocab_size, self.stop_token_ids
+        )
         self._start_manager()
 
     def _start_manager(self) -> None:

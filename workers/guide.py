@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import llguidance
@@ -66,11 +67,13 @@ class GrammarBook:
 
 
 def apply_grammars(
-    scores: torch.Tensor, rows: list[int], matchers: list[llguidance.LLMatcher], stop_id: int
+    scores: torch.Tensor, rows: list[int], matchers: list[llguidance.LLMatcher], stop_ids: Sequence[int]
 ) -> torch.Tensor:
     """Mask rows[k] of `scores`, in place, to what matchers[k] allows next; returns `scores`.
-    A matcher whose grammar is complete (or broken) forces the end of its row: the model's
-    own settings may forbid the end token (suppress_tokens, ignore_eos), the grammar wins."""
+    A matcher whose grammar is complete (or broken) forces the end of its row (the first of
+    `stop_ids`): the model's own settings may forbid the end token (suppress_tokens,
+    ignore_eos), the grammar wins."""
+    stop_id = stop_ids[0] if stop_ids else 0
     vocab = scores.shape[1]
     mask = llt.allocate_token_bitmask(len(rows), vocab)
     ended: list[int] = []
@@ -93,14 +96,15 @@ def apply_grammars(
     return scores
 
 
-def consume(matchers: dict[int, llguidance.LLMatcher], tokens: dict[int, int], stop_ids: list[int]) -> None:
+def consume(
+    matchers: dict[int, llguidance.LLMatcher], tokens: dict[int, int], stop_ids: Sequence[int]
+) -> None:
     """Each row's chosen token into its matcher (an end token ends the matcher's row)."""
     for row, m in matchers.items():
         token = tokens.get(row)
         if token is None or m.is_stopped() or m.is_error() or token in stop_ids:
             continue
         if not m.consume_token(token):
-            # a row stopped by its limits gets padding: its matcher simply ends here
             logger.debug("row %d: the grammar refused token %d (%s)", row, token, m.get_error())
 
 

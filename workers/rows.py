@@ -131,13 +131,18 @@ def sample(
     min_p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: argmax where temperature is 0, else a sample of the row's own
-    distribution; and the logits each row's token was drawn from, for its logprobs (a
-    greedy row's: its scores as they are, the distribution OpenAI reports at temperature 0)."""
+    distribution; and the shaped logits (`drawn_from` makes them a row's distribution)."""
     greedy = scores.argmax(-1)
     logits = shape_logits(scores, temperature, top_p, top_k, min_p, truncate)
     drawn = (logits + gumbel_noise(seeds, steps, scores.shape[1])).argmax(-1)
-    hot = temperature > 0
-    return torch.where(hot, drawn, greedy), torch.where(hot[:, None], logits, scores.float())
+    return torch.where(temperature > 0, drawn, greedy), logits
+
+
+def drawn_from(scores: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """The logits each row's token was drawn from, for its logprobs: a sampled row's shaped
+    logits, a greedy row's scores as they are (the distribution OpenAI reports at
+    temperature 0). Only for steps that record logprobs: a [B, vocab] tensor."""
+    return torch.where((temperature > 0)[:, None], logits, scores.float())
 
 
 def random_seed() -> int:
@@ -231,11 +236,9 @@ class RowSampler(LogitsProcessor):
             sub = repeat_penalise(sub, seen, d["repeat"])
         for j, p in enumerate(self.params):
             bias_and_bans(sub, j, p, step, self.stop_ids)
-        if self.matchers:
-            live = [j for j in self.matchers if j not in self.ended]
-            if live:
-                stop = self.stop_ids[0] if self.stop_ids else 0
-                sub = apply_grammars(sub, live, [self.matchers[j] for j in live], stop)
+        live = [j for j in self.matchers if j not in self.ended]
+        if live:
+            sub = apply_grammars(sub, live, [self.matchers[j] for j in live], self.stop_ids)
         return sub
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -247,33 +250,35 @@ class RowSampler(LogitsProcessor):
         d = self._dev
         assert self.prompt_width is not None
         step = input_ids.shape[1] - self.prompt_width
-        if step and self.matchers:  # the token each guided row took last step
-            last = input_ids[:, -1].tolist()
-            live = {j: m for j, m in self.matchers.items() if j not in self.ended}
-            consume(live, {j: last[self.rows[j]] for j in live}, self.stop_ids)
         sub = self._adjust(scores.index_select(0, d["rows"]), input_ids, step)
         steps = torch.full_like(d["seeds"], step)
         tokens, logits = sample(
             sub, d["temperature"], d["top_p"], d["top_k"], d["seeds"], steps, d["truncate"], d["min_p"]
         )
         if self.trails or self.matchers:
-            self._note(tokens, logits)
+            self._note(tokens, sub, logits, d["temperature"])
         out = scores.index_fill(0, d["rows"], float("-inf"))
         out[d["rows"], tokens] = 0.0
         return cast(torch.FloatTensor, out)
 
-    def _note(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Logprobs of the rows still running, and which rows took an end token."""
+    def _note(
+        self, tokens: torch.Tensor, sub: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor
+    ) -> None:
+        """The step's tokens (one host read) into the guided rows' matchers, the logprobs of
+        the rows still running, and which rows took an end token."""
         live = [
             j
             for j in self.trails
             if j not in self.ended and len(self.trails[j].steps) < self.params[j].max_tokens
         ]
         if live:
-            record_logprobs(logits, tokens, live, [self.trails[j] for j in live])
-        if self.stop_ids:
-            picked = tokens.tolist()
-            self.ended |= {j for j, t in enumerate(picked) if t in self.stop_ids}
+            record_logprobs(
+                drawn_from(sub, logits, temperature), tokens, live, [self.trails[j] for j in live]
+            )
+        picked = tokens.tolist()
+        guided = {j: m for j, m in self.matchers.items() if j not in self.ended}
+        consume(guided, {j: picked[j] for j in guided}, self.stop_ids)
+        self.ended |= {j for j, t in enumerate(picked) if t in self.stop_ids}
 
 
 def stop_window(stops: Sequence[str]) -> int:

@@ -24,7 +24,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 
 from workers.engine import GenParams
 from workers.guide import LogprobTrail, apply_grammars, consume, record_logprobs
-from workers.rows import bias_and_bans, random_seed, repeat_penalise, sample
+from workers.rows import bias_and_bans, drawn_from, random_seed, repeat_penalise, sample
 
 #: the request kwarg that names a row's slot
 SLOT_KWARG = "inferq_slot"
@@ -37,7 +37,9 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: dict[str, type] = {SLOT_KWARG: int}
     ignored_kwargs: tuple[str, ...] = ()
 
-    def __init__(self, slots: int, device: torch.device, stop_ids: list[int] | None = None) -> None:
+    def __init__(
+        self, slots: int, device: torch.device, vocab: int, stop_ids: list[int] | None = None
+    ) -> None:
         self.slots, self.device = slots, device
         self.stop_ids = list(stop_ids or [])
         self.temperature = torch.zeros(slots, device=device)
@@ -50,7 +52,8 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         self.repeat = torch.ones(slots, device=device)
         self.steps = torch.zeros(slots, dtype=torch.long, device=device)
         self.counts: torch.Tensor | None = None  # [slots, vocab] generated-token counts, with penalties
-        self.seen: torch.Tensor | None = None  # [slots, vocab] prompt and output, with repetition
+        #: prompt and output tokens of each slot, for the repetition penalty
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         #: host-side: which slots sample, truncate, penalise (no device read per step)
         self.sampling: set[int] = set()
         self.truncating: set[int] = set()
@@ -86,8 +89,8 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         if self.counts is not None:
             self.counts[slot] = 0
         if p.repetition_penalty != 1.0 and prompt:
-            self._seen()[slot] = False
-            self._seen()[slot, torch.tensor(prompt, device=self.device)] = True
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
         self._host(slot, p, matcher)
         if self.device.type == "cuda":
             # the loop reads these on its own stream: they must be written before the request
@@ -104,11 +107,6 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
             else:
                 flag.discard(slot)
 
-    def _seen(self) -> torch.Tensor:
-        if self.seen is None:
-            raise RuntimeError("the vocabulary size is not known yet")
-        return self.seen
-
     def _host(self, slot: int, p: GenParams, matcher: llguidance.LLMatcher | None) -> None:
         if matcher is not None:
             self.matchers[slot] = matcher
@@ -117,11 +115,6 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         if matcher is not None or p.logprobs is not None or p.logit_bias or p.min_tokens or p.ignore_eos:
             self.hosted[slot] = p
             self.made[slot] = 0
-
-    def know_vocab(self, vocab: int) -> None:
-        """Sizes the repetition table (before the first row that needs it is assigned)."""
-        if self.seen is None:
-            self.seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=self.device)
 
     def trail(self, slot: int) -> LogprobTrail | None:
         return self.trails.get(slot)
@@ -151,17 +144,15 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
                 self.counts = torch.zeros(self.slots, scores.shape[1], device=scores.device)
             c = self.counts.index_select(0, slots)
             scores = scores - self.frequency[slots, None] * c - self.presence[slots, None] * (c > 0).float()
-        if self.repeating and self.seen is not None:
+        if self.repeating:
             scores = repeat_penalise(scores, self.seen.index_select(0, slots), self.repeat[slots])
         if hosted:
             for row, slot in hosted:
                 bias_and_bans(scores, row, self.hosted[slot], self.made[slot], self.stop_ids)
             guided = [(row, slot) for row, slot in hosted if slot in self.matchers]
             if guided:
-                stop = self.stop_ids[0] if self.stop_ids else 0
-                scores = apply_grammars(
-                    scores, [r for r, _ in guided], [self.matchers[s] for _, s in guided], stop
-                )
+                rows, matchers = [r for r, _ in guided], [self.matchers[s] for _, s in guided]
+                scores = apply_grammars(scores, rows, matchers, self.stop_ids)
         return scores
 
     def __call__(self, logits: torch.FloatTensor, tensor_arg: torch.Tensor) -> torch.FloatTensor:
@@ -182,7 +173,7 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
                 truncate=bool(self.truncating),
                 min_p=self.min_p[slots] if self.truncating else None,
             )
-            if self.sampling or hosted
+            if self.sampling
             else (scores.argmax(-1), scores)
         )
         self.steps.index_add_(0, slots, torch.ones_like(slots))
@@ -190,19 +181,27 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
             self.counts.index_put_(
                 (slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True
             )
-        if self.repeating and self.seen is not None:
+        if self.repeating:
             self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
         if hosted:
-            self._note(hosted, tokens, sampled)
+            self._note(hosted, tokens, scores, sampled, self.temperature[slots])
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tokens[:, None], 0.0)
         return out  # type: ignore[return-value]
 
-    def _note(self, hosted: list[tuple[int, int]], tokens: torch.Tensor, sampled: torch.Tensor) -> None:
+    def _note(
+        self,
+        hosted: list[tuple[int, int]],
+        tokens: torch.Tensor,
+        scores: torch.Tensor,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+    ) -> None:
         """The step's tokens into the hosted rows' matchers, counts and logprobs."""
         traced = [(row, slot) for row, slot in hosted if slot in self.trails]
         if traced:
-            record_logprobs(sampled, tokens, [r for r, _ in traced], [self.trails[s] for _, s in traced])
+            drawn = drawn_from(scores, logits, temperature)
+            record_logprobs(drawn, tokens, [r for r, _ in traced], [self.trails[s] for _, s in traced])
         picked = tokens.tolist()
         consume(
             {slot: self.matchers[slot] for _, slot in hosted if slot in self.matchers},
