@@ -6,7 +6,7 @@ Choices, each deliberate:
   dies mid-job the message goes back to the queue instead of being lost.
 - prefetch above 1, yet no job parked on a busy worker: the parent holds the messages of
   unfinished jobs back from its busy child and acknowledges those a batch-mate ran
-  (tasks/skip.py); the child takes its work from the shared ready lists.
+  (tasks/parent_gate.py); the child takes its work from the shared ready lists.
 - visibility_timeout above the job time limit: on Redis a message not acknowledged within
   it is delivered again, so a long job must never outlive it.
 """

@@ -9,11 +9,11 @@ import redis.asyncio as aredis
 from celery import Celery
 from fastapi import Depends, Request
 
-from api.adapters import AdapterCatalog
-from api.batches import BatchService
-from api.service import CounterHolder
+from api.batch_dispatch import BatchService
+from api.served_adapters import AdapterCatalog
+from api.submit import CounterHolder
 from core.config import Settings
-from core.jobs import AsyncJobStore
+from core.job_store import AsyncJobStore
 from core.storage import Storage
 
 

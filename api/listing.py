@@ -18,7 +18,7 @@ import redis.asyncio as aredis
 
 from api.errors import APIError
 from core import keys
-from core.jobs import decode
+from core.job_store import decode
 from schemas.jobs import Job, JobStatus
 
 MAX_SCAN = 2000

@@ -16,17 +16,17 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from api import errors, request_id
-from api.batches import BatchService
+from api.batch_dispatch import BatchService
 from api.deps import AppState
 from api.guard import RequestGuard
 from api.routes import adapters, chat, files, health, jobs, observe
 from api.routes import batches as batch_routes
-from api.service import CounterHolder
+from api.submit import CounterHolder
 from api.timing import TimingHeader
 from core.audit import AuditLog
 from core.auth import configured_hashes
 from core.config import Settings, get_settings
-from core.jobs import AsyncJobStore
+from core.job_store import AsyncJobStore
 from core.storage import LocalStorage
 
 logger = logging.getLogger("inferq.api")

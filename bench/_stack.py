@@ -11,9 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
-from core.processes import (
+from cli.processes import (
     Supervisor,
     api_argv,
     flower_argv,
@@ -23,6 +21,8 @@ from core.processes import (
     wait_for,
     worker_argv,
 )
+from core.config import Settings
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]

@@ -53,8 +53,9 @@ def make_file(path: Path, lines: int, max_tokens: int) -> None:
 
 def direct(model: Path, path: Path, batch_size: int) -> float:
     from core.config import Settings
-    from workers.engine import GenParams, GenRequest, ModelSpec
-    from workers.swift_backend import SwiftEngine
+    from models.spec import ModelSpec
+    from workers.engine import GenParams, GenRequest
+    from workers.engines.swift import SwiftEngine
 
     engine = SwiftEngine(
         ModelSpec(path=model, model_type="qwen2", template="qwen2_5", demo=True),

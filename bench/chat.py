@@ -24,8 +24,8 @@ from typing import Any
 
 from bench._stack import ROOT, bench_model, stack
 from bench.mixed import closed_loop, swift_deploy_server
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from core.processes import free_port
+from cli.processes import free_port
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 
 _WORDS = [
     "the",
@@ -182,7 +182,7 @@ def _run_stack(home: Path, model: Path, batch: int, verbose: bool) -> tuple[subp
     port, fport = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env["INFERQ_HOME"] = str(home)
-    argv = [sys.executable, "-m", "core.cli", "run", "--port", str(port), "--flower-port", str(fport)]
+    argv = [sys.executable, "-m", "cli.main", "run", "--port", str(port), "--flower-port", str(fport)]
     argv += ["--model", str(model), "--model-type", DEMO_MODEL_TYPE, "--template", DEMO_TEMPLATE]
     argv += [
         "--served-model-name",

@@ -22,8 +22,8 @@ import redis
 
 from bench._stack import bench_model, stack
 from bench.common import busy_fraction, field_all, last_finish, post_all, prompts, stats, tokens, wait_done
+from cli.processes import Supervisor
 from core.config import Settings
-from core.processes import Supervisor
 
 
 class Direct:
@@ -36,7 +36,7 @@ class Direct:
         import torch
         from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
-        from workers.swift_backend import _device_map, _dtype
+        from workers.engines.swift import _device_map, _dtype
 
         self.engine = TransformersEngine(
             str(model),

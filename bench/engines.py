@@ -1,6 +1,6 @@
 """Static vs continuous batching, the engine called directly (no queue), side by side in
 one run: the same requests through `SwiftEngine.generate` (static batches of MAX_BATCH_SIZE
-rows, each row with its own limit) and through `ContinuousEngine.generate` (the same rows
+rows, each row with its own limit) and through `SwiftContinuousEngine.generate` (the same rows
 through transformers' continuous-batching loop, MAX_BATCH_SIZE at a time). Greedy, so both
 sides do the same work. Three output-length shapes: every request at one length; lengths
 drawn from a wide range; and a model that says EOS at random points.
@@ -14,7 +14,8 @@ from typing import Any
 
 from bench._stack import bench_model, bench_settings
 from bench.common import prompts
-from workers.engine import GenParams, GenRequest, load_engine
+from workers.engine import GenParams, GenRequest
+from workers.engines import load_engine
 
 WORKLOADS = {
     # name: (max_tokens of request i, model says EOS)

@@ -7,7 +7,7 @@ from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
 from bench._stack import bench_model
 from bench.common import prompts as _prompts
-from workers.swift_backend import _device_map, _dtype
+from workers.engines.swift import _device_map, _dtype
 
 model = bench_model("0.5b")
 for dm in (_device_map("auto"), "cuda:0"):

@@ -37,9 +37,10 @@ def _adapter(base: Path, out: Path, seed: int) -> Path:
 
 
 def _throughput(size: str, n: int, max_tokens: int, batch: int, rounds: int, root: Path) -> dict[str, Any]:
+    from models.spec import resolve_model
     from workers.adapters import scan
-    from workers.engine import GenParams, GenRequest, resolve_model
-    from workers.swift_backend import SwiftEngine
+    from workers.engine import GenParams, GenRequest
+    from workers.engines.swift import SwiftEngine
 
     model = bench_model(size)
     for i in range(8):

@@ -27,8 +27,8 @@ from bench._stack import bench_model, bench_settings, stack
 from bench.common import prompts
 from bench.efficiency import jobs_round
 from bench.loadgen import post_many
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from core.processes import free_port
+from cli.processes import free_port
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 
 TEMPERATURES = (0.0, 0.7, 1.0)
 TOP_PS = (0.9, 1.0)
@@ -125,7 +125,7 @@ def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, fl
     """Our engine in this process, all requests at once: it runs them in full batches of
     `batch` rows, each row with its own settings (the static upper bound)."""
     from schemas.openai import ChatCompletionRequest
-    from workers.engine import load_engine
+    from workers.engines import load_engine
     from workers.runner import gen_requests
 
     engine = load_engine(bench_settings(model, batch))

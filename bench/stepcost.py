@@ -27,9 +27,9 @@ from typing import Any
 import redis
 
 from bench._stack import bench_model
+from cli.processes import Supervisor, free_port, port_open, valkey_argv, wait_for
 from core import keys
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from workers.streaming import StreamSink, Target
 
 
@@ -67,7 +67,7 @@ def _one(
     process on it, writer thread included), until every token event is written."""
     import torch
 
-    from workers.swift_backend import DeltaStreamer
+    from workers.engines.swift import DeltaStreamer
 
     targets = [Target(f"stepcost-{i}", 0) for i in range(rows)]
     for t in targets:

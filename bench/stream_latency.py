@@ -79,8 +79,9 @@ def ttft_queue(base: str, n: int, max_tokens: int) -> list[float]:
 
 def ttft_direct(model: str, n: int, max_tokens: int) -> list[float]:
     from core.config import Settings
-    from workers.engine import GenParams, GenRequest, ModelSpec
-    from workers.swift_backend import SwiftEngine
+    from models.spec import ModelSpec
+    from workers.engine import GenParams, GenRequest
+    from workers.engines.swift import SwiftEngine
 
     settings = Settings(max_batch_size=8, served_model_name="tiny")
     engine = SwiftEngine(

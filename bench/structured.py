@@ -161,7 +161,7 @@ def _size(size: str, n: int, batch: int, max_tokens: int, rounds: int) -> dict[s
     # seeded rows: the same lengths in every round, whatever their batch-mates
     res["lengths_stable"] = all(g["lengths"] == lengths for g in runs["structured"])
 
-    from workers.engine import load_engine
+    from workers.engines import load_engine
 
     engine = load_engine(bench_settings(model, batch))
     _direct_round(engine, bodies["structured"][: batch * 2])  # warm-up
@@ -199,7 +199,7 @@ def mask_cost(tokenizer: Any, steps: int = 400) -> dict[str, float]:
 
     from schemas.grammar import check_request_grammar, request_grammar
     from schemas.structured import JsonSchemaFormat
-    from workers.guide import GrammarBook, apply_grammars, consume
+    from workers.engines.guide import GrammarBook, apply_grammars, consume
 
     vocab = len(tokenizer)
     book = GrammarBook(tokenizer, vocab, [int(tokenizer.eos_token_id)])

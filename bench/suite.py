@@ -36,7 +36,7 @@ from bench.mixed import mixed
 from bench.stepcost import stepcost
 from bench.structured import structured
 from bench.timeline import timeline
-from core.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
+from cli.processes import Supervisor, free_port, port_open, valkey_argv, wait_for, worker_argv
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -2,7 +2,7 @@
 cancel, a batch's expiry).
 
 Why from the store: every end goes through the transition script, which hands back the
-record's facts in the same atomic step (core.jobs), so no path can end a job without its
+record's facts in the same atomic step (core.job_store), so no path can end a job without its
 line and no line needs another read. Prompt and output text stay out unless
 `Settings.audit_content` turns them on: an audit trail is kept longer and read by more
 people than the jobs themselves.

@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     #: Micro-batching: ready jobs looked at per free batch row; the batch takes those closest
     #: in token limit, then prompt length, to its first job. 1: strict arrival order.
     batch_length_window: int = Field(default=4, ge=1, le=64)
-    #: Job messages a worker parent may hold unacknowledged (tasks/skip.py): it keeps
+    #: Job messages a worker parent may hold unacknowledged (tasks/parent_gate.py): it keeps
     #: acknowledging finished jobs' messages while its child drains the backlog. 0: auto,
     #: 4 x max_batch_size + 1 (a batch's mates plus the jobs the length window looks at).
     worker_prefetch: int = Field(default=0, ge=0, le=100_000)

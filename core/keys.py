@@ -97,7 +97,7 @@ def ready(queue: str) -> str:
     return f"{READY_PREFIX}{queue}"
 
 
-#: Key prefixes the Lua scripts in core.jobs build names from (a job's worker is only
+#: Key prefixes the Lua scripts in core.job_store build names from (a job's worker is only
 #: known inside the script). Same names as the functions below.
 JOB_PREFIX = f"{PREFIX}job:"
 READY_PREFIX = f"{PREFIX}ready:"

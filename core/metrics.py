@@ -4,7 +4,7 @@ Why in Redis and not in each process's prometheus-client registry: a worker has 
 port to scrape and may run on another host, and most of what matters (a job's queue wait,
 its run time, how it ended) is known exactly once, in the transition script that moves it.
 That script updates the hash in the same atomic step, so a counter can never disagree
-with the job records; the API turns the hash into Prometheus families (api.observe).
+with the job records; the API turns the hash into Prometheus families (api.status_view).
 
 Field names: `depth|<lane>`, `finished|<lane>|<status>`, `model_jobs|<model>`, `prompt_tokens|<lane>`,
 `generated_tokens|<lane>`, `h|<histogram>|<lane>|<bucket index>` and `s|<histogram>|<lane>`

@@ -8,23 +8,30 @@ from celery.exceptions import SecurityWarning
 from celery.signals import (
     after_setup_logger,
     worker_init,
-    worker_process_init,
-    worker_process_shutdown,
     worker_shutting_down,
 )
 
-from workers import engine_failure, lifecycle, shutdown_log
+from tasks import engine_failure, events, shutdown_log
 
 # Celery warns on every start as root (containers often run as root); its danger is
 # unpickling messages as root, and this app accepts JSON only (celeryconfig).
 warnings.filterwarnings("ignore", category=SecurityWarning)
 
-app = Celery("inferq")
+#: the one task: its id is the job id, its only argument too
+RUN_JOB = "inferq.run_job"
+
+# `include`: the worker imports the task module (and with it the engine's lifecycle) at
+# start; the API and Flower import this module only, which stays free of `workers`.
+app = Celery("inferq", include=["tasks.run_job"])
 app.config_from_object("celeryconfig")
-app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
 
 worker_init.connect(engine_failure.on_worker_init, weak=False)
-worker_process_init.connect(lifecycle.init_child, weak=False)
-worker_process_shutdown.connect(lifecycle.shutdown_child, weak=False)
 after_setup_logger.connect(shutdown_log.on_setup_logger, weak=False)
 worker_shutting_down.connect(shutdown_log.on_shutting_down, weak=False)
+
+
+def send_job(job_id: str, lane: str, model: str) -> None:
+    """Enqueue a job's message again (the worker's recovery; the API writes its own messages
+    in the same round trip as the job record, api.publish)."""
+    kwargs = events.kwargs_repr(model, lane)
+    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=lane, kwargsrepr=kwargs)

@@ -16,8 +16,7 @@ import httpx
 import pytest
 import redis
 
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
-from core.processes import (
+from cli.processes import (
     Supervisor,
     api_argv,
     flower_argv,
@@ -27,6 +26,7 @@ from core.processes import (
     wait_for,
     worker_argv,
 )
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

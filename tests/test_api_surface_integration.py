@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from core.processes import wait_for
+from cli.processes import wait_for
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration

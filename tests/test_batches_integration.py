@@ -183,7 +183,7 @@ def test_cli_submit_wait_writes_output(stack: Stack, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "cli.main",
             "batch",
             "--url",
             stack.base_url,
@@ -213,7 +213,7 @@ def test_cli_submit_wait_writes_output(stack: Stack, tmp_path: Path) -> None:
     assert "line 6" in err.read_text()
     assert "completed" in proc.stderr  # the progress display
     status = subprocess.run(
-        [sys.executable, "-m", "core.cli", "batch", "--url", stack.base_url, "status", final["id"]],
+        [sys.executable, "-m", "cli.main", "batch", "--url", stack.base_url, "status", final["id"]],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,14 +16,15 @@ import redis
 
 from core import keys
 from core.config import Settings
-from core.jobs import JobRecord, JobStore, Move
+from core.job_store import JobRecord, JobStore, Move
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
+from tasks import child as lifecycle
 from tests.conftest import ROOT, with_db
-from workers import lifecycle
 from workers.claim import claim_more, closest_fits
-from workers.fake import EchoEngine
-from workers.runner import RunOptions, drain, process_worker_id, run_batch
+from workers.engines.echo import EchoEngine
+from workers.options import RunOptions, process_worker_id
+from workers.runner import drain, run_batch
 
 LANE = "inferq.test-claim"
 
@@ -191,9 +192,9 @@ def test_drain_ends_its_claims_whatever_it_finds(r: redis.Redis) -> None:
 
 _CLAIM_AND_HANG = """
 import sys, redis
-from core.jobs import JobStore
+from core.job_store import JobStore
 from workers.claim import claim_more
-from workers.runner import RunOptions
+from workers.options import RunOptions
 r = redis.Redis.from_url(sys.argv[1], decode_responses=True)
 store = JobStore(r, ttl=100)
 first = store.get(sys.argv[2])

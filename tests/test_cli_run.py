@@ -16,8 +16,8 @@ import httpx
 import pytest
 import redis
 
-from core.demo_model import build_demo_model
-from core.processes import Supervisor, free_port
+from cli.processes import Supervisor, free_port
+from models.demo import build_demo_model
 from tests.conftest import ROOT, cli_env, proc_file, wait_ready, with_db
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def _start_run(home: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes
     env = cli_env(INFERQ_HOME=str(home), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "run", *args],
+            [sys.executable, "-m", "cli.main", "run", *args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -83,7 +83,7 @@ def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) ->
         _readme_shell_examples(tmp_path / "shell", base)
         # `inferq keys create` finds the running embedded Valkey by itself (a new port each start)
         made = subprocess.run(
-            [sys.executable, "-m", "core.cli", "keys", "create", "alice"],
+            [sys.executable, "-m", "cli.main", "keys", "create", "alice"],
             cwd=ROOT,
             env=cli_env(INFERQ_HOME=str(home)),
             capture_output=True,
@@ -173,7 +173,7 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "run", "--port", str(api_port), "--no-flower"],
+            [sys.executable, "-m", "cli.main", "run", "--port", str(api_port), "--no-flower"],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -227,7 +227,7 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
     """How a user adds a GPU host: `inferq worker` and `inferq api` against one Redis."""
     env = cli_env(INFERQ_HOME=str(tmp_path / "home"), INFERQ_HEARTBEAT_INTERVAL_S="0.5")
     missing = subprocess.run(
-        [sys.executable, "-m", "core.cli", "worker"],
+        [sys.executable, "-m", "cli.main", "worker"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -239,7 +239,7 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "cli.main",
             "api",
             "--redis-url",
             "redis://127.0.0.1:1/0",
@@ -271,14 +271,14 @@ def test_worker_and_api_started_on_their_own_serve_a_job(
     try:
         sup.start(
             "worker",
-            [sys.executable, "-m", "core.cli", "worker", "--redis-url", url, *model],
+            [sys.executable, "-m", "cli.main", "worker", "--redis-url", url, *model],
             env=env,
             cwd=ROOT,
             stdout=log.fileno(),
         )
         sup.start(
             "api",
-            [sys.executable, "-m", "core.cli", "api", "--redis-url", url, "--port", str(port), *model],
+            [sys.executable, "-m", "cli.main", "api", "--redis-url", url, "--port", str(port), *model],
             env=env,
             cwd=ROOT,
             stdout=log.fileno(),

@@ -5,8 +5,8 @@ from typing import Any
 
 import yaml
 
+from cli.processes import worker_argv
 from core.config import Settings
-from core.processes import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,6 @@ def test_batch_files_live_on_a_named_volume_for_every_service_that_uses_them() -
     batch records survive in Valkey."""
     data = _compose()
     assert "inferq-files" in data["volumes"]
-    api = data["services"]["api"]  # the one service that reads or writes them (api/files.py, api/batches.py)
+    api = data["services"]["api"]  # the one service that reads or writes them
     assert api["environment"]["INFERQ_FILES_DIR"] == "/data/files"
     assert "inferq-files:/data/files" in api["volumes"]

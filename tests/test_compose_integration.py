@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from core.processes import Supervisor, free_port, wait_for
+from cli.processes import Supervisor, free_port, wait_for
 from tests.conftest import ROOT, fresh_db
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ class Local:
         return raw
 
     def argv(self, command: list[str]) -> list[str]:
-        modules = {"python": [], "inferq": ["-m", "core.cli"]}  # the image's console script
+        modules = {"python": [], "inferq": ["-m", "cli.main"]}  # the image's console script
         head = [sys.executable, *modules.get(command[0], ["-m", command[0]])]
         return head + [self.text(part) for part in command[1:]]
 

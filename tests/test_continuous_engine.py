@@ -11,8 +11,9 @@ from typing import Any, cast
 import pytest
 
 from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from workers.engine import Engine, GenParams, GenRequest, GenResult, load_engine
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from workers.engine import Engine, GenParams, GenRequest, GenResult
+from workers.engines import load_engine
 
 
 def _settings(model: Path, mode: str, batch: int = 4) -> Settings:

@@ -11,7 +11,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.observe import SystemView, render, status
+from api.status_view import SystemView, render, status
 from core import metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy"
@@ -68,7 +68,7 @@ def test_inferq_top_renders_the_status_it_reads() -> None:
 
     from rich.console import Console
 
-    from core.top_cli import _rates, render
+    from cli.top import _rates, render
 
     state = status(_view())
     state["workers"][0]["tokens_generated"] = 500

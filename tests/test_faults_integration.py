@@ -15,7 +15,7 @@ import redis
 from core import keys
 from tests.conftest import Stack
 from tests.sse import final_text, iter_sse, read_job_events
-from workers.fake import CRASH_TRIGGER, FAIL_TRIGGER, SLOW_TRIGGER, STALL_TRIGGER
+from workers.engines.echo import CRASH_TRIGGER, FAIL_TRIGGER, SLOW_TRIGGER, STALL_TRIGGER
 
 pytestmark = pytest.mark.integration
 

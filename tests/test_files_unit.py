@@ -7,7 +7,7 @@ import pytest
 from fastapi import UploadFile
 
 from api.errors import APIError
-from api.files import _copy_and_count
+from api.file_store import _copy_and_count
 from core.config import Settings
 from core.storage import LocalStorage, check_id
 

@@ -16,10 +16,11 @@ from typing import Any, cast
 import jsonschema_rs
 import pytest
 
-from core.demo_model import build_demo_model
+from models.demo import build_demo_model
 from schemas.openai import ChatCompletionRequest
 from tests.test_continuous_engine import _settings
-from workers.engine import Engine, GenParams, GenRequest, GenResult, load_engine
+from workers.engine import Engine, GenParams, GenRequest, GenResult
+from workers.engines import load_engine
 from workers.runner import build_completion, gen_requests
 
 PERSON = {

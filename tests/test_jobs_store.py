@@ -7,11 +7,11 @@ import pytest
 import redis
 
 from core import keys
-from core.jobs import JobStore
+from core.job_store import JobStore
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import ChatCompletionRequest
 from tests.conftest import with_db
-from workers.fake import FAIL_TRIGGER, EchoEngine
+from workers.engines.echo import FAIL_TRIGGER, EchoEngine
 from workers.runner import run_job
 
 

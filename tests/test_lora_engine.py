@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from models.spec import ModelSpec
 from workers.adapters import pack, scan
-from workers.engine import AdapterMissing, GenParams, GenRequest, GenResult, ModelSpec
-from workers.swift_backend import SwiftEngine
+from workers.engine import AdapterMissing, GenParams, GenRequest, GenResult
+from workers.engines.swift import SwiftEngine
 
 PROMPTS = ["hello there", "tell me a story about a cat", "2 + 2", "what is the capital of France"]
 

@@ -15,7 +15,7 @@ import redis
 from core import keys
 from tests.conftest import Stack
 from tests.sse import read_job_events
-from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
+from workers.engines.echo import FAIL_TRIGGER, SLOW_TRIGGER
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ def test_kill_pool_child_mid_batch_every_job_succeeds_once(any_stack: Stack, r: 
 
 
 def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_stack: Stack) -> None:
-    """The messages of jobs a batch-mate already ran never reach the pool child (tasks.skip):
+    """The messages of jobs a batch-mate already ran never reach the pool child (tasks.parent_gate):
     Flower shows them succeeded without a start, and the queue ends empty. The parent takes
     messages off the broker while its child is busy (it holds them back from the child), so
     no pile of finished jobs' messages is left to work through when the child's task ends."""

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from workers.fake import FAIL_TRIGGER, SLOW_TRIGGER
+from workers.engines.echo import FAIL_TRIGGER, SLOW_TRIGGER
 
 pytestmark = pytest.mark.integration
 

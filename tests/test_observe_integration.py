@@ -78,7 +78,7 @@ def test_metrics_move_by_exactly_the_jobs_run(obs: Stack) -> None:
     during = scrape(obs)
     assert sample(during, "inferq_queue_depth", lane=LANE) == 10
     status = subprocess.run(
-        [sys.executable, "-m", "core.cli", "status", "--json", "--url", obs.base_url],
+        [sys.executable, "-m", "cli.main", "status", "--json", "--url", obs.base_url],
         cwd=ROOT,
         capture_output=True,
         text=True,

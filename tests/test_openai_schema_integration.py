@@ -22,7 +22,7 @@ from tests.conftest import Stack, fresh_db, stack_env, start_stack
 from tests.openai_schema import VENDORED, assert_openai, assert_openai_all, document, names, openai_errors
 from tests.openai_schemas import vendor
 from tests.sse import iter_sse
-from workers.fake import FAIL_TRIGGER
+from workers.engines.echo import FAIL_TRIGGER
 
 integration = pytest.mark.integration
 

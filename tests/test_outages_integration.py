@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
+from cli.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
 from core import keys
-from core.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, wait_for, worker_argv
 from tests.conftest import ROOT, stack_env, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -254,7 +254,7 @@ def test_batch_past_its_completion_window_expires(own: Own) -> None:
 
 
 def test_worker_killed_while_its_parent_holds_queued_jobs_messages(own: Own) -> None:
-    """The worker parent holds queued jobs' messages back from its busy child (tasks.skip).
+    """The worker parent holds queued jobs' messages back from its busy child (tasks.parent_gate).
     Kill the whole worker then, with nothing else left in the broker: the messages stay
     unacknowledged on the dead worker (for the broker's visibility timeout, 20 minutes), yet
     the jobs run: the dead worker's heartbeat lapses, the new worker's reaper sends it again, and

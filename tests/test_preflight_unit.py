@@ -1,5 +1,5 @@
 """The start-up checks against the flags and INFERQ_ settings as the processes will read
-them: a flag overrides its own variable, each field alone (core.cli.build_env passes them
+them: a flag overrides its own variable, each field alone (cli.main.build_env passes them
 on so), and only flags given now are refused for being useless."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from core import preflight
-from core.cli import build_env, build_parser
+from cli import preflight
+from cli.main import build_env, build_parser
 from core.config import Settings
-from workers import engine_failure
+from tasks import engine_failure
 
 
 def _args(*argv: str) -> argparse.Namespace:

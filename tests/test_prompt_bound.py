@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from api.prompt_bound import PromptBound
 from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from workers.engine import PromptCounter, load_prompt_counter
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from models.prompts import PromptCounter, load_prompt_counter
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = {"scripts/run": ["run"], "inferq": [], ".venv/bin/inferq": []}

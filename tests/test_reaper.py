@@ -10,12 +10,12 @@ import redis
 
 from core import keys
 from core.config import Settings
-from core.jobs import JobStore
+from core.job_store import JobStore
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
+from tasks import child as lifecycle
 from tests.conftest import with_db
-from workers import lifecycle
-from workers.fake import EchoEngine
+from workers.engines.echo import EchoEngine
 
 
 def _req() -> ChatCompletionRequest:
@@ -39,12 +39,12 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
     assert store.pop_ready(["inferq.jobs"], "dead-host:7") == queued  # ...now it took one
     sent: list[tuple[str, str]] = []
 
-    def resend(job_id: str, queue: str) -> None:
+    def resend(job_id: str, queue: str, model: str) -> None:
         if queue == "inferq.nowhere":
             raise KeyError(queue)  # what Celery raises for a queue it does not know
         sent.append((job_id, queue))
 
-    monkeypatch.setattr(lifecycle, "_resend", resend)
+    monkeypatch.setattr(lifecycle, "send_job", resend)
     settings = Settings(redis_url=url, heartbeat_interval_s=0.05, reap_interval_s=0.05)
     state = lifecycle.WorkerState(settings, EchoEngine("echo"))
     try:

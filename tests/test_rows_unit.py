@@ -1,4 +1,4 @@
-"""Per-row settings inside one `generate` (workers.rows), on tensors: each row is sampled,
+"""Per-row settings inside one `generate` (workers.engines.rows), on tensors: each row is sampled,
 penalised and stopped by its own settings, whatever its batch-mates ask."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.engine import GenParams
-from workers.rows import RowLimits, RowPenalties, RowSampler
+from workers.engines.rows import RowLimits, RowPenalties, RowSampler
 
 GREEDY = GenParams(max_tokens=8, temperature=0.0)
 

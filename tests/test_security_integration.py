@@ -17,12 +17,12 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer
 
+from cli.processes import free_port
 from core.auth import hash_key
-from core.jobs import JobStore
-from core.processes import free_port
+from core.job_store import JobStore
 from schemas.openai import ChatCompletionRequest
 from tests.conftest import ROOT, Stack, cli_env, stack_env, start_stack, with_db
-from workers.fake import SLOW_TRIGGER
+from workers.engines.echo import SLOW_TRIGGER
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,7 @@ def test_objects_belong_to_their_key(secure: Stack) -> None:
 
 def test_keys_from_the_cli_work(secure: Stack) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "keys", "create", "alice", "--redis-url", secure.redis_url],
+        [sys.executable, "-m", "cli.main", "keys", "create", "alice", "--redis-url", secure.redis_url],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -216,7 +216,7 @@ def test_celery_refuses_pickled_messages(echo_stack: Stack) -> None:
 def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
     env = cli_env(INFERQ_HOME=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "run", "--host", "0.0.0.0"],
+        [sys.executable, "-m", "cli.main", "run", "--host", "0.0.0.0"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -228,7 +228,7 @@ def test_run_refuses_to_expose_an_open_server(tmp_path: Path) -> None:
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
         env=cli_env(**env),
         capture_output=True,

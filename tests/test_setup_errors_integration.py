@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.processes import Supervisor, api_argv, free_port, port_open, wait_for
+from cli.processes import Supervisor, api_argv, free_port, port_open, wait_for
 from tests.conftest import ROOT, cli_env, proc_file, stack_env, with_db
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ def _run(
     t0 = time.monotonic()
     no_flower = [] if flower else ["--no-flower"]
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), *no_flower, *args],
+        [sys.executable, "-m", "cli.main", "run", "--port", str(free_port()), *no_flower, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -121,7 +121,7 @@ def test_the_model_flags_readme_shows_are_names_ms_swift_knows() -> None:
     --template (and their INFERQ_ forms) must pass the same check `inferq run` makes."""
     import re
 
-    from core.preflight import swift_name_problems
+    from cli.preflight import swift_name_problems
 
     text = (ROOT / "README.md").read_text() + (ROOT / "docker-compose.yml").read_text()
     types = set(re.findall(r"(?:--model-type |INFERQ_MODEL_TYPE=)(\w+)", text))
@@ -158,7 +158,7 @@ def test_ctrl_c_while_the_worker_loads_says_nothing_of_a_job(tmp_path: Path) -> 
     log = tmp_path / "run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "run", "--port", str(free_port()), "--no-flower"],
+            [sys.executable, "-m", "cli.main", "run", "--port", str(free_port()), "--no-flower"],
             cwd=ROOT,
             env=cli_env(INFERQ_HOME=str(tmp_path / "home")),
             stdout=out,
@@ -218,7 +218,7 @@ def test_a_worker_whose_engine_cannot_load_exits_instead_of_forking_again(
     flags = ["--model", str(broken), "--model-type", "qwen2", "--template", "qwen2_5"]
     t0 = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "core.cli", "worker", "--redis-url", with_db(redis_url, 8), *flags],
+        [sys.executable, "-m", "cli.main", "worker", "--redis-url", with_db(redis_url, 8), *flags],
         cwd=ROOT,
         env=cli_env(INFERQ_HOME=str(tmp_path / "home")),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The worker parent's gate (tasks.skip.ParentGate) on a real Valkey/Redis, with a stand-in
+"""The worker parent's gate (tasks.parent_gate.ParentGate) on a real Valkey/Redis, with a stand-in
 for Celery's default handler: finished jobs' messages are acknowledged without reaching
 the pool, unfinished ones wait while the child is busy and go to it one at a time, in
 order, when it is idle."""
@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from core import keys
-from core.jobs import JobStore
+from core.job_store import JobStore
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
-from tasks.skip import CHECK_S, ParentGate
+from tasks.parent_gate import CHECK_S, ParentGate
 
 LANE = "inferq.test-skip"
 

@@ -11,7 +11,7 @@ import redis
 import torch
 
 from core import keys
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from workers.streaming import StreamSink, Target
 
 
@@ -85,7 +85,7 @@ def test_writer_keeps_order_and_a_reset_follows_the_tokens_it_voids(r: redis.Red
 
 
 def test_a_failed_write_is_raised_in_the_generating_thread_once() -> None:
-    from core.processes import free_port
+    from cli.processes import free_port
 
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
     sink = StreamSink(dead, [Target("x", 0)], flush_interval_s=0)
@@ -107,7 +107,7 @@ def template(demo_model: Path) -> Any:
 
 
 def test_batched_decoding_gives_the_tokenizers_own_text(template: Any) -> None:
-    from workers.swift_backend import DeltaStreamer
+    from workers.engines.swift import DeltaStreamer
 
     rows, steps = 6, 40
     rng = random.Random(7)
@@ -145,7 +145,7 @@ def test_a_store_outage_while_a_chat_request_waits_is_the_store_error() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from api import chat
+    from api import serving_chat as chat
     from schemas.jobs import JobStatus
 
     class DownRedis:

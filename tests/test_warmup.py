@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE
-from workers.lifecycle import warm_up, warmup_sizes
+from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
+from tasks.child import warm_up, warmup_sizes
 
 
 def test_auto_sweeps_every_batch_size_on_a_gpu_and_one_on_a_cpu() -> None:
@@ -28,8 +28,8 @@ def test_a_malformed_list_is_refused_naming_the_setting() -> None:
 
 
 def test_warm_up_runs_each_size_as_one_batch_on_the_real_engine(demo_model: Path) -> None:
-    from workers.engine import ModelSpec
-    from workers.swift_backend import SwiftEngine
+    from models.spec import ModelSpec
+    from workers.engines.swift import SwiftEngine
 
     engine = SwiftEngine(
         ModelSpec(demo_model, DEMO_MODEL_TYPE, DEMO_TEMPLATE, demo=True), Settings(max_batch_size=4)

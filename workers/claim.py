@@ -15,13 +15,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from core.jobs import JobRecord, JobStore, Move
+from core.job_store import JobRecord, JobStore, Move
 from schemas.jobs import JobStatus
-
-if TYPE_CHECKING:
-    from workers.runner import RunOptions
+from workers.options import RunOptions
 
 
 def closest_fits(

@@ -8,14 +8,11 @@ fake engine that behaves the same from the outside.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from core.config import Settings
-from core.demo_model import DEMO_MODEL_TYPE, DEMO_TEMPLATE, is_demo_model
+from models.spec import ModelFacts
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +22,7 @@ FinishReason = Literal["stop", "length"]
 @dataclass(frozen=True)
 class GenParams:
     """One request's generation settings. Requests with any settings share a `generate`
-    call: each row is limited, stopped and sampled with its own (workers.rows)."""
+    call: each row is limited, stopped and sampled with its own (workers.engines.rows)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -89,21 +86,6 @@ class GenResult:
     logprobs: list[dict[str, Any]] | None = None
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the API and /v1/models need to know about the served model."""
-
-    model_id: str
-    context_length: int
-    demo: bool
-    #: runs on a GPU (the warm-up sweeps batch sizes there)
-    accelerator: bool = False
-    #: the template's tool-call format ("hermes"), or None: it renders no tools
-    tool_format: str | None = None
-    #: the tokenizer's vocabulary (logit_bias keys are checked against it); 0: unknown
-    vocab_size: int = 0
-
-
 class TokenSink(Protocol):
     """Where a streaming `generate` reports; request i is `requests[i]`."""
 
@@ -150,45 +132,6 @@ class Engine(Protocol):
         ...
 
 
-class PromptCounter(Protocol):
-    """Counts prompt tokens exactly as the engine will (template included)."""
-
-    facts: ModelFacts
-
-    def count_prompt_tokens(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> int: ...
-
-    def count_text_tokens(self, text: str) -> int:
-        """Tokens of a piece of generated text (no template)."""
-        ...
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    path: Path
-    model_type: str
-    template: str
-    adapters: list[str] = field(default_factory=list)
-    demo: bool = False
-
-
-def resolve_model(settings: Settings) -> ModelSpec:
-    """The model to serve: the one named in settings, else the demo model."""
-    if settings.model_path:
-        path = Path(settings.model_path)
-        return ModelSpec(
-            path=path,
-            model_type=settings.model_type,
-            template=settings.template,
-            adapters=list(settings.adapters),
-            demo=is_demo_model(path),
-        )
-    return ModelSpec(
-        path=settings.demo_model_dir, model_type=DEMO_MODEL_TYPE, template=DEMO_TEMPLATE, demo=True
-    )
-
-
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` before the first stop sequence, as OpenAI does (the engine keeps it)."""
     cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
@@ -218,41 +161,17 @@ def run_split(
         return run_split(run, idxs[:half], on_retry) + run_split(run, idxs[half:], on_retry)
 
 
-@contextmanager
-def _root_log_levels_kept() -> Iterator[None]:
-    """ms-swift, on import, sets every plain StreamHandler of the root logger to ERROR (to
-    quiet PyTorch DDP ranks). In a worker child that is Celery's handler: every INFO and
-    WARNING line of the child, Celery's and ours (the reaper, the watchdog, the demo-model
-    warning), was dropped. The levels are put back once ms-swift is loaded."""
-    levels = [(h, h.level) for h in logging.getLogger().handlers]
-    try:
-        yield
-    finally:
-        for handler, level in levels:
-            handler.setLevel(level)
+class ContinuousEngine(Engine, Protocol):
+    """What the continuous drain needs beyond `Engine` (workers.engines.continuous)."""
 
+    def open(self, sink: TokenSink | None) -> None: ...
 
-def load_engine(settings: Settings) -> Engine:
-    if settings.engine == "echo":
-        from workers.fake import EchoEngine
+    def add(self, row: int, request: GenRequest) -> None: ...
 
-        return EchoEngine(settings.model_id, oom_above=settings.echo_oom_above)
-    with _root_log_levels_kept():
-        if settings.engine_mode == "continuous":
-            from workers.continuous import ContinuousEngine
+    def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]: ...
 
-            return ContinuousEngine(resolve_model(settings), settings)
-        from workers.swift_backend import SwiftEngine
+    def close(self) -> None: ...
 
-        return SwiftEngine(resolve_model(settings), settings)
+    def active_rows(self) -> int: ...
 
-
-def load_prompt_counter(settings: Settings) -> PromptCounter:
-    if settings.engine == "echo":
-        from workers.fake import EchoEngine
-
-        return EchoEngine(settings.model_id)
-    with _root_log_levels_kept():
-        from workers.swift_backend import SwiftPromptCounter
-
-        return SwiftPromptCounter(resolve_model(settings), settings)
+    def take_step_counts(self) -> tuple[int, int]: ...

@@ -8,14 +8,12 @@ message therefore can never produce a second result.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import cast
 
 from core import batch_lines, keys, metrics
-from core.jobs import BatchLine, JobRecord, JobStore, Move
+from core.job_store import BatchLine, JobRecord, JobStore, Move
 from schemas.grammar import request_grammar
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
@@ -23,6 +21,7 @@ from schemas.structured import ChoiceLogprobs, TokenLogprob, ToolCall
 from schemas.tool_calls import parse_tool_calls
 from workers.claim import claim_more
 from workers.engine import AdapterMissing, Engine, GenParams, GenRequest, GenResult
+from workers.options import RunOptions
 from workers.streaming import StreamSink, Target
 
 logger = logging.getLogger(__name__)
@@ -150,38 +149,6 @@ def fail(store: JobStore, job_id: str, error: JobError) -> None:
         )
 
 
-def process_worker_id() -> str:
-    """This process's id in Redis (its heartbeat, its processing list): host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    default_max_tokens: int = 512
-    #: rows (requests, counting `n`) one `generate` call may take
-    max_batch_size: int = 1
-    #: lanes to pull more jobs from, in priority order (their `ready` lists)
-    lanes: tuple[str, ...] = ()
-    #: how long to wait for more jobs when the batch is not full (a shallow queue) ...
-    collect_s: float = 0.0
-    #: ... and at most, while jobs keep arriving (workers.claim)
-    collect_max_s: float = 0.0
-    #: ready jobs looked at per free row, to pick those closest in prompt length (workers.claim)
-    length_window: int = 1
-    #: False: no job of the call publishes token events
-    publish_tokens: bool = True
-    #: filled with the ids of the jobs being run, for the caller's watchdog
-    running: list[str] | None = None
-    #: a job whose worker died this many times is failed instead of run again
-    max_attempts: int = 3
-    #: generation time limit when the record has none
-    timeout_s: float = 600.0
-    #: this worker's id: its heartbeat and its processing list (the ids it took)
-    worker_id: str = field(default_factory=process_worker_id)
-    #: the base model's id: a job for any other `model` runs through that LoRA adapter
-    base_model: str = ""
-
-
 def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     record = store.get(job_id)
     if record is None:
@@ -229,7 +196,7 @@ def fill_batch(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord
         if first is None:
             return []
         # A job that was already tried (its worker died) runs alone: it may be what killed it.
-        # Any other settings share the call: the engine applies each row's own (workers.rows).
+        # Any other settings share the call: the engine applies each row's own (workers.engines.rows).
         if first.job.attempts:
             return [first]
 

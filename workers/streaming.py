@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from core import keys
-from core.jobs import EVENTS_MAXLEN
+from core.job_store import EVENTS_MAXLEN
 
 
 class StopFilter:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from api.auth import OwnerDep, bearer_token
 from api.deps import StateDep
 from api.errors import APIError, error_responses
-from api.observe import live_workers
+from api.status_view import live_workers
 from core import keys
 from core.auth import configured_hashes, hash_key
 

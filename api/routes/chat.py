@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from api import chat
+from api import serving_chat as chat
 from api.auth import OwnerDep
 from api.deps import StateDep
 from api.errors import error_responses

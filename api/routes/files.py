@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api import files
+from api import file_store as files
 from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.errors import error_responses

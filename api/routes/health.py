@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from api.auth import OwnerDep
 from api.deps import StateDep
 from api.errors import APIError, error_responses
-from api.observe import live_workers
+from api.status_view import live_workers
 from schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["health"])

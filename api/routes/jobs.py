@@ -9,7 +9,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api import chat, listing, service
+from api import listing
+from api import serving_chat as chat
+from api import submit as service
 from api.auth import OwnerDep, ScopeDep
 from api.deps import StateDep
 from api.errors import APIError, error_responses

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api import observe
+from api import status_view as observe
 from api.auth import bearer_token
 from api.deps import StateDep
 from api.errors import APIError

@@ -7,7 +7,7 @@ validates lines as it reads them and keeps at most `batch_window` of them in the
 its cursor lives in Redis, so any API process can resume a batch after a restart (a lock
 with a short TTL keeps it to one dispatcher per batch). Results are not collected here:
 each job appends its own output/error line atomically with its final status (see
-`core/jobs.py`), so a crash loses no finished line and counts never drift.
+`core/job_store.py`), so a crash loses no finished line and counts never drift.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ import redis.asyncio as aredis
 from celery import Celery
 from pydantic import ValidationError
 
-from api import files, service
-from api.adapters import AdapterCatalog
+from api import file_store as files
+from api import submit as service
 from api.errors import APIError
 from api.publish import task_message
+from api.served_adapters import AdapterCatalog
 from core import batch_lines, keys
 from core.auth import scope_of
 from core.config import Settings
-from core.jobs import NO_TOKENS, AsyncJobStore, BatchLine
+from core.job_store import NO_TOKENS, AsyncJobStore, BatchLine
 from core.storage import Storage
+from models.prompts import PromptCounter
 from schemas.batches import Batch, BatchCreate, BatchError, BatchErrors, BatchUsage, RequestCounts
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
-from workers.engine import PromptCounter
 
 logger = logging.getLogger(__name__)
 

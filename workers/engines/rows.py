@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from workers.engine import GenParams
-from workers.guide import GrammarBook, LogprobTrail, apply_grammars, consume, record_logprobs
+from workers.engines.guide import GrammarBook, LogprobTrail, apply_grammars, consume, record_logprobs
 
 
 class RowPenalties(LogitsProcessor):

@@ -11,7 +11,7 @@ import time
 
 import redis.asyncio as aredis
 
-from api.observe import live_workers
+from api.status_view import live_workers
 
 
 class AdapterCatalog:

@@ -16,7 +16,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-from workers import shutdown_log
+from tasks import shutdown_log
 
 ENGINE_FAILED = 3
 SIGNAL = signal.SIGUSR2

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from workers.engine import FinishReason, GenRequest, GenResult, ModelFacts, TokenSink, run_split
+from models.prompts import WordCounter
+from workers.engine import FinishReason, GenRequest, GenResult, TokenSink, run_split
 from workers.streaming import StopFilter
 
 #: A user message equal to this makes the request fail (engine error, worker survives).
@@ -28,23 +28,15 @@ class OutOfMemoryError(RuntimeError):
     """Stands in for torch.cuda.OutOfMemoryError."""
 
 
-class EchoEngine:
+class EchoEngine(WordCounter):
     def __init__(self, model_id: str, context_length: int = 4096, oom_above: int = 0) -> None:
-        self.facts = ModelFacts(model_id=model_id, context_length=context_length, demo=True)
+        super().__init__(model_id, context_length)
         self.oom_above = oom_above
         self.calls: list[int] = []
         self._progress: float | None = None
 
     def progress(self) -> float | None:
         return self._progress
-
-    def count_prompt_tokens(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> int:
-        return sum(len(str(m["content"]).split()) + 2 for m in messages) + 8 * len(tools or [])
-
-    def count_text_tokens(self, text: str) -> int:
-        return len(text.split())
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None

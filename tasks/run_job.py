@@ -8,30 +8,31 @@ from typing import cast
 import redis
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from core.config import get_settings
+from tasks import child as lifecycle
 from tasks import events
-from tasks.app import app
-from workers import lifecycle, runner
-from workers.continuous_runner import ContinuousEngine, drain_continuous
+from tasks.app import RUN_JOB, app
+from workers import options, runner
+from workers.continuous_drain import drain_continuous
+from workers.engine import ContinuousEngine
 
-RUN_JOB = "inferq.run_job"
 
-
-# Strategy: messages of jobs already run by a batch-mate are acknowledged in the parent (tasks.skip)
+# Strategy: messages of jobs already run by a batch-mate are acknowledged in the parent (tasks.parent_gate)
 @app.task(
     bind=True,
     name=RUN_JOB,
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    Strategy="tasks.skip:skip_finished",
-    Request="tasks.skip:GateRequest",
+    Strategy="tasks.parent_gate:skip_finished",
+    Request="tasks.parent_gate:GateRequest",
 )
 def run_job(self: Task, job_id: str) -> None:
     st = lifecycle.state()
     s = get_settings()
-    opts = runner.RunOptions(
+    opts = options.RunOptions(
         default_max_tokens=s.default_max_tokens,
         max_batch_size=s.max_batch_size,
         lanes=tuple(s.queues),
@@ -65,10 +66,6 @@ def run_job(self: Task, job_id: str) -> None:
     raise Ignore()
 
 
-def _resend(job_id: str, queue: str) -> None:
-    facts = events.job_facts(lifecycle.state().redis, job_id)
-    kwargs = events.kwargs_repr(facts.get("model", ""), queue)
-    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue, kwargsrepr=kwargs)
-
-
-lifecycle.set_resender(_resend)
+# the child's engine and threads: loaded after the fork, in each pool child (tasks.child)
+worker_process_init.connect(lifecycle.init_child, weak=False)
+worker_process_shutdown.connect(lifecycle.shutdown_child, weak=False)

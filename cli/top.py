@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from core.batch_cli import _check, _fail
+from cli.batch import _check, _fail
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
-from core.jobs import JobRecord, JobStore
-from workers.engine import Engine, GenRequest, GenResult, TokenSink
+from core.job_store import JobRecord, JobStore
+from workers.engine import ContinuousEngine, GenResult
+from workers.options import RunOptions, interactive_reserve
 from workers.runner import (
-    RunOptions,
     RunOutcome,
     count_batch,
     fill_batch,
@@ -32,27 +31,6 @@ logger = logging.getLogger(__name__)
 
 #: how often, at most, the lanes are looked at for a job to add while rows are free
 ADMIT_INTERVAL_S = 0.01
-
-
-def interactive_reserve(max_batch_size: int) -> int:
-    """Rows the loop runs beyond MAX_BATCH_SIZE, for interactive requests only."""
-    return max(1, max_batch_size // 8)
-
-
-class ContinuousEngine(Engine, Protocol):
-    """What the continuous drain needs beyond `Engine` (workers.continuous)."""
-
-    def open(self, sink: TokenSink | None) -> None: ...
-
-    def add(self, row: int, request: GenRequest) -> None: ...
-
-    def poll(self, timeout_s: float) -> list[tuple[int, GenResult | Exception]]: ...
-
-    def close(self) -> None: ...
-
-    def active_rows(self) -> int: ...
-
-    def take_step_counts(self) -> tuple[int, int]: ...
 
 
 @dataclass

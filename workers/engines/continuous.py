@@ -7,7 +7,7 @@ GPU): a request joins it at once, and a finished row frees its slot at once.
 What we add around the manager, and why:
 - per-request settings: the manager samples for the loop as a whole (one `do_sample`), so it
   runs greedy and `SlotSampler`, a logits processor of its own kind, picks each row's token
-  by that row's temperature / top-k / top-p, seed and penalties (`workers.rows.sample`), from
+  by that row's temperature / top-k / top-p, seed and penalties (`workers.engines.rows.sample`), from
   per-slot tables kept on the device: no host round trip per step, and a greedy row's tokens
   are the argmax, as alone;
 - streaming, stop sequences and cancels are ours: tokens are decoded in the caller's thread
@@ -34,20 +34,20 @@ from swift.infer_engine import InferRequest
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from core.config import Settings
-from workers.continuous_runner import interactive_reserve
+from models.spec import ModelSpec
 from workers.engine import (
     AdapterMissing,
     FinishReason,
     GenParams,
     GenRequest,
     GenResult,
-    ModelSpec,
     TokenSink,
     truncate_at_stop,
 )
-from workers.rows import stop_window
-from workers.slots import SLOT_KWARG, SlotSampler
-from workers.swift_backend import DeltaStreamer, SwiftEngine
+from workers.engines.rows import stop_window
+from workers.engines.slots import SLOT_KWARG, SlotSampler
+from workers.engines.swift import DeltaStreamer, SwiftEngine
+from workers.options import interactive_reserve
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-class ContinuousEngine(SwiftEngine):
+class SwiftContinuousEngine(SwiftEngine):
     """The same model as the static engine, run by a continuous-batching loop. `generate`
     works as the static engine's (warm-up, direct use); the runner's continuous drain uses
     `open` / `add` / `poll` / `cancel` / `close`, so jobs join while others run."""
@@ -146,7 +146,7 @@ class ContinuousEngine(SwiftEngine):
             size["max_memory_percent"] = 0.8  # room for the sampler's vocabulary-sized tensors
         return size
 
-    # --- the incremental interface (workers.continuous_runner) ----------------------
+    # --- the incremental interface (workers.continuous_drain) ----------------------
 
     def open(self, sink: TokenSink | None) -> None:
         self._sink = sink

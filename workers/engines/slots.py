@@ -3,8 +3,8 @@
 Why our own processor: transformers' continuous batching samples for the loop as a whole
 (one `do_sample`), and its per-request processors cover only temperature, top-k and
 top-p. The loop runs greedy, and this processor picks each row's token by that row's own
-settings (`workers.rows`: temperature / top-k / top-p / min-p, seed, presence, frequency and
-repetition penalties, logit bias, min_tokens, ignore_eos), its grammar (`workers.guide`) and
+settings (`workers.engines.rows`: temperature / top-k / top-p / min-p, seed, presence, frequency and
+repetition penalties, logit bias, min_tokens, ignore_eos), its grammar (`workers.engines.guide`) and
 records its logprobs. Sampling settings live in per-slot tables on the device (no host round
 trip per step); the host is asked for the step's tokens only while a row has a grammar or
 wants logprobs.
@@ -23,8 +23,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 
 from workers.engine import GenParams
-from workers.guide import LogprobTrail, apply_grammars, consume, record_logprobs
-from workers.rows import bias_and_bans, drawn_from, random_seed, repeat_penalise, sample
+from workers.engines.guide import LogprobTrail, apply_grammars, consume, record_logprobs
+from workers.engines.rows import bias_and_bans, drawn_from, random_seed, repeat_penalise, sample
 
 #: the request kwarg that names a row's slot
 SLOT_KWARG = "inferq_slot"

@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NoReturn, cast
 
 import redis
@@ -25,10 +25,13 @@ from kombu.exceptions import OperationalError
 from core import keys
 from core.audit import AuditLog
 from core.config import Settings, get_settings
-from core.jobs import JobStore
+from core.job_store import JobStore
 from schemas.jobs import JobError
-from workers import adapters, engine_failure, runner
-from workers.engine import Engine, GenParams, GenRequest, load_engine
+from tasks import engine_failure, events
+from tasks.app import send_job
+from workers import adapters, options, runner
+from workers.engine import Engine, GenParams, GenRequest
+from workers.engines import load_engine
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class WorkerState:
         )
         #: when a beat last failed (None: none has)
         self._beat_failed_at: float | None = None
-        self.worker_id = runner.process_worker_id()
+        self.worker_id = options.process_worker_id()
         self.started_at = time.time()
         self.jobs_done = 0
         self.tokens_generated = 0
@@ -295,10 +298,8 @@ class WorkerState:
     def _send_again(self, jobs: list[tuple[str, str]]) -> int:
         sent = 0
         for job_id, queue in jobs:
-            if _resend is None:
-                return sent
             try:
-                _resend(job_id, queue)
+                send_job(job_id, queue, events.job_facts(self.redis, job_id).get("model", ""))
             except (redis.RedisError, OperationalError):
                 raise  # the broker is away: every entry stays, for the next reap
             except Exception as exc:  # this job can never be sent (e.g. a lane Celery does not
@@ -314,13 +315,6 @@ class WorkerState:
 
 
 _state: WorkerState | None = None
-#: How to enqueue a job again (set by the tasks module, which owns the Celery app).
-_resend: Callable[[str, str], None] | None = None
-
-
-def set_resender(fn: Callable[[str, str], None]) -> None:
-    global _resend
-    _resend = fn
 
 
 def warmup_sizes(setting: str, max_batch_size: int, accelerator: bool) -> list[int]:
@@ -350,7 +344,7 @@ def warm_up(engine: Engine, sizes: list[int]) -> float:
 
 def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
     """A child that cannot load its engine says why in Redis (for `inferq run`, which stops
-    waiting and prints it), stops its parent (workers.engine_failure) and exits: left
+    waiting and prints it), stops its parent (tasks.engine_failure) and exits: left
     running it would take jobs and fail them all."""
     # the traceback helps with --verbose (INFO); at the default level one line says it
     verbose = logger.isEnabledFor(logging.INFO)
@@ -365,7 +359,7 @@ def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
-        client.set(keys.worker_failure(runner.process_worker_id()), info, ex=keys.WORKER_FAILURE_TTL_S)
+        client.set(keys.worker_failure(options.process_worker_id()), info, ex=keys.WORKER_FAILURE_TTL_S)
     engine_failure.tell_parent()
     logging.shutdown()
     os._exit(engine_failure.ENGINE_FAILED)

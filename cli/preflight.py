@@ -11,21 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from cli.processes import bind_error
 from core.config import Settings
-from core.processes import bind_error
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-#: Settings that a command-line flag sets (core.cli.build_env), to name the flag too
+#: Settings that a command-line flag sets (cli.main.build_env), to name the flag too
 FLAGS = {"max_batch_size": "--max-batch-size", "engine_mode": "--engine-mode", "engine": "--engine"}
 
 
@@ -41,10 +41,23 @@ def settings_error_lines(exc: ValidationError) -> list[str]:
     return lines
 
 
+@contextmanager
+def environ_as(env: Mapping[str, str]) -> Iterator[None]:
+    """This process's environment is exactly `env` for the block, then what it was."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def settings_problems(env: Mapping[str, str]) -> list[str]:
     """The settings every process started with `env` will read, checked once here: a bad
     value (an INFERQ_ variable, or a flag passed on as one) was a traceback in each child."""
-    with mock.patch.dict(os.environ, env, clear=True):
+    with environ_as(env):
         try:
             Settings()
         except ValidationError as exc:
@@ -60,7 +73,7 @@ def settings_parse_line(exc: SettingsError) -> str:
 
 
 def model_problems(args: argparse.Namespace, settings: Settings, *, worker: bool = True) -> list[str]:
-    """The model flags, each over its INFERQ_ variable (as core.cli.build_env passes them on);
+    """The model flags, each over its INFERQ_ variable (as cli.main.build_env passes them on);
     flags the demo model would drop. `worker`: also what only workers read (adapters)."""
     model = args.model or settings.model_path
     model_type = args.model_type or settings.model_type
@@ -98,7 +111,7 @@ def model_problems(args: argparse.Namespace, settings: Settings, *, worker: bool
 def redis_problems(url: str, *, must_answer: bool) -> list[str]:
     """A URL redis-py cannot parse fails every process the same way: said once. `inferq run`
     also needs the server now (it waited 600 s for a READY that could not come); `inferq
-    worker`/`api` may be started before it, and only warn (core.cli)."""
+    worker`/`api` may be started before it, and only warn (cli.main)."""
     from redis.connection import parse_url
 
     try:

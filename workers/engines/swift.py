@@ -7,7 +7,7 @@ What we add around ms-swift 4.6, and why:
 - one `generate` call takes one config, so requests with different settings would each
   need their own call; instead every call is greedy with the largest row's token limit,
   and each row gets its own limit, stop sequences, sampling settings, penalties and seed
-  back through per-row hooks (workers.rows);
+  back through per-row hooks (workers.engines.rows);
 - `seed`, `presence_penalty` and `frequency_penalty` are silently ignored by the engine;
   we honour them there too (a generator per seeded row, an OpenAI-style additive penalty);
 - OpenAI leaves the stop sequence out of the text; the engine keeps it, so we cut it;
@@ -28,6 +28,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from core.config import Settings
+from models.prompts import tool_format
+from models.spec import ModelFacts, ModelSpec
 from workers.adapters import AdapterDir, AdapterSlots, pack
 from workers.engine import (
     AdapterMissing,
@@ -35,14 +37,12 @@ from workers.engine import (
     GenParams,
     GenRequest,
     GenResult,
-    ModelFacts,
-    ModelSpec,
     TokenSink,
     run_split,
     truncate_at_stop,
 )
-from workers.guide import GrammarBook, LogprobTrail
-from workers.rows import RowLimits, RowPenalties, RowSampler
+from workers.engines.guide import GrammarBook, LogprobTrail
+from workers.engines.rows import RowLimits, RowPenalties, RowSampler
 from workers.streaming import StopFilter
 
 logger = logging.getLogger(__name__)
@@ -217,14 +217,6 @@ class DeltaStreamer(BaseStreamer):
             self.sink.on_reset(row)
             self.sink.on_delta(row, final)
         self.emitted[row] = final
-
-
-def tool_format(template: Any) -> str | None:
-    """ "hermes" when the template renders tools and calls in the format we parse (Qwen2.5,
-    Qwen3, ...), else None: tools are refused for the model with a 400."""
-    from swift.agent_template.hermes import HermesAgentTemplate
-
-    return "hermes" if isinstance(getattr(template, "agent_template", None), HermesAgentTemplate) else None
 
 
 def stop_token_ids(template: Any, generation_config: Any) -> list[int]:
@@ -463,29 +455,3 @@ class _SubSink:
 
     def wants_tokens(self, i: int) -> bool:
         return self.sink.wants_tokens(self.idxs[i])
-
-
-class SwiftPromptCounter:
-    """The template without the model: exact prompt counts for validation in the API."""
-
-    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
-        from swift.model import get_processor
-        from swift.template import get_template
-
-        processor = get_processor(str(spec.path), model_type=spec.model_type or None)
-        self.template = get_template(processor, template_type=spec.template or None)
-        self.facts = ModelFacts(
-            model_id=settings.model_id,
-            context_length=int(self.template.max_length or 0),
-            demo=spec.demo,
-            tool_format=tool_format(self.template),
-            vocab_size=len(self.template.tokenizer),
-        )
-
-    def count_prompt_tokens(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> int:
-        return len(self.template.encode(InferRequest(messages=messages, tools=tools))["input_ids"])
-
-    def count_text_tokens(self, text: str) -> int:
-        return len(self.template.tokenizer.encode(text, add_special_tokens=False))

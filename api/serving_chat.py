@@ -13,11 +13,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api import service
+from api import submit as service
 from api.chunks import ChoiceStream
 from api.deps import AppState
 from api.errors import APIError
 from api.streams import read_events
+from models.prompts import PromptCounter
 from schemas.jobs import Job
 from schemas.openai import (
     ChatCompletion,
@@ -28,7 +29,6 @@ from schemas.openai import (
     Usage,
     error_body,
 )
-from workers.engine import PromptCounter
 
 logger = logging.getLogger(__name__)
 

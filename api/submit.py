@@ -14,20 +14,21 @@ import weakref
 import anyio
 from celery import Celery
 
-from api.adapters import AdapterCatalog
 from api.errors import APIError
 from api.prompt_bound import PromptBound
 from api.publish import task_message
+from api.served_adapters import AdapterCatalog
 from core.config import Settings
-from core.jobs import NO_TOKENS, AsyncJobStore, JobRecord
+from core.job_store import NO_TOKENS, AsyncJobStore, JobRecord
+from models.prompts import PromptCounter, load_prompt_counter
+from models.spec import ModelFacts
 from schemas.grammar import GrammarError, check_request_grammar
 from schemas.jobs import Job, JobStatus
 from schemas.openai import ChatCompletionRequest
-from workers.engine import ModelFacts, PromptCounter, load_prompt_counter
+from tasks.app import RUN_JOB
 
 logger = logging.getLogger(__name__)
 
-RUN_JOB = "inferq.run_job"  # tasks.jobs.RUN_JOB; not imported so the API stays light
 #: Prompts up to this many characters are counted on the event loop (~0.25 ms for a short
 #: chat): a thread hand-off costs about as much. Longer ones go to a thread.
 INLINE_COUNT_CHARS = 4096

@@ -58,7 +58,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default
 
 from core.config import get_settings
-from core.jobs import JobStore
+from core.job_store import JobStore
 from schemas.jobs import JobStatus
 from tasks import events
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -22,9 +23,10 @@ from typing import IO
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from core import batch_cli, keys, preflight, top_cli
-from core.config import Settings
-from core.processes import (
+from cli import batch as batch_cli
+from cli import preflight
+from cli import top as top_cli
+from cli.processes import (
     Supervisor,
     api_argv,
     flower_argv,
@@ -35,6 +37,8 @@ from core.processes import (
     wait_for,
     worker_argv,
 )
+from core import keys
+from core.config import Settings
 
 logger = logging.getLogger("inferq")
 
@@ -106,7 +110,7 @@ def build_env(args: argparse.Namespace, settings: Settings, redis_url: str) -> d
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.engine:
         env["INFERQ_ENGINE"] = args.engine
-    # each flag overrides its own INFERQ_ variable, as core.preflight checks them
+    # each flag overrides its own INFERQ_ variable, as cli.preflight checks them
     if args.model:
         env["INFERQ_MODEL_PATH"] = str(Path(args.model).resolve())
     if args.model_type:
@@ -137,7 +141,7 @@ def _flower_env(env: dict[str, str], host: str, basic_auth: str) -> dict[str, st
 
 def _demo_if_no_model(args: argparse.Namespace, settings: Settings) -> None:
     if not args.model and not settings.model_path and (args.engine or settings.engine) == "swift":
-        from core.demo_model import build_demo_model
+        from models.demo import build_demo_model
 
         build_demo_model(settings.demo_model_dir)
         logger.warning(
@@ -441,13 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmarks are not part of the installed product (the wheel has no `bench`): they
+    run from a source checkout, in a process of their own."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "suite.py").exists():
+        sys.stderr.write("inferq: bench runs from a source checkout of inferq (bench/ is not installed)\n")
+        return 2
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.call([sys.executable, "-m", "bench", args.which, *args.options], cwd=root, env=env)
+
+
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.cmd == "keys":
         return cmd_keys(args)
     if args.cmd == "bench":
-        from bench.suite import main as bench_main
-
-        return bench_main([args.which, *args.options])
+        return cmd_bench(args)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd in ("worker", "api"):
