@@ -7,7 +7,9 @@ WORKDIR /app
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY api api
+COPY cli cli
 COPY core core
+COPY models models
 COPY schemas schemas
 COPY tasks tasks
 COPY workers workers

@@ -1,9 +1,9 @@
 """OpenAI-compatible batches: the batch record, and the dispatcher that feeds its lines to
-the queue.
+the batch lane.
 
 Why a dispatcher in the API (not one Celery message per line up front): a 50,000-line file
 must start within seconds without putting 50,000 messages in the broker. The dispatcher
-validates lines as it reads them and keeps at most `batch_window` of them in the queue;
+validates lines as it reads them and keeps at most `batch_window` of them in the lane;
 its cursor lives in Redis, so any API process can resume a batch after a restart (a lock
 with a short TTL keeps it to one dispatcher per batch). Results are not collected here:
 each job appends its own output/error line atomically with its final status (see
@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
@@ -39,6 +40,7 @@ from models.prompts import PromptCounter
 from schemas.batches import Batch, BatchCreate, BatchError, BatchErrors, BatchUsage, RequestCounts
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
+from tasks.app import RUN_JOB
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,18 @@ _TIMES = (
 )
 _MAX_LISTED_ERRORS = 100
 _LOCK_MS = 10_000
+#: a finalization that fails (storage down, say) is tried again 5 s later, then 10, 20 ... 5 min
+_FINALIZE_RETRY_S = 5.0
+_FINALIZE_RETRY_MAX_S = 300.0
+
+
+@dataclass
+class _Retry:
+    """A batch whose finalization failed: when to try again, and the causes already logged."""
+
+    at: float  # time.monotonic()
+    delay: float
+    causes: set[str] = field(default_factory=set)
 
 
 def batch_ttl(settings: Settings) -> int:
@@ -102,7 +116,9 @@ class BatchService:
         self.adapters = AdapterCatalog(r)
         self.ttl = batch_ttl(settings)
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.owner = uuid.uuid4().hex
+        self.holder = uuid.uuid4().hex
+        self.finalize_retry_s, self.finalize_retry_max_s = _FINALIZE_RETRY_S, _FINALIZE_RETRY_MAX_S
+        self._finalize_retry: dict[str, _Retry] = {}
 
     # --- the batch object -------------------------------------------------------------
     def _scope(self, owner: str) -> str | None:
@@ -276,11 +292,11 @@ class BatchService:
 
     async def _dispatch(self, batch_id: str) -> None:
         lock = keys.batch_lock(batch_id)
-        if not await self.r.set(lock, self.owner, nx=True, px=_LOCK_MS):
+        if not await self.r.set(lock, self.holder, nx=True, px=_LOCK_MS):
             return  # another API process is on it
         try:
             while await self._step(batch_id):
-                await self.r.set(lock, self.owner, px=_LOCK_MS)
+                await self.r.set(lock, self.holder, px=_LOCK_MS)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -288,7 +304,7 @@ class BatchService:
         finally:
             with anyio.CancelScope(shield=True):
                 try:
-                    if await self.r.get(lock) == self.owner:
+                    if await self.r.get(lock) == self.holder:
                         await self.r.delete(lock)
                 except Exception:  # the lock expires by itself
                     pass
@@ -298,8 +314,11 @@ class BatchService:
         raw = cast(dict[str, str], await self.r.hgetall(keys.batch(batch_id)))
         if not raw or raw["status"] in TERMINAL:
             await self.r.srem(keys.ACTIVE_BATCHES, batch_id)
+            self._finalize_retry.pop(batch_id, None)
             return False
         status = raw["status"]
+        if status == "finalizing":  # a finalization that failed: again, as what it was finalizing to
+            return await self._try_finalize(batch_id, raw.get("finalizing_as") or "completed", raw)
         n = {k: int(raw.get(k, "0") or 0) for k in _COUNTERS}
         if status == "validating":
             await self.r.hset(
@@ -314,16 +333,15 @@ class BatchService:
             await self._stop_lines(batch_id, raw, code)
             raw = cast(dict[str, str], await self.r.hgetall(keys.batch(batch_id)))
             if int(raw.get("done_lines", 0)) >= int(raw["total"]):
-                await self._finalize(batch_id, "cancelled" if status == "cancelling" else "expired", raw)
-                return False
+                final = "cancelled" if status == "cancelling" else "expired"
+                return await self._try_finalize(batch_id, final, raw)
             await asyncio.sleep(0.2)
             return True
         if raw.get("dispatch_done") != "1" and n["dispatched"] - n["done_lines"] < self.settings.batch_window:
             await self._dispatch_chunk(batch_id, raw)
             return True
         if raw.get("dispatch_done") == "1" and n["done_lines"] >= n["total"]:
-            await self._finalize(batch_id, "completed", raw)
-            return False
+            return await self._try_finalize(batch_id, "completed", raw)
         await asyncio.sleep(0.1)
         return True
 
@@ -344,12 +362,12 @@ class BatchService:
                 jobs.append(parsed)
         if jobs:
             await self.store.create_batch_jobs(jobs, self.settings.queue_batch)
-            queue = self.settings.queue_batch
-            messages = [task_message(self.celery, service.RUN_JOB, j[0], queue, j[1].model) for j in jobs]
+            lane = self.settings.queue_batch
+            messages = [task_message(self.celery, RUN_JOB, j[0], lane, j[1].model) for j in jobs]
             async with self.r.pipeline(transaction=False) as pipe:
-                pipe.lpush(queue, *messages)
-                pipe.rpush(keys.ready(queue), *[j[0] for j in jobs])
-                pipe.expire(keys.ready(queue), self.ttl)
+                pipe.lpush(lane, *messages)
+                pipe.rpush(keys.ready(lane), *[j[0] for j in jobs])
+                pipe.expire(keys.ready(lane), self.ttl)
                 await pipe.execute()
         async with self.r.pipeline(transaction=True) as pipe:
             for _no, _custom_id, line in bad:
@@ -515,10 +533,50 @@ class BatchService:
                 out.append(custom_id if isinstance(custom_id, str) else None)
         return out
 
+    async def _try_finalize(self, batch_id: str, final: str, raw: dict[str, str]) -> bool:
+        """Finalizes the batch (False: the dispatcher is done), or waits a little while a failed
+        try's backoff runs (True: step again; the dispatcher keeps the batch's lock meanwhile).
+        A failure backs off 5 s, 10, 20 ... 5 min; its traceback is logged once per cause."""
+        retry = self._finalize_retry.get(batch_id)
+        if retry is not None and (wait := retry.at - time.monotonic()) > 0:
+            await asyncio.sleep(min(wait, 1.0))  # the lock is renewed between steps
+            return True
+        try:
+            await self._finalize(batch_id, final, raw)
+        except Exception as exc:
+            self._finalize_failed(batch_id, exc)
+            return True
+        self._finalize_retry.pop(batch_id, None)
+        return False
+
+    def _finalize_failed(self, batch_id: str, exc: Exception) -> None:
+        retry = self._finalize_retry.get(batch_id)
+        if retry is None:
+            retry = self._finalize_retry[batch_id] = _Retry(0.0, self.finalize_retry_s)
+        else:
+            retry.delay = min(2 * retry.delay, self.finalize_retry_max_s)
+        retry.at = time.monotonic() + retry.delay
+        cause = f"{type(exc).__name__}: {exc}"
+        if cause in retry.causes:
+            logger.debug("batch %s: finalizing failed again (%s); next in %g s", batch_id, cause, retry.delay)
+            return
+        retry.causes.add(cause)
+        logger.error(
+            "batch %s could not be finalized (%s); trying again in %g s, then less often (up to every "
+            "%g s); the same error is not logged again",
+            batch_id,
+            cause,
+            retry.delay,
+            self.finalize_retry_max_s,
+            exc_info=exc,
+        )
+
     async def _finalize(self, batch_id: str, final: str, raw: dict[str, str]) -> None:
         """`raw`: the batch record the step just read (its owner owns the files too)."""
-        now = str(int(time.time()))
-        await self.r.hset(keys.batch(batch_id), mapping={"status": "finalizing", "finalizing_at": now})
+        start = {"status": "finalizing", "finalizing_as": final}
+        if not raw.get("finalizing_at"):  # a retry keeps the first try's time
+            start["finalizing_at"] = str(int(time.time()))
+        await self.r.hset(keys.batch(batch_id), mapping=cast(Any, start))
         ids: dict[str, str] = {}
         owner = raw.get("owner", "")
         for kind, output in (("output_file_id", True), ("error_file_id", False)):

@@ -25,7 +25,7 @@ from api.submit import CounterHolder
 from api.timing import TimingHeader
 from core.audit import AuditLog
 from core.auth import configured_hashes
-from core.config import Settings, get_settings
+from core.config import Settings, get_settings, version
 from core.job_store import AsyncJobStore
 from core.storage import LocalStorage
 
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="inferq",
-        version="0.1.0",
+        version=version(),
         lifespan=lifespan,
         description="Queue-backed, OpenAI-compatible inference on ms-swift workers.",
         docs_url=None,  # served below, from local assets

@@ -37,13 +37,13 @@ async def submit(
     st: AppState,
     body: ChatCompletionRequest,
     owner: str = "",
-    queue: str | None = None,
+    lane: str | None = None,
     publish_tokens: bool = True,
 ) -> Job:
     """Submit with the app's parts; the interactive lane unless another is named."""
     return await service.submit(
         body,
-        queue or st.settings.queue_interactive,
+        lane or st.settings.queue_interactive,
         settings=st.settings,
         store=st.store,
         counter=await st.counter.get(),
@@ -64,6 +64,28 @@ async def _cancel_quietly(st: AppState, job_id: str) -> None:
             pass  # already finished
 
 
+async def _final_outcome(st: AppState, job: Job) -> ChatCompletion | APIError | None:
+    """The job's final event as the answer or the error to raise; None if its stream ended
+    without one."""
+    block_ms = int(st.settings.sse_block_s * 1000)  # the client's leaving is seen by `receive`
+    async for event in read_events(st.stream_redis, job.id, "0-0", block_ms):
+        if event is None:
+            continue
+        if event.type == "done":
+            return ChatCompletion.model_validate(event.data())
+        if event.type == "error":
+            err = event.data()
+            return APIError(
+                500,
+                f"Generation failed: {err.get('message')}",
+                type_="server_error",
+                code=str(err.get("code")),
+            )
+        if event.type == "cancelled":
+            return APIError(409, "The request was cancelled.", code="cancelled")
+    return None
+
+
 async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
     """Wait for the job's final event, not its tokens (a non-stream job writes none). Why a
     listener for the client's disconnect instead of short blocking reads that check it: the
@@ -73,32 +95,11 @@ async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
     failure: Exception | None = None  # raised as itself, not in the task group's ExceptionGroup
 
     async def wait_final() -> None:
-        nonlocal failure
+        nonlocal outcome, failure
         try:
-            await _wait_final()
+            outcome = await _final_outcome(st, job)
         except Exception as exc:  # the store went away: its own handler answers 503
             failure = exc
-
-    async def _wait_final() -> None:
-        nonlocal outcome
-        block_ms = int(st.settings.sse_block_s * 1000)  # the client's leaving is seen by `receive`
-        async for event in read_events(st.stream_redis, job.id, "0-0", block_ms):
-            if event is None:
-                continue
-            if event.type == "done":
-                outcome = ChatCompletion.model_validate(event.data())
-            elif event.type == "error":
-                err = event.data()
-                outcome = APIError(
-                    500,
-                    f"Generation failed: {err.get('message')}",
-                    type_="server_error",
-                    code=str(err.get("code")),
-                )
-            elif event.type == "cancelled":
-                outcome = APIError(409, "The request was cancelled.", code="cancelled")
-            if outcome is not None:
-                return
 
     try:
         async with anyio.create_task_group() as tg:

@@ -59,6 +59,16 @@ def _failure(entry: dict[str, Any]) -> dict[str, Any]:
 
 def families(view: SystemView) -> list[Metric]:
     snap = view.snapshot
+    return [
+        *_job_families(snap),
+        *_token_families(snap),
+        *_histogram_families(snap),
+        *_worker_families(view.workers),
+    ]
+
+
+def _job_families(snap: metrics.Snapshot) -> list[Metric]:
+    """Queue depth and finished jobs per lane: every known lane shows every status, at 0 too."""
     depth = GaugeMetricFamily("inferq_queue_depth", "Jobs queued and not started, per lane.", labels=["lane"])
     for lane, n in snap.depth.items():
         depth.add_metric([lane], n)
@@ -71,6 +81,11 @@ def families(view: SystemView) -> list[Metric]:
     for (lane, status), n in snap.finished.items():
         if lane not in snap.depth:
             finished.add_metric([lane, status], n)
+    return [depth, finished]
+
+
+def _token_families(snap: metrics.Snapshot) -> list[Metric]:
+    """Prompt and generated tokens per lane, finished jobs per model."""
     prompt = CounterMetricFamily("inferq_prompt_tokens", "Prompt tokens of finished jobs.", labels=["lane"])
     generated = CounterMetricFamily(
         "inferq_generated_tokens", "Tokens generated for finished jobs.", labels=["lane"]
@@ -86,7 +101,12 @@ def families(view: SystemView) -> list[Metric]:
     )
     for model, n in snap.model_jobs.items():
         model_jobs.add_metric([model], n)
-    out: list[Metric] = [depth, finished, prompt, generated, model_jobs]
+    return [prompt, generated, model_jobs]
+
+
+def _histogram_families(snap: metrics.Snapshot) -> list[Metric]:
+    """The per-lane latency histograms, then the engine's rows per call."""
+    out: list[Metric] = []
     for name, (metric, doc) in _HISTOGRAMS.items():
         family = HistogramMetricFamily(metric, doc, labels=["lane"])
         for (hname, lane), h in sorted(snap.histograms.items()):
@@ -97,11 +117,16 @@ def families(view: SystemView) -> list[Metric]:
     batch = HistogramMetricFamily("inferq_engine_batch_rows", "Rows (requests) per engine call.")
     batch.add_metric([], rows.cumulative(), rows.total)
     out.append(batch)
+    return out
+
+
+def _worker_families(live: list[dict[str, Any]]) -> list[Metric]:
+    """From the live workers' heartbeats: how many per model, and each one's gauges."""
     workers = GaugeMetricFamily(
         "inferq_workers", "Live workers (heartbeat standing), per model.", labels=["model"]
     )
     by_model: dict[str, int] = {}
-    for w in view.workers:
+    for w in live:
         by_model[w.get("model", "")] = by_model.get(w.get("model", ""), 0) + 1
     for model, n in by_model.items():
         workers.add_metric([model], n)
@@ -117,15 +142,15 @@ def families(view: SystemView) -> list[Metric]:
     unloads = CounterMetricFamily(
         "inferq_adapter_unloads", "LoRA adapters unloaded, per worker.", labels=["worker"]
     )
-    for w in view.workers:
+    for w in live:
         if "adapter_loads" in w:
             loads.add_metric([w["worker_id"]], w["adapter_loads"])
             unloads.add_metric([w["worker_id"]], w["adapter_unloads"])
-    for w in view.workers:
+    for w in live:
         busy.add_metric([w["worker_id"]], float(w.get("busy_ratio") or 0.0))
         if w.get("gpu_memory_bytes") is not None:
             gpu.add_metric([w["worker_id"]], float(w["gpu_memory_bytes"]))
-    return [*out, workers, busy, gpu, loads, unloads]
+    return [workers, busy, gpu, loads, unloads]
 
 
 class _Fixed(Collector):

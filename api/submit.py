@@ -239,7 +239,7 @@ async def reserve(store: AsyncJobStore, owner: str, units: int, settings: Settin
 
 async def submit(
     request: ChatCompletionRequest,
-    queue: str,
+    lane: str,
     *,
     settings: Settings,
     store: AsyncJobStore,
@@ -259,10 +259,10 @@ async def submit(
     try:
         job = await store.create(
             prepared,
-            queue,
+            lane,
             prompt_tokens,
             {**limits, "owner": owner},
-            message=lambda job_id: task_message(celery, RUN_JOB, job_id, queue, request.model),
+            message=lambda job_id: task_message(celery, RUN_JOB, job_id, lane, request.model),
         )
     except Exception:
         await store.release_active(owner, 1)

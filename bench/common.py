@@ -94,8 +94,10 @@ def tokens(records: list[dict[str, str]]) -> int:
 
 
 def stats(r: redis.Redis) -> tuple[int, int]:
-    raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(keys.stats()).items()}
-    return int(raw.get("batches", 0)), int(raw.get("batch_rows", 0))
+    """(engine calls, rows they ran) so far, from the metrics hash's rows histogram."""
+    raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(keys.METRICS).items()}
+    calls = sum(int(v) for k, v in raw.items() if k.startswith("h|batch_rows||"))
+    return calls, int(float(raw.get("s|batch_rows|", 0)))
 
 
 def field_all(r: redis.Redis, field: str) -> list[str]:

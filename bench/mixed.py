@@ -129,7 +129,7 @@ def _direct(model: Path, batch: int, reqs: list[dict[str, Any]]) -> dict[str, fl
     from workers.runner import gen_requests
 
     engine = load_engine(bench_settings(model, batch))
-    gen = [g for i, b in enumerate(reqs) for g in gen_requests(f"d{i}", ChatCompletionRequest(**b), 512)]
+    gen = [g for b in reqs for g in gen_requests(ChatCompletionRequest(**b), 512)]
     engine.generate(gen[:batch])  # warm-up
     t0 = time.perf_counter()
     outs = engine.generate(gen)

@@ -90,7 +90,7 @@ def _one(
         blocked += time.perf_counter() - w
     w = time.perf_counter()
     st.end()
-    sink.drain()
+    sink.wait_written()
     blocked += time.perf_counter() - w
     cpu = time.process_time() - c
     sink.stop()

@@ -131,7 +131,7 @@ def _direct_round(engine: Any, bodies: list[dict[str, Any]]) -> float:
     from schemas.openai import ChatCompletionRequest
     from workers.runner import gen_requests
 
-    gen = [g for i, b in enumerate(bodies) for g in gen_requests(f"d{i}", ChatCompletionRequest(**b), 512)]
+    gen = [g for b in bodies for g in gen_requests(ChatCompletionRequest(**b), 512)]
     t0 = time.perf_counter()
     outs = engine.generate(gen)
     wall = time.perf_counter() - t0

@@ -39,7 +39,7 @@ def _connection_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("batch", help="submit and follow OpenAI-format JSONL batches")
     _connection_args(p, defaults=True)
     bsub = p.add_subparsers(dest="batch_cmd", required=True)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -38,7 +39,7 @@ from cli.processes import (
     worker_argv,
 )
 from core import keys
-from core.config import Settings
+from core.config import Settings, version
 
 logger = logging.getLogger("inferq")
 
@@ -86,7 +87,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:
+def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="start Valkey (embedded), worker, API and Flower")
     _model_args(p)
     p.add_argument("--redis-url", default=None, help="use this Redis/Valkey instead of the embedded one")
@@ -194,14 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        redis_url = args.redis_url or settings.redis_url
-        if not redis_url:
-            port = free_port()
-            valkey = sup.start("valkey", valkey_argv(port, settings.home / "valkey", quiet=quiet))
-            wait_for(lambda: port_open(port), 15, "valkey", valkey)
-            redis_url = f"redis://127.0.0.1:{port}/0"
-            logger.info("embedded Valkey on %s (AOF in %s)", redis_url, settings.home / "valkey")
-            _embedded_url_file(settings).write_text(redis_url)  # for `inferq keys create`
+        redis_url = args.redis_url or settings.redis_url or _start_valkey(sup, settings, quiet)
         env = build_env(args, settings, redis_url)
         if quiet:
             env = quiet_env(env)
@@ -221,32 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wait_for(lambda: port_open(args.flower_port, _probe_host(args.host)), 30, "flower", flower)
         if not stopping:
             _print_ready(base, None if args.no_flower else f"http://{args.host}:{args.flower_port}")
-        crashes: dict[str, list[float]] = {}
-        while not stopping:
-            for name, code in sup.exited():
-                now = time.monotonic()
-                recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S]
-                if len(recent) >= MAX_RESTARTS:
-                    logger.error(
-                        "%s exited (code %s) %d times in %.0f s: it cannot stay up; stopping everything. "
-                        "Its own log lines above say why.",
-                        name,
-                        code,
-                        len(recent) + 1,
-                        CRASH_WINDOW_S,
-                    )
-                    return 1
-                delay = min(30.0, 2.0 ** len(recent))
-                logger.error("%s exited (code %s); starting it again in %.0f s", name, code, delay)
-                end = time.monotonic() + delay
-                while not stopping and time.monotonic() < end:
-                    time.sleep(0.1)
-                if stopping:
-                    break
-                sup.restart(name)
-                crashes[name] = [*recent, now]
-            time.sleep(0.5)
-        return 0
+        return _keep_up(sup, lambda: stopping)
     except (RuntimeError, TimeoutError) as exc:
         logger.error("%s", exc)
         return 1
@@ -254,6 +223,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup.stop_all()
         _embedded_url_file(settings).unlink(missing_ok=True)
         logger.info("stopped")
+
+
+def _start_valkey(sup: Supervisor, settings: Settings, quiet: bool) -> str:
+    """The embedded Valkey on a free port, its AOF in the home: its URL once it listens."""
+    port = free_port()
+    valkey = sup.start("valkey", valkey_argv(port, settings.home / "valkey", quiet=quiet))
+    wait_for(lambda: port_open(port), 15, "valkey", valkey)
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    logger.info("embedded Valkey on %s (AOF in %s)", redis_url, settings.home / "valkey")
+    _embedded_url_file(settings).write_text(redis_url)  # for `inferq keys create`
+    return redis_url
+
+
+def _keep_up(sup: Supervisor, stopping: Callable[[], bool]) -> int:
+    """Starts again a process that exits, after 1 s, 2, 4 ... 30: 0 once asked to stop, 1 when
+    one exits MAX_RESTARTS times within CRASH_WINDOW_S (then everything stops)."""
+    crashes: dict[str, list[float]] = {}
+    while not stopping():
+        for name, code in sup.exited():
+            now = time.monotonic()
+            recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S]
+            if len(recent) >= MAX_RESTARTS:
+                logger.error(
+                    "%s exited (code %s) %d times in %.0f s: it cannot stay up; stopping everything. "
+                    "Its own log lines above say why.",
+                    name,
+                    code,
+                    len(recent) + 1,
+                    CRASH_WINDOW_S,
+                )
+                return 1
+            delay = min(30.0, 2.0 ** len(recent))
+            logger.error("%s exited (code %s); starting it again in %.0f s", name, code, delay)
+            end = time.monotonic() + delay
+            while not stopping() and time.monotonic() < end:
+                time.sleep(0.1)
+            if stopping():
+                break
+            sup.restart(name)
+            crashes[name] = [*recent, now]
+        time.sleep(0.5)
+    return 0
 
 
 def _embedded_url_file(settings: Settings) -> Path:
@@ -296,7 +307,9 @@ def _lock_home(home: Path) -> IO[bytes] | None:
     return fh
 
 
-def _wait_ready(base: str, redis_url: str, started: float, sup: Supervisor, stopping: object) -> None:
+def _wait_ready(
+    base: str, redis_url: str, started: float, sup: Supervisor, stopping: Callable[[], bool]
+) -> None:
     """The API answers /health and a worker child started by this run has announced a loaded
     engine. (Not /ready: with API keys it needs a key, which the supervisor may not have; and
     a heartbeat of the worker that a kill -9 of the last run left in the AOF stands for
@@ -315,7 +328,7 @@ def _wait_ready(base: str, redis_url: str, started: float, sup: Supervisor, stop
         if sup.exited():
             name, code = sup.exited()[0]
             raise RuntimeError(f"{name} exited with code {code} during start-up")
-        if callable(stopping) and stopping():
+        if stopping():
             return True
         with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
             if resp.status != 200:
@@ -336,7 +349,7 @@ def _wait_ready(base: str, redis_url: str, started: float, sup: Supervisor, stop
     raise TimeoutError("the stack did not become ready within 600s")
 
 
-def _serve_parsers(sub: argparse._SubParsersAction) -> None:
+def _serve_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, what in (("worker", "a GPU worker"), ("api", "the API")):
         p = sub.add_parser(name, help=f"start just {what} against an existing Redis/Valkey (more hosts)")
         _model_args(p)
@@ -395,7 +408,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = Settings()
     embedded = _embedded_url_file(settings)
-    url = args.redis_url or settings.redis_url or (embedded.read_text().strip() if embedded.is_file() else "")
+    given = args.redis_url or settings.redis_url
+    url = given or (embedded.read_text().strip() if embedded.is_file() else "")
     if not url:
         logger.error(
             "name the server with --redis-url or INFERQ_REDIS_URL (or start `inferq run`: its embedded "
@@ -403,7 +417,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             settings.home,
         )
         return 2
-    if (code := _refused(preflight.redis_problems(url, must_answer=True))) is not None:
+    problems = (
+        preflight.redis_problems(url, must_answer=True) if given else _recorded_redis_problems(url, embedded)
+    )
+    if (code := _refused(problems)) is not None:
         return code
     raw, owner = create_key(redis.Redis.from_url(url), args.name, settings.key_ttl_s)
     sys.stdout.write(f"{raw}\n")
@@ -413,6 +430,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
         args.name,
     )
     return 0
+
+
+def _recorded_redis_problems(url: str, path: Path) -> list[str]:
+    """The URL `inferq run` recorded for its embedded Valkey does not answer: a killed run left
+    it behind. Said for `keys`: the advice for `inferq run` (leave out --redis-url) is no help."""
+    try:
+        reason = preflight.redis_unreachable(url)
+    except ValueError as exc:  # not a URL at all
+        reason = str(exc)
+    if reason is None:
+        return []
+    return [
+        f"the Redis recorded in {path} ({url}, by an `inferq run` that is no longer running?) does not "
+        f"answer ({reason}): start `inferq run` (API keys are stored in its Redis) and run this again, "
+        "or pass --redis-url URL"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"inferq {version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     _serve_parsers(sub)

@@ -18,7 +18,7 @@ from rich.table import Table
 from cli.batch import _check, _fail
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, what in (
         ("status", "print the system's state once"),
         ("top", "a live view of lanes and workers"),

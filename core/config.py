@@ -7,6 +7,7 @@ the broker, the model and the limits; reading env in one place keeps them from d
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -219,3 +220,11 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def version() -> str:
+    """inferq's version, as installed (pyproject.toml is the one place it is written)."""
+    try:
+        return metadata.version("inferq")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"

@@ -12,206 +12,21 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
 
-from core import audit, keys, metrics
+from core import audit, keys, metrics, scripts
+from core.recovery import Recovery
 from schemas.jobs import TRANSITIONS, Job, JobError, JobStatus
 from schemas.openai import ChatCompletion, ChatCompletionRequest
 
 #: Cap on a job's event stream; a generation longer than this in flushes is trimmed
 #: from the front (clients that fell that far behind get the final result instead).
 EVENTS_MAXLEN = 10_000
-
-#: Take up to ARGV[1] ids off the first non-empty ready list (lanes in priority order) into
-#: the worker's processing list, in one step: an id is never only in the memory of a process
-#: that can die (a popped id may be the only way to a queued job whose message a dead
-#: worker parent held until the visibility timeout).
-#: KEYS: processing, PROCESSING_WORKERS, then the ready list of each lane; ARGV: count, ttl, worker.
-_POP_LUA = """
-for i = 3, #KEYS do
-  local ids = redis.call('LPOP', KEYS[i], tonumber(ARGV[1]))
-  if ids then
-    for j = 1, #ids, 1000 do  -- unpack is bounded by Lua's stack
-      redis.call('RPUSH', KEYS[1], unpack(ids, j, math.min(j + 999, #ids)))
-    end
-    redis.call('EXPIRE', KEYS[1], ARGV[2])
-    redis.call('SADD', KEYS[2], ARGV[3])
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-    return ids
-  end
-end
-return {}
-"""
-
-#: A worker's list after it filled a batch: what it runs stays; its queued ids (looked at
-#: and left, or never looked at because something failed) go back to the head of their
-#: lanes, in order; the rest (finished, taken by another worker) leave it.
-#: KEYS: processing; ARGV: worker, ttl.
-_TIDY_LUA = """
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = #ids, 1, -1 do
-  local f = redis.call('HMGET', '{job}' .. ids[i], 'status', 'worker', 'queue')
-  if f[1] ~= 'running' or f[2] ~= ARGV[1] then
-    redis.call('LREM', KEYS[1], 0, ids[i])
-    if f[1] == 'queued' and f[3] then
-      redis.call('LPUSH', '{ready}' .. f[3], ids[i])
-      redis.call('EXPIRE', '{ready}' .. f[3], ARGV[2])
-    end
-  end
-end
-return #ids
-"""
-
-#: A worker whose heartbeat lapsed (or, ARGV[3] = '1', a live one settling its own list
-#: between tasks): its queued ids go back to the head of their lanes in order; the jobs it
-#: was running stop being its (`worker` cleared, so a new message may run them) and go to
-#: the durable RESEND list, from which they are sent again and removed only once sent.
-#: A settled job's attempt is given back: its worker did not die. Nothing if the heartbeat
-#: is back. One call, so two reapers never both take a list.
-#: KEYS: processing, PROCESSING_WORKERS, heartbeat, RESEND; ARGV: worker, ttl, own.
-_REAP_LUA = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local moved = 0
-for i = #ids, 1, -1 do
-  local job = '{job}' .. ids[i]
-  local f = redis.call('HMGET', job, 'status', 'queue', 'worker')
-  if f[1] == 'queued' and f[2] then
-    redis.call('LPUSH', '{ready}' .. f[2], ids[i])
-    redis.call('EXPIRE', '{ready}' .. f[2], ARGV[2])
-  elseif f[1] == 'running' and f[3] == ARGV[1] then
-    redis.call('HSET', job, 'worker', '')
-    if ARGV[3] == '1' then redis.call('HINCRBY', job, 'attempts', -1) end
-    redis.call('RPUSH', KEYS[4], ids[i] .. '|' .. (f[2] or ''))
-    redis.call('EXPIRE', KEYS[4], ARGV[2])
-    moved = moved + 1
-  end
-end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return moved
-"""
-
-_TRANSITION_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {'missing', ''} end
-local ok = false
-for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then ok = true end end
-if not ok then return {'conflict', cur} end
-local to = ARGV[1]
-local id = string.sub(KEYS[1], string.len('{job}') + 1)
-local worker = redis.call('HGET', KEYS[1], 'worker')
-if to == 'running' and cur == 'running' and worker and redis.call('EXISTS', '{worker}' .. worker) == 1 then
-  -- its worker is alive (its heartbeat stands): it is being run; never run it twice
-  return {'alive', cur}
-end
-local maxlen = ARGV[#ARGV]
-local now = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'status', to)
-local lane = redis.call('HGET', KEYS[1], 'queue') or ''
-local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or ARGV[2])
-if cur == 'queued' then redis.call('HINCRBY', '{metrics}', 'depth|' .. lane, -1) end
-local payload = {}
-for i = 6, #ARGV - 1, 2 do
-  if string.sub(ARGV[i], 1, 1) ~= '_' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  payload[ARGV[i]] = ARGV[i + 1]
-end
-if worker and worker ~= payload['_worker'] then
-  -- it ended, or a new worker runs it: it is no longer the old one's
-  redis.call('LREM', '{processing}' .. worker, 0, id)
-end
-local ended = nil  -- set when the move ends the job
-if to == 'running' then
-  local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  if attempt == 1 then observe('queue_wait', lane, now - created) end
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-  local mine = '{processing}' .. (payload['_worker'] or '')
-  redis.call('HSET', KEYS[1], 'worker', payload['_worker'] or '')
-  if not redis.call('LPOS', mine, id) then redis.call('RPUSH', mine, id) end
-  redis.call('EXPIRE', mine, ARGV[3])
-  redis.call('SADD', KEYS[3], payload['_worker'])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-  if attempt > 1 then
-    -- a redelivery: subscribers drop the partial text of the attempt that died
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', tostring(attempt))
-  end
-elseif ARGV[5] == '1' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
-  -- the finished job's facts, read once: the active counter, the metrics, the audit line
-  ended = redis.call('HMGET', KEYS[1], 'started_at', 'owner', 'model', 'batch_id')
-  local started, owner = ended[1], ended[2]
-  if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
-  redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
-  redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (ended[3] or ''), 1)
-  if started and cur == 'running' then observe('run', lane, now - tonumber(started)) end
-  if payload['_first_token_at'] then observe('ttft', lane, tonumber(payload['_first_token_at']) - created) end
-  if payload['_prompt_tokens'] then
-    redis.call('HINCRBY', '{metrics}', 'prompt_tokens|' .. lane, payload['_prompt_tokens'])
-    redis.call('HINCRBY', '{metrics}', 'generated_tokens|' .. lane, payload['_completion_tokens'] or 0)
-  end
-end
-redis.call('EXPIRE', '{metrics}', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'status', 'status', to, 'attempt', attempts)
-if to == 'succeeded' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'done', 'result', payload['result'] or '')
-elseif to == 'failed' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'error', payload['error'] or '')
-  local failure = {job_id = id, at = now, lane = lane, error = payload['error'] or ''}
-  redis.call('LPUSH', '{failures}', cjson.encode(failure))
-  redis.call('LTRIM', '{failures}', 0, {failures_maxlen} - 1)
-  redis.call('EXPIRE', '{failures}', ARGV[3])
-elseif to == 'cancelled' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'cancelled',
-             'result', payload['result'] or '')
-end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if payload['_line'] and #KEYS >= 6 then
-  -- a batch line: its output/error line and the batch counters move with the job, atomically
-  local list = KEYS[5]
-  if payload['_list'] == 'out' then list = KEYS[4] end
-  redis.call('RPUSH', list, payload['_line'])
-  redis.call('EXPIRE', list, payload['_ttl'])
-  redis.call('HINCRBY', KEYS[6], 'done_lines', 1)
-  if payload['_count'] ~= '' then redis.call('HINCRBY', KEYS[6], payload['_count'], 1) end
-  redis.call('HINCRBY', KEYS[6], 'input_tokens', payload['_in'] or 0)
-  redis.call('HINCRBY', KEYS[6], 'output_tokens', payload['_out'] or 0)
-end
-if ended then
-  -- what the audit line of a finished job needs (core.audit), read in the same step
-  return {'ok', cur, lane, tostring(created), ended[1] or '', attempts, ended[2] or '', ended[3] or '',
-          ended[4] or ''}
-end
-return {'ok', cur}
-"""
-
-
-def _with_prefixes(script: str) -> str:
-    """The scripts' key names come from core.keys, like every other key."""
-    for name, prefix in (
-        ("{job}", keys.JOB_PREFIX),
-        ("{ready}", keys.READY_PREFIX),
-        ("{worker}", keys.WORKER_PREFIX),
-        ("{processing}", keys.PROCESSING_PREFIX),
-        ("{active}", keys.ACTIVE_PREFIX),
-        ("{metrics}", keys.METRICS),
-        ("{failures}", keys.FAILURES),
-        ("{failures_maxlen}", str(keys.FAILURES_MAXLEN)),
-    ):
-        script = script.replace(name, prefix)
-    return script
-
-
-_TRANSITION_LUA = metrics.LUA_OBSERVE + _TRANSITION_LUA
-_TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA = map(
-    _with_prefixes, (_TRANSITION_LUA, _POP_LUA, _TIDY_LUA, _REAP_LUA)
-)
 
 
 def new_job_id() -> str:
@@ -241,7 +56,7 @@ class JobRecord:
 
     job: Job
     request: ChatCompletionRequest
-    queue: str
+    lane: str
     batch_id: str = ""
     custom_id: str = ""
     #: the worker that runs it, or ran it last ("" before it first ran)
@@ -295,7 +110,7 @@ NO_TOKENS = ("tokens", "0")
 
 
 def encode_new(
-    job_id: str, request: ChatCompletionRequest, queue: str, now: float, prompt_tokens: int
+    job_id: str, request: ChatCompletionRequest, lane: str, now: float, prompt_tokens: int
 ) -> dict[str, str]:
     return {
         "id": job_id,
@@ -305,7 +120,7 @@ def encode_new(
         "attempts": "0",
         "metadata": json.dumps(request.metadata or {}),
         "request": request.model_dump_json(exclude_none=True),
-        "queue": queue,
+        "queue": lane,  # the lane; stored under its first name, which records keep
         "prompt_tokens": str(prompt_tokens),
     }
 
@@ -322,7 +137,8 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         started_at=float(raw["started_at"]) if raw.get("started_at") else None,
         finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
         attempts=int(raw.get("attempts", "0")),
-        batch_size=int(raw["batch_rows"]) if raw.get("batch_rows") else None,
+        # "batch_rows": the field's name in records written before 0.2
+        engine_rows=int(rows) if (rows := raw.get("engine_rows") or raw.get("batch_rows")) else None,
         metadata=json.loads(raw.get("metadata") or "{}"),
         lane=raw.get("queue") or None,
         batch_id=raw.get("batch_id") or None,
@@ -333,7 +149,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
     return JobRecord(
         job=job,
         request=request,
-        queue=raw.get("queue", ""),
+        lane=raw.get("queue", ""),
         batch_id=raw.get("batch_id", ""),
         custom_id=raw.get("custom_id", ""),
         worker=raw.get("worker", ""),
@@ -455,62 +271,13 @@ class JobStore:
         self.r = client
         self.ttl = ttl
         self.audit_log = audit_log
-        self._transition = client.register_script(_TRANSITION_LUA)
-        self._pop = client.register_script(_POP_LUA)
-        self._tidy = client.register_script(_TIDY_LUA)
-        self._reap = client.register_script(_REAP_LUA)
+        self._transition = client.register_script(scripts.transition())
+        #: the processing lists: claiming ready jobs, and putting back those of dead workers
+        self.recovery = Recovery(client, ttl)
 
-    def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
-        """The next ready job id from the first of `queues` (priority order) that has one,
-        kept in `worker`'s processing list (see `pop_window`)."""
-        ids = self.pop_window(queues, 1, worker)
-        return ids[0] if ids else None
-
-    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[str]:
-        """Up to `count` ready ids off the first of `queues` that has any, into `worker`'s
-        processing list: until `end_claim` (those it does not run) or their job ends (those
-        it runs). If `worker` dies first, `reap` puts them back."""
-        pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
-        return cast(list[str], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
-
-    def end_claim(self, worker: str) -> None:
-        """The batch is filled: the ids `worker` took and does not run go back to the head
-        of their lanes in their order (queued ones) or leave its list (the rest)."""
-        self._tidy(keys=[keys.processing(worker)], args=[worker, self.ttl])
-
-    def worker_alive(self, worker: str) -> bool:
-        return bool(worker) and bool(self.r.exists(keys.worker(worker)))
-
-    def reap(self) -> int:
-        """For every worker whose heartbeat lapsed: its queued ids back at the head of their
-        lanes, the jobs it was running to RESEND; returns how many it moved there."""
-        moved = 0
-        for worker in cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)):
-            if not self.r.exists(keys.worker(worker)):
-                moved += self._reap_one(worker, own=False)
-        return moved
-
-    def settle(self, worker: str) -> int:
-        """The same for a live worker between two tasks, whose list should be empty then: a
-        task that ended without ending its jobs (Redis went away mid-batch) leaves them
-        running on a worker that is alive but runs nothing, which no reaper would take."""
-        return self._reap_one(worker, own=True)
-
-    def _reap_one(self, worker: str, own: bool) -> int:
-        job_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, keys.worker(worker), keys.RESEND]
-        return int(self._reap(keys=job_keys, args=[worker, self.ttl, "1" if own else "0"]))
-
-    def pending_resends(self, limit: int = 1000) -> list[tuple[str, str]]:
-        """(job id, lane) of the jobs waiting to be sent again (`resent` once sent)."""
-        entries = cast(list[str], self.r.lrange(keys.RESEND, 0, limit - 1))
-        return [(job_id, lane) for job_id, _, lane in (e.partition("|") for e in entries)]
-
-    def resent(self, job_id: str, lane: str) -> None:
-        self.r.lrem(keys.RESEND, 0, f"{job_id}|{lane}")
-
-    def create(self, request: ChatCompletionRequest, queue: str, prompt_tokens: int) -> str:
+    def create(self, request: ChatCompletionRequest, lane: str, prompt_tokens: int) -> str:
         job_id = new_job_id()
-        fields = encode_new(job_id, request, queue, time.time(), prompt_tokens)
+        fields = encode_new(job_id, request, lane, time.time(), prompt_tokens)
         pipe = self.r.pipeline(transaction=True)
         _queue_create(pipe, job_id, fields, self.ttl)
         pipe.execute()
@@ -576,12 +343,12 @@ class AsyncJobStore:
         self.r = client
         self.ttl = ttl
         self.audit_log = audit_log
-        self._transition = client.register_script(_TRANSITION_LUA)
+        self._transition = client.register_script(scripts.transition())
 
     async def create(
         self,
         request: ChatCompletionRequest,
-        queue: str,
+        lane: str,
         prompt_tokens: int,
         extra: dict[str, str] | None = None,
         message: Callable[[str], str] | None = None,
@@ -590,13 +357,13 @@ class AsyncJobStore:
         for a job id) the task message and the ready-list entry, in one MULTI: a job is never
         recorded without being enqueued, nor enqueued without a record."""
         job_id = new_job_id()
-        fields = {**encode_new(job_id, request, queue, time.time(), prompt_tokens), **(extra or {})}
+        fields = {**encode_new(job_id, request, lane, time.time(), prompt_tokens), **(extra or {})}
         async with self.r.pipeline(transaction=True) as pipe:
             _queue_create(pipe, job_id, fields, self.ttl)
             if message is not None:
-                pipe.lpush(queue, message(job_id))
-                pipe.rpush(keys.ready(queue), job_id)
-                pipe.expire(keys.ready(queue), self.ttl)
+                pipe.lpush(lane, message(job_id))
+                pipe.rpush(keys.ready(lane), job_id)
+                pipe.expire(keys.ready(lane), self.ttl)
             await pipe.execute()
         record = decode(fields)
         assert record is not None
@@ -647,7 +414,7 @@ class AsyncJobStore:
         return done
 
     async def create_batch_jobs(
-        self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]], queue: str
+        self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]], lane: str
     ) -> None:
         """Records for batch lines under deterministic ids; ids that already exist (a
         dispatcher that restarted mid-chunk) are kept as they are."""
@@ -659,6 +426,6 @@ class AsyncJobStore:
         async with self.r.pipeline(transaction=True) as pipe:
             for (job_id, request, prompt_tokens, extra), exists in zip(jobs, present, strict=True):
                 if not exists:
-                    fields = {**encode_new(job_id, request, queue, now, prompt_tokens), **extra}
+                    fields = {**encode_new(job_id, request, lane, now, prompt_tokens), **extra}
                     _queue_create(pipe, job_id, fields, self.ttl)
             await pipe.execute()

@@ -43,11 +43,6 @@ def cancel(job_id: str) -> str:
     return f"{PREFIX}cancel:{job_id}"
 
 
-def stats() -> str:
-    """Hash of counters (jobs run, batches, tokens). TTL: refreshed on every write."""
-    return f"{PREFIX}stats"
-
-
 def file(file_id: str) -> str:
     """Hash: a file's metadata (bytes live in storage). TTL: file_ttl_s."""
     return f"{PREFIX}file:{file_id}"
@@ -91,10 +86,10 @@ BATCH_INDEX = f"{PREFIX}batches:index"
 FILE_INDEX = f"{PREFIX}files:index"
 
 
-def ready(queue: str) -> str:
+def ready(lane: str) -> str:
     """List: ids of jobs enqueued on a lane, for a worker to pull more jobs into the batch it
     is about to run (micro-batching). Stale ids are harmless. TTL: result_ttl_s."""
-    return f"{READY_PREFIX}{queue}"
+    return f"{READY_PREFIX}{lane}"
 
 
 #: Key prefixes the Lua scripts in core.job_store build names from (a job's worker is only
@@ -145,7 +140,8 @@ def active(owner: str) -> str:
 METRICS = f"{PREFIX}metrics"
 
 #: Sorted set of job ids by creation time (GET /v1/jobs, with keys off); entries older than
-#: result_ttl_s are trimmed on every add. TTL: result_ttl_s, refreshed on every add.
+#: result_ttl_s are trimmed by one job creation in 32 (core.job_store). TTL: result_ttl_s,
+#: refreshed on every add.
 JOB_INDEX = f"{PREFIX}jobs:index"
 
 

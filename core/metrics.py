@@ -30,27 +30,12 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
 }
 
 
-def _lua_buckets() -> str:
+def lua_buckets() -> str:
+    """The histograms' bounds as a Lua table, for core/lua/observe.lua."""
     rows = [
         f"{name} = {{{', '.join(repr(float(b)) for b in bounds)}}}" for name, bounds in HISTOGRAMS.items()
     ]
     return "local BUCKETS = {" + ", ".join(rows) + "}"
-
-
-#: Prepended to the transition script: `observe(name, lane, value)` adds one sample.
-LUA_OBSERVE = (
-    _lua_buckets()
-    + """
-local function observe(name, lane, v)
-  if v == nil or v < 0 then return end
-  local b = BUCKETS[name]
-  local idx = #b
-  for j = 1, #b do if v <= b[j] then idx = j - 1; break end end
-  redis.call('HINCRBY', '{metrics}', 'h|' .. name .. '|' .. lane .. '|' .. idx, 1)
-  redis.call('HINCRBYFLOAT', '{metrics}', 's|' .. name .. '|' .. lane, v)
-end
-"""
-)
 
 
 def bucket_index(name: str, value: float) -> int:
@@ -117,6 +102,27 @@ class Snapshot:
     histograms: dict[tuple[str, str], Histogram] = field(default_factory=dict)
 
 
+def _decode_histogram_field(
+    kind: str,
+    rest: str,
+    value: str,
+    counts: dict[tuple[str, str], list[int]],
+    sums: dict[tuple[str, str], float],
+) -> None:
+    """One `h|name|lane|bucket` count into `counts` or `s|name|lane` sum into `sums`; a name
+    no histogram has, or a bucket past its bounds, is skipped."""
+    name, _, tail = rest.partition("|")
+    if name not in HISTOGRAMS:
+        return
+    if kind == "s":
+        sums[(name, tail)] = float(value)
+        return
+    lane, _, idx = tail.rpartition("|")
+    slot = counts.setdefault((name, lane), [0] * (len(HISTOGRAMS[name]) + 1))
+    if idx.isdigit() and int(idx) < len(slot):
+        slot[int(idx)] = int(value)
+
+
 def decode(raw: dict[str, str], lanes: list[str]) -> Snapshot:
     """Every lane appears, with zeros where nothing happened yet (so rate() has a series)."""
     snap = Snapshot()
@@ -142,16 +148,7 @@ def decode(raw: dict[str, str], lanes: list[str]) -> Snapshot:
         elif kind == "model_jobs":
             snap.model_jobs[rest] = int(v)
         elif kind in ("h", "s"):
-            name, _, tail = rest.partition("|")
-            if name not in HISTOGRAMS:
-                continue
-            if kind == "s":
-                sums[(name, tail)] = float(v)
-                continue
-            lane, _, idx = tail.rpartition("|")
-            slot = counts.setdefault((name, lane), [0] * (len(HISTOGRAMS[name]) + 1))
-            if idx.isdigit() and int(idx) < len(slot):
-                slot[int(idx)] = int(v)
+            _decode_histogram_field(kind, rest, v, counts, sums)
     for (name, lane), c in counts.items():
         snap.histograms[(name, lane)] = Histogram(HISTOGRAMS[name], c, sums.get((name, lane), 0.0))
     return snap

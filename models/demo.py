@@ -74,7 +74,7 @@ def build_demo_model(
 
     `eos_free` zeroes the special tokens' output rows, so greedy decoding never ends a
     request early: benchmarks then compare equal work (every request runs to max_tokens)
-    instead of batches whose length depends on when a random model happens to say EOS."""
+    instead of calls whose length depends on when a random model happens to say EOS."""
     if is_demo_model(path) and (path / "config.json").exists():
         return path
     # Heavy imports stay local: the API and the Celery parent import this module's

@@ -21,7 +21,7 @@ class ModelFacts:
     model_id: str
     context_length: int
     demo: bool
-    #: runs on a GPU (the warm-up sweeps batch sizes there)
+    #: runs on a GPU (the warm-up sweeps row counts there)
     accelerator: bool = False
     #: the template's tool-call format ("hermes"), or None: it renders no tools
     tool_format: str | None = None

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.openai import Metadata, StrictModel, omitted_if_none
+from schemas.openai import Metadata, StrictModel
+from schemas.structured import omitted_if_none
 
 
 class FileObject(BaseModel):

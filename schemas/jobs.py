@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from schemas.openai import ChatCompletion
 
@@ -64,14 +64,24 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
-    #: Our extension: how many requests shared the engine call that ran this job.
-    batch_size: int | None = None
+    #: Our extension: how many rows (requests, counting `n`) the engine call that ran this
+    #: job ran at once; in continuous mode the most while it ran.
+    engine_rows: int | None = None
     metadata: dict[str, str] = {}
     #: Our extension: the lane (queue) it waits in, and the batch it is a line of
     lane: str | None = None
     batch_id: str | None = None
     result: ChatCompletion | None = None
     error: JobError | None = None
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="Deprecated: `engine_rows` (still sent in this release, then removed).",
+        deprecated="use engine_rows",
+    )
+    @property
+    def batch_size(self) -> int | None:
+        """The old name of `engine_rows` ("batch" now means only an OpenAI Batch)."""
+        return self.engine_rows
 
 
 class JobList(BaseModel):

@@ -249,7 +249,7 @@ class WorkerState:
         while not self._stop.wait(self.settings.reap_interval_s):
             try:
                 if self.may_reap():
-                    self.store.reap()
+                    self.store.recovery.reap()
                 if self.task_lock.acquire(blocking=False):
                     try:
                         self._settle_own()
@@ -275,7 +275,7 @@ class WorkerState:
         finds it running on a live worker or finished, and is skipped."""
         if not self.may_reap():
             return 0
-        self.store.reap()
+        self.store.recovery.reap()
         return self.send_pending()
 
     def settle(self) -> int:
@@ -285,7 +285,7 @@ class WorkerState:
         return self.send_pending() if self._settle_own() else 0
 
     def _settle_own(self) -> int:
-        moved = self.store.settle(self.worker_id)
+        moved = self.store.recovery.settle(self.worker_id)
         if moved:
             logger.warning("jobs were left running when the last task ended; sending them again")
         return moved
@@ -293,24 +293,24 @@ class WorkerState:
     def send_pending(self) -> int:
         """Send the jobs waiting in RESEND; each leaves it once its message is sent (a job
         that cannot be sent is tried again at the next reap)."""
-        return self._send_again(self.store.pending_resends())
+        return self._send_again(self.store.recovery.pending_resends())
 
     def _send_again(self, jobs: list[tuple[str, str]]) -> int:
         sent = 0
-        for job_id, queue in jobs:
+        for job_id, lane in jobs:
             try:
-                send_job(job_id, queue, events.job_facts(self.redis, job_id).get("model", ""))
+                send_job(job_id, lane, events.job_facts(self.redis, job_id).get("model", ""))
             except (redis.RedisError, OperationalError):
                 raise  # the broker is away: every entry stays, for the next reap
             except Exception as exc:  # this job can never be sent (e.g. a lane Celery does not
                 # know): it fails, and must not stop the others
-                logger.exception("could not send job %s again (queue %r)", job_id, queue)
+                logger.exception("could not send job %s again (lane %r)", job_id, lane)
                 error = JobError(code="resend_failed", message=f"{type(exc).__name__}: {exc}")
                 runner.fail(self.store, job_id, error)
             else:
                 logger.warning("job %s lost its worker; sent it again", job_id)
                 sent += 1
-            self.store.resent(job_id, queue)
+            self.store.recovery.resent(job_id, lane)
         return sent
 
 
@@ -325,9 +325,9 @@ def warmup_sizes(setting: str, max_batch_size: int, accelerator: bool) -> list[i
 
 
 def warm_up(engine: Engine, sizes: list[int]) -> float:
-    """A short generation at each batch size, so real jobs do not pay for lazy init: on a
-    GPU much of it (kernels loaded on first use) comes once per new batch size. Prompts of
-    varied length, as real batches are padded to their longest."""
+    """A short generation at each row count, so real jobs do not pay for lazy init: on a
+    GPU much of it (kernels loaded on first use) comes once per new row count. Prompts of
+    varied length, as real calls are padded to their longest."""
     t0 = time.monotonic()
     for n in sizes:
         engine.generate(
@@ -376,7 +376,7 @@ def init_child(**_: Any) -> None:
         _report_load_failure(settings, exc)
     if settings.warmup:
         sizes = warmup_sizes(settings.warmup_batch_sizes, settings.max_batch_size, engine.facts.accelerator)
-        logger.info("warm-up (batch sizes %s) took %.2fs", sizes, warm_up(engine, sizes))
+        logger.info("warm-up (rows per call %s) took %.2fs", sizes, warm_up(engine, sizes))
     if engine.facts.demo:
         logger.warning(
             "SERVING THE DEMO MODEL %r: random weights, its output is gibberish. "

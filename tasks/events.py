@@ -1,8 +1,8 @@
 """What Flower is told about a job's task: its own run time, and an end that says how the
 job ended.
 
-Why: a task often runs a whole engine batch, or drains several, and the messages of its
-batch-mates are acknowledged in the parent without running at all (tasks.parent_gate). Celery's
+Why: a task often runs a whole engine call, or drains several, and the messages of its
+call-mates are acknowledged in the parent without running at all (tasks.parent_gate). Celery's
 own events would show the drain's length for the first and 0 ms for the others, and a
 cancelled or failed job as a green success. These events come from the job record instead:
 its start and end, and its status as Celery's success, failure or revocation."""

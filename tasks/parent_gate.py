@@ -1,5 +1,6 @@
-"""A Celery task strategy: the worker parent acknowledges the messages of jobs a batch-mate
-already ran, and holds back the messages of queued or running jobs while its child is busy.
+"""The worker parent's gate (a Celery task strategy and request class): it acknowledges the
+messages of jobs a call-mate already ran, and holds back the messages of queued or running
+jobs while its child is busy.
 
 Why acknowledge in the parent: a worker child runs up to MAX_BATCH_SIZE jobs per `generate`
 call and drains ready jobs from the `ready` lists, so most job messages arrive after their
@@ -12,7 +13,7 @@ Why hold messages back (prefetch > 1): with one message in flight (prefetch 1, a
 the parent could not fetch anything while the child drained the backlog, so every job the
 drain ran left its message in the broker; when the drain ended (INFERQ_DRAIN_S) the engine
 idled while the parent worked through that pile one message at a time (measured: about a
-second idle per five-second drain on the 2-core VM, and the next burst's first batch
+second idle per five-second drain on the 2-core VM, and the next burst's first call
 started half a second late). Now the parent keeps fetching while the child works: finished
 jobs' messages are acknowledged at once, the others are held (unacknowledged) and re-read
 together every tick; a held job that finishes is acknowledged then, and when the child is
@@ -23,7 +24,7 @@ Why no fast timer: the parent learns that the child is done with a job from Cele
 only then re-reads the held messages' jobs and hands the next one over. While the child
 works, one slow check (`CHECK_S`) acknowledges what finished and gives back queued messages
 held too long; a parent that polled every few milliseconds spent a sixth of a core doing so
-through every long batch, on a machine where each such cycle is taken from the engine.
+through every long call, on a machine where each such cycle is taken from the engine.
 
 What holding must not break:
 - another worker's work: the child takes its jobs from the shared ready lists, so a
@@ -266,7 +267,7 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
 _current: ParentGate | None = None
 
 
-class GateRequest(Request):
+class GateRequest(Request):  # type: ignore[misc]  # Celery ships no types: Request is Any
     """inferq.run_job's request class. Celery runs its callbacks in the parent when the pool
     answers: with acks late, `acknowledge` once a job succeeded, `on_failure` otherwise."""
 

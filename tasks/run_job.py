@@ -1,4 +1,8 @@
-"""Thin Celery tasks: take the job id, hand it to the runner, nothing else."""
+"""The one Celery task, `inferq.run_job(job_id)`: it runs the worker's drain (static or
+continuous) from that job, under the task lock the heartbeat's settling waits on; then it
+settles this worker's processing list, counts what ran for the heartbeat, and sends
+Flower the job's own final event. It also connects the pool child's start and stop
+(tasks.child) to Celery's signals."""
 
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from workers.continuous_drain import drain_continuous
 from workers.engine import ContinuousEngine
 
 
-# Strategy: messages of jobs already run by a batch-mate are acknowledged in the parent (tasks.parent_gate)
-@app.task(
+# Strategy: messages of jobs already run by a call-mate are acknowledged in the parent (tasks.parent_gate)
+@app.task(  # type: ignore[untyped-decorator]  # Celery ships no types: app.task is Any
     bind=True,
     name=RUN_JOB,
     acks_late=True,

@@ -1,8 +1,8 @@
 """LoRA adapters served by name: the directory scan, and the engine's set of loaded ones.
 
 Why our own on PEFT rather than ms-swift's per-request adapters: once one is loaded, ms-swift
-4.6 fails every batch larger than one. PEFT injects the LoRA layers into the engine's model
-once, and a batch whose rows use different adapters runs in one `generate`
+4.6 fails every call of more than one row. PEFT injects the LoRA layers into the engine's model
+once, and a call whose rows use different adapters runs in one `generate`
 (`adapter_names=`, "__base__" for the base model's rows).
 
 A changed adapter (new weights) loads under a new internal name; the old one stays until the

@@ -1,13 +1,13 @@
-"""Filling a batch: which queued jobs join the job whose message the worker is running.
+"""Filling a call: which queued jobs join the job whose message the worker is running.
 
-Why by token limit and prompt length: a static batch runs until its longest row ends, and
-HF `generate` pads every row to its longest prompt, so a batch of similar jobs wastes less
-compute. Measured on the tiny model (CPU, batch 8): the same 256 mixed-length requests ran
+Why by token limit and prompt length: a static call runs until its longest row ends, and
+HF `generate` pads every row to its longest prompt, so a call of similar jobs wastes less
+compute. Measured on the tiny model (CPU, 8 rows per call): the same 256 mixed-length requests ran
 about 15 % faster sorted by length than in arrival order (docs/benchmarks.md). The worker
 looks at up to `length_window` times the free rows of ready jobs and takes those closest
-to the batch's first job (`closest_fits`); the others go
-back to the head of their list in their order, and the head is always the next batch's
-first job, so nobody waits more than a few batch cycles for being an outlier.
+to the call's first job (`closest_fits`); the others go
+back to the head of their list in their order, and the head is always the next call's
+first job, so nobody waits more than a few calls for being an outlier.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def closest_fits(
 ) -> list[JobRecord]:
     """Up to `rows` rows (a job takes `n` of them) from `candidates`, those closest to `first`
     in token limit first, then in prompt length (ties: earlier first); returned in arrival
-    order. Why the token limit first: a static batch runs until its longest row ends, so a
+    order. Why the token limit first: a static call runs until its longest row ends, so a
     row that asks for 8 tokens beside one that asks for 48 idles for 40 steps; a prompt
     longer by a few tokens only costs padding in the prefill."""
 
@@ -75,7 +75,7 @@ def claim_more(
                 rows += _claim_lane(store, lane, first, opts, rows, compatible, claimed, seen)
             # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
             # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
-            # `collect_s` once; the first batch of a burst does not start nearly empty.
+            # `collect_s` once; the first call of a burst does not start nearly empty.
             if rows >= opts.max_batch_size or (attempt and rows == before) or not opts.collect_s:
                 break
             wait = min(opts.collect_s, deadline - time.monotonic())
@@ -83,7 +83,7 @@ def claim_more(
                 break
             time.sleep(wait)
     finally:
-        store.end_claim(opts.worker_id)
+        store.recovery.end_claim(opts.worker_id)
     return claimed
 
 
@@ -102,7 +102,8 @@ def _claim_lane(
     free = opts.max_batch_size - rows
     if free <= 0:
         return 0
-    ids = [i for i in store.pop_window([lane], free * opts.length_window, opts.worker_id) if i not in seen]
+    popped = store.recovery.pop_window([lane], free * opts.length_window, opts.worker_id)
+    ids = [i for i in popped if i not in seen]
     seen.update(ids)
     now = time.time()
     fits: list[JobRecord] = []

@@ -1,8 +1,8 @@
 """The drain of a worker child in continuous mode: jobs join the running generation loop.
 
-Why a drain of its own: the static drain hands the engine one batch at a time and waits for
+Why a drain of its own: the static drain hands the engine one call at a time and waits for
 it to end. Here the loop keeps running: while rows are free the child claims the next ready
-job (lanes in priority order, the same processing list as static batches) and adds its
+job (lanes in priority order, the same processing list as static calls) and adds its
 rows at once; each job ends, and writes its result, as soon as its own rows are done.
 Everything else is the static path's: the state machine, batch lines, cancel flags and
 time limits through the sink, one outcome per job.
@@ -19,8 +19,8 @@ from workers.engine import ContinuousEngine, GenResult
 from workers.options import RunOptions, interactive_reserve
 from workers.runner import (
     RunOutcome,
-    count_batch,
-    fill_batch,
+    count_call,
+    fill_call,
     finish_all,
     gen_requests,
     next_ready,
@@ -38,7 +38,7 @@ class _Job:
     record: JobRecord
     rows: range
     results: dict[int, GenResult | Exception] = field(default_factory=dict)
-    #: most rows the engine ran at once while this job ran (its record's `batch_size`)
+    #: most rows the engine ran at once while this job ran (its record's `engine_rows`)
     peak: int = 0
 
 
@@ -54,7 +54,7 @@ class _Drain:
     def admit(self, records: list[JobRecord]) -> None:
         now = time.time()
         for rec in records:
-            reqs = gen_requests(rec.job.id, rec.request, self.opts.default_max_tokens, self.opts.base_model)
+            reqs = gen_requests(rec.request, self.opts.default_max_tokens, self.opts.base_model)
             publish = self.opts.publish_tokens and rec.publish_tokens
             attempt = rec.job.attempts + 1
             targets = [Target(rec.job.id, i, attempt, publish) for i in range(len(reqs))]
@@ -85,10 +85,10 @@ class _Drain:
         if not jobs:
             return
         self.sink.flush()
-        self.sink.drain()  # every token event is written before the jobs' final events
+        self.sink.wait_written()  # every token event is written before the jobs' final events
         steps, rows = self.engine.take_step_counts()
         if steps:
-            count_batch(self.store, rows, steps)
+            count_call(self.store, rows, steps)
         by_peak: dict[int, list[_Job]] = {}
         for job in jobs:
             by_peak.setdefault(job.peak, []).append(job)
@@ -112,8 +112,8 @@ def drain_continuous(
 ) -> list[RunOutcome]:
     """Run this message's job and keep adding ready jobs to the running loop for up to
     `budget_s` while rows are free; then finish what runs. An interactive job waits at most
-    until a row is free, not until a batch ends."""
-    records = fill_batch(store, job_id, opts)
+    until a row is free, not until a call ends."""
+    records = fill_call(store, job_id, opts)
     if not records:
         return [RunOutcome(None, skipped=True)]
     d = _Drain(store, engine, opts)
@@ -134,7 +134,7 @@ def drain_continuous(
                 lane_opts = replace(opts, lanes=lanes, max_batch_size=rows, collect_s=0.0)
                 if (nxt := next_ready(store, lane_opts)) is not None:
                     # the job and more that fit, without the static path's collect wait
-                    d.admit(fill_batch(store, nxt, lane_opts))
+                    d.admit(fill_call(store, nxt, lane_opts))
                     continue
             d.step(ADMIT_INTERVAL_S if admit else 0.1)
     except Exception:

@@ -64,8 +64,6 @@ class GenRequest:
     #: OpenAI-shaped messages as ms-swift's template takes them (tool calls included)
     messages: list[dict[str, Any]]
     params: GenParams
-    #: Who asked (job id, choice index): for logs.
-    tag: str = ""
     #: the LoRA adapter (served name) this row runs through; "": the base model
     adapter: str = ""
     #: OpenAI tool definitions, rendered into the prompt by the template's agent template
@@ -145,15 +143,15 @@ def run_split(
     idxs: list[int],
     on_retry: Callable[[int], None] | None = None,
 ) -> list[GenResult | Exception]:
-    """Run a batch; if it fails as a whole, split it in halves and retry each, down to single
-    requests. An out-of-memory batch thus succeeds in smaller pieces, and a poisoned request
+    """Run a call; if it fails as a whole, split it in halves and retry each, down to single
+    requests. An out-of-memory call thus succeeds in smaller pieces, and a poisoned request
     ends up failing alone, before any good request is failed."""
     try:
         return run(idxs)
     except Exception as exc:
         if len(idxs) == 1:
             return [exc]
-        logger.warning("batch of %d failed (%s); retrying in halves", len(idxs), exc)
+        logger.warning("call of %d rows failed (%s); retrying in halves", len(idxs), exc)
         for i in idxs:
             if on_retry is not None:
                 on_retry(i)

@@ -23,7 +23,7 @@ class RunOptions:
     max_batch_size: int = 1
     #: lanes to pull more jobs from, in priority order (their `ready` lists)
     lanes: tuple[str, ...] = ()
-    #: how long to wait for more jobs when the batch is not full (a shallow queue) ...
+    #: how long to wait for more jobs when the call is not full (a shallow queue) ...
     collect_s: float = 0.0
     #: ... and at most, while jobs keep arriving (workers.claim)
     collect_max_s: float = 0.0

@@ -57,20 +57,17 @@ def gen_params(request: ChatCompletionRequest, default_max_tokens: int) -> GenPa
 
 
 def gen_requests(
-    job_id: str, request: ChatCompletionRequest, default_max_tokens: int, base_model: str = ""
+    request: ChatCompletionRequest, default_max_tokens: int, base_model: str = ""
 ) -> list[GenRequest]:
     """`n` choices become `n` sibling requests: ms-swift's own `n` breaks its streaming path,
-    and siblings batch together anyway. With a `seed`, sibling i samples from its own seed
+    and siblings share a call anyway. With a `seed`, sibling i samples from its own seed
     derived from it (the same choices for the same seed, but not n copies of one). A `model`
     other than the base one (`base_model`) names a LoRA adapter."""
     messages = request.engine_messages()
     params = gen_params(request, default_max_tokens)
     adapter = request.model if base_model and request.model != base_model else ""
     tools = request.tools_for_engine()
-    return [
-        GenRequest(messages, _sibling(params, i), tag=f"{job_id}#{i}", adapter=adapter, tools=tools)
-        for i in range(request.n)
-    ]
+    return [GenRequest(messages, _sibling(params, i), adapter=adapter, tools=tools) for i in range(request.n)]
 
 
 def _sibling(params: GenParams, i: int) -> GenParams:
@@ -167,7 +164,7 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
             ),
         )
         return None
-    if record.job.attempts >= opts.max_attempts and not store.worker_alive(record.worker):
+    if record.job.attempts >= opts.max_attempts and not store.recovery.worker_alive(record.worker):
         # every earlier attempt died with its worker process: a poison request
         error = JobError(
             code="worker_crashed",
@@ -186,7 +183,7 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     return record if started.ok else None
 
 
-def fill_batch(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
+def fill_call(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
     """This message's job (none if it is not to run) and the queued jobs that can share its
     `generate` call. Ends this process's claim on the lanes in every case: `drain` may have
     claimed the job's id."""
@@ -207,14 +204,14 @@ def fill_batch(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord
         return [first, *claim_more(store, first, opts, first.request.n, compatible)]
     finally:
         if not ended:
-            store.end_claim(opts.worker_id)
+            store.recovery.end_claim(opts.worker_id)
 
 
-def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
+def run_call(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
     """Run the job of this message together with compatible queued jobs, in one `generate`.
     Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
     rows within a step; each job ends on its own (one failing request fails alone)."""
-    records = fill_batch(store, job_id, opts)
+    records = fill_call(store, job_id, opts)
     if not records:
         return [RunOutcome(None, skipped=True)]
     if opts.running is not None:
@@ -223,7 +220,7 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     targets: list[Target] = []
     spans: list[tuple[JobRecord, int, int]] = []
     for rec in records:
-        reqs = gen_requests(rec.job.id, rec.request, opts.default_max_tokens, opts.base_model)
+        reqs = gen_requests(rec.request, opts.default_max_tokens, opts.base_model)
         attempt = rec.job.attempts + 1  # the RUNNING transition just counted this attempt
         spans.append((rec, len(requests), len(requests) + len(reqs)))
         requests += reqs
@@ -234,61 +231,58 @@ def run_batch(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) ->
     sink.deadlines = {rec.job.id: started + (rec.timeout_s or opts.timeout_s) for rec in records}
     try:
         outs = engine.generate(requests, sink)
-        sink.drain()  # every token event is written before the jobs' final events
+        sink.wait_written()  # every token event is written before the jobs' final events
     except Exception as exc:  # the engine broke as a whole: every job of the call fails
         logger.exception("generate failed for %d jobs", len(records))
         outs = [exc] * len(requests)
     finally:
         sink.stop()
-    count_batch(store, len(requests))
+    count_call(store, len(requests))
     return finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
 
 
 def drain(
     job_id: str, store: JobStore, engine: Engine, opts: RunOptions, budget_s: float
 ) -> list[RunOutcome]:
-    """Run this message's job, then keep running batches of ready jobs back to back for up to
+    """Run this message's job, then keep running calls of ready jobs back to back for up to
     `budget_s`: the engine never idles waiting for Celery to hand over the next message.
-    Lanes are polled in priority order before every batch, so an interactive job waits at
-    most one batch cycle."""
-    outcomes = run_batch(job_id, store, engine, opts)
+    Lanes are polled in priority order before every call, so an interactive job waits at
+    most one call."""
+    outcomes = run_call(job_id, store, engine, opts)
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
         nxt = next_ready(store, opts)
         if nxt is None:
             break
-        outcomes += run_batch(nxt, store, engine, opts)
+        outcomes += run_call(nxt, store, engine, opts)
     return outcomes
 
 
 def next_ready(store: JobStore, opts: RunOptions) -> str | None:
     """The next queued job off the lanes, kept in this worker's processing list (a worker
-    killed before `run_batch` has started it loses nothing: the reaper puts it back)."""
-    while job_id := store.pop_ready(opts.lanes, opts.worker_id):
+    killed before `run_call` has started it loses nothing: the reaper puts it back)."""
+    while job_id := store.recovery.pop_ready(opts.lanes, opts.worker_id):
         if store.status(job_id) is JobStatus.QUEUED:
             return job_id
-    store.end_claim(opts.worker_id)
+    store.recovery.end_claim(opts.worker_id)
     return None
 
 
-def count_batch(store: JobStore, rows: int, batches: int = 1) -> None:
+def count_call(store: JobStore, rows: int, calls: int = 1) -> None:
     """Engine calls and the rows they ran (occupancy); in continuous mode generation steps."""
     pipe = store.r.pipeline(transaction=False)
-    pipe.hincrby(keys.stats(), "batches", batches)
-    pipe.hincrby(keys.stats(), "batch_rows", rows)
-    pipe.expire(keys.stats(), store.ttl)
-    metrics.observe_rows(pipe, rows, batches, store.ttl)
+    metrics.observe_rows(pipe, rows, calls, store.ttl)
     pipe.execute()
 
 
 def finish_all(
     store: JobStore, runs: list[tuple[JobRecord, list[GenResult | Exception]]], sink: StreamSink, rows: int
 ) -> list[RunOutcome]:
-    """Every job of the call ends on its own terms, in one round trip for the whole batch."""
+    """Every job of the call ends on its own terms, in one round trip for the whole call."""
     ids = [rec.job.id for rec, _ in runs]
     flagged = cast(list[str | None], store.r.mget([keys.cancel(j) for j in ids]))
     moves = [
-        _with_facts(_final_move(store, rec, outs, sink, bool(flag), {"batch_rows": str(rows)}), sink)
+        _with_facts(_final_move(store, rec, outs, sink, bool(flag), {"engine_rows": str(rows)}), sink)
         for (rec, outs), flag in zip(runs, flagged, strict=True)
     ]
     outcomes = []
@@ -354,4 +348,4 @@ def run_job(
 ) -> RunOutcome:
     """One job alone (no micro-batching); `stream=False` publishes no token events."""
     opts = RunOptions(default_max_tokens=default_max_tokens, publish_tokens=stream)
-    return run_batch(job_id, store, engine, opts)[0]
+    return run_call(job_id, store, engine, opts)[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from core import keys
+from core import keys, scripts
 from core.job_store import EVENTS_MAXLEN
 
 
@@ -71,22 +71,6 @@ class Target:
     publish: bool = True
 
 
-# Token events of many jobs in one command: KEYS are their streams, ARGV[1] the MAXLEN, then
-# (index, text, attempt) per key. Why a script and not a pipeline of XADDs: on a GPU a flush
-# comes every generation step, and redis-py spent more CPU packing 32 XADDs of 14 arguments
-# each than the step's decoding, in the thread that drives the GPU. NOMKSTREAM and no
-# EXPIRE: the stream was made with the job and its TTL is renewed by every status change;
-# a stream gone with its job is not re-created without a TTL.
-_XADD_TOKENS_LUA = """
-for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 3
-  redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*',
-    'type', 'token', 'index', ARGV[a], 'text', ARGV[a + 1], 'attempt', ARGV[a + 2])
-end
-return #KEYS
-"""
-
-
 @dataclass
 class StreamSink:
     """Receives deltas from the engine (one thread) and writes them to job streams.
@@ -94,7 +78,7 @@ class StreamSink:
     Token events are written by a background thread, in order: on a GPU a flush comes every
     generation step, and the generating thread would otherwise wait for each Redis round
     trip while the GPU idles. A write that fails is raised in the generating thread at its
-    next flush (or at `drain`), as a direct write would have been; `drain` before anything
+    next flush (or at `wait_written`), as a direct write would have been; `wait_written` before anything
     that must follow the tokens (a reset, the jobs' final events)."""
 
     client: redis.Redis
@@ -117,7 +101,7 @@ class StreamSink:
 
     def __post_init__(self) -> None:
         self._streams = [keys.job_events(t.job_id) for t in self.targets]
-        self._xadd_tokens = self.client.register_script(_XADD_TOKENS_LUA)
+        self._xadd_tokens = self.client.register_script(scripts.source("xadd_tokens"))
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._error: Exception | None = None
@@ -151,9 +135,9 @@ class StreamSink:
             self.flush()
 
     def on_reset(self, i: int) -> None:
-        """The request is being run again (its batch failed): clients drop its partial text."""
+        """The request is being run again (its call failed): clients drop its partial text."""
         self._pending.pop(i, None)
-        self.drain()  # the reset must follow the tokens it voids
+        self.wait_written()  # the reset must follow the tokens it voids
         if not self.targets[i].publish:
             return
         t = self.targets[i]
@@ -180,7 +164,7 @@ class StreamSink:
             self._writer.start()
         self._queue.put((streams, args))
 
-    def drain(self) -> None:
+    def wait_written(self) -> None:
         """Return once every token event handed over so far is written (or raise its error)."""
         if self._writer is not None:
             written = threading.Event()

@@ -15,6 +15,10 @@ What we add around the manager, and why:
   cancelled row ends with what it has (the manager says nothing more about it);
 - a manager whose loop died fails the rows it had and is started anew.
 
+What the manager offers beyond its public API (its processor list, output queue, loop
+thread) is reached only through `workers.engines.hf_batching`, which checks the transformers
+version and those attributes and fails loudly when they are not the ones it knows.
+
 Only the worker child imports this module (torch).
 """
 
@@ -23,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ from workers.engine import (
     TokenSink,
     truncate_at_stop,
 )
+from workers.engines import hf_batching
 from workers.engines.rows import stop_window
 from workers.engines.slots import SLOT_KWARG, SlotSampler
 from workers.engines.swift import DeltaStreamer, SwiftEngine
@@ -106,24 +110,10 @@ class SwiftContinuousEngine(SwiftEngine):
             allow_block_sharing=False,
             **self._cache_size(),
         )
-        self.manager = self.engine.model.init_continuous_batching(
-            generation_config=gc, continuous_batching_config=cfg
+        # the loop in a daemon thread, SlotSampler its logits processor
+        self.manager = hf_batching.start_manager(
+            self.engine.model, gc, cfg, self.sampler, warmup=self.facts.accelerator
         )
-        lp = self.manager.logit_processor
-        lp.logits_processor.append(self.sampler)
-        lp.tensors_required += 1
-        lp.supported_keys.update(SlotSampler.supported_kwargs)
-        lp.do_processing = True
-        if self.facts.accelerator:
-            self.manager.warmup()
-        # `manager.start()`, but the loop's thread is a daemon: a non-daemon one kept every
-        # process that loaded the engine alive at exit (a worker child, a benchmark, pytest)
-        m = self.manager
-        m.background_thread_status.clear()
-        m._generation_thread = threading.Thread(
-            target=m._run_generation_loop, name="inferq-continuous-loop", daemon=True
-        )
-        m._generation_thread.start()
 
     def shutdown(self) -> None:
         """Stop the loop (what is still running is dropped)."""
@@ -217,7 +207,7 @@ class SwiftContinuousEngine(SwiftEngine):
         self._refused.clear()
         if done:
             timeout_s = 0.0
-        outq = self.manager.output_router.output_queue
+        outq = hf_batching.output_queue(self.manager)
         try:
             out = outq.get(timeout=timeout_s) if timeout_s > 0 else outq.get_nowait()
             while True:
@@ -296,7 +286,7 @@ class SwiftContinuousEngine(SwiftEngine):
         finish: FinishReason = "length" if n >= r.params.max_tokens and not (cut or stop_seen) else "stop"
         if self._streamer is not None and r.stream:
             self._streamer.decode(force=True)
-            self._streamer.settle(r.row, text)
+            self._streamer.finish_row(r.row, text)
         trail = self.sampler.trail(r.slot)
         logprobs = trail.entries(self.grammars, n) if trail is not None else None
         self._release(r)
@@ -309,7 +299,7 @@ class SwiftContinuousEngine(SwiftEngine):
         self._slots.append(r.slot)  # reused last: a cancelled row may still be in a step
 
     def _restart(self, why: str) -> list[tuple[int, GenResult | Exception]]:
-        error = getattr(self.manager.background_thread_status, "fatal_error", None)
+        error = hf_batching.fatal_error(self.manager)
         logger.error("%s (%s); failing its %d rows and starting it again", why, error, len(self._rows))
         failed: list[tuple[int, GenResult | Exception]] = []
         for r in list(self._rows.values()):

@@ -57,7 +57,7 @@ class EchoEngine(WordCounter):
         self.calls.append(len(idxs))
         if self.oom_above and len(idxs) > self.oom_above:
             raise OutOfMemoryError(
-                f"CUDA out of memory (echo engine: batch of {len(idxs)} > {self.oom_above})"
+                f"CUDA out of memory (echo engine: call of {len(idxs)} rows > {self.oom_above})"
             )
         return [self._one(requests[i], i, sink) for i in idxs]
 

@@ -10,7 +10,7 @@ Why a cache of pristine matchers: building one from a grammar is the "compile" s
 fraction of a millisecond for the schemas clients send, up to a second for extreme ones);
 each row gets a copy of the cached one, so a schema is compiled once per worker (bounded).
 Matchers are made before a row joins a step loop (static: before the call; continuous: in
-the drain thread, not in the loop's), so a new schema never stalls its batch-mates' steps.
+the drain thread, not in the loop's), so a new schema never stalls its call-mates' steps.
 
 Only the worker child imports this module (torch).
 """

@@ -1,8 +1,8 @@
 """Per-row generation settings inside one HF `generate` call.
 
-Why: one `generate` takes one `GenerationConfig`, so a worker used to batch only requests
+Why: one `generate` takes one `GenerationConfig`, so a worker used to share a call only between requests
 with identical settings, and real traffic (every client its own `max_tokens`,
-`temperature`, `stop`) ran at batch size ~1. Here the call itself is greedy with the
+`temperature`, `stop`) ran at ~1 row per call. Here the call itself is greedy with the
 largest row's token limit, and each row gets its own settings back from three hooks that
 HF applies per step:
 
@@ -10,7 +10,7 @@ HF applies per step:
   own temperature / top-k / top-p and hands HF a one-hot row, so HF's argmax takes exactly
   that token. Greedy rows are left untouched: their tokens are what the same request gives
   alone. A row's randomness is a hash of its seed and token position (`gumbel_noise`), so a
-  seeded row's text depends on its seed and not on its batch-mates.
+  seeded row's text depends on its seed and not on its call-mates.
 - `RowPenalties`: OpenAI's presence / frequency penalties, per row (ms-swift ignores both).
 - `RowLimits` (a stopping criterion): a row stops at its own `max_tokens`, or once its text
   holds one of its own stop sequences.
@@ -80,7 +80,7 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
 
     Why: argmax(logits / T + noise) is an exact sample of softmax(logits / T), and the noise
     of a row depends only on its seed and position, so a seeded row gives the same text
-    whatever rows share its forward pass, in a static batch or a continuous one, with no
+    whatever rows share its forward pass, in a static call or a continuous one, with no
     per-row generator and no host round trip per step."""
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.long)[None, :]
     x = seeds[:, None] * _GOLDEN + steps[:, None] * _MIX1 + idx * _MIX2
@@ -207,7 +207,7 @@ class RowSampler(LogitsProcessor):
         return bool(self.rows)
 
     def trail(self, row: int) -> LogprobTrail | None:
-        """The logprobs of batch row `row`, if it asked for them."""
+        """The logprobs of row `row`, if it asked for them."""
         return self.trails.get(self.rows.index(row)) if row in self.rows else None
 
     def _setup(self, scores: torch.Tensor) -> dict[str, Any]:

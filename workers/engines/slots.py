@@ -18,12 +18,10 @@ from typing import Any
 
 import llguidance
 import torch
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor,
-)
 
 from workers.engine import GenParams
 from workers.engines.guide import LogprobTrail, apply_grammars, consume, record_logprobs
+from workers.engines.hf_batching import ContinuousBatchingLogitsProcessor, processor_kwargs
 from workers.engines.rows import bias_and_bans, drawn_from, random_seed, repeat_penalise, sample
 
 #: the request kwarg that names a row's slot
@@ -131,7 +129,7 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         int32_tensor.fill_(0)
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        slots = [r.state.logit_processor_kwargs.get(SLOT_KWARG, 0) for r in requests_with_new_token]
+        slots = [processor_kwargs(r).get(SLOT_KWARG, 0) for r in requests_with_new_token]
         return torch.tensor(slots, dtype=torch.int32, device="cpu")
 
     def _adjust(

@@ -11,7 +11,7 @@ What we add around ms-swift 4.6, and why:
 - `seed`, `presence_penalty` and `frequency_penalty` are silently ignored by the engine;
   we honour them there too (a generator per seeded row, an OpenAI-style additive penalty);
 - OpenAI leaves the stop sequence out of the text; the engine keeps it, so we cut it;
-- a failing batch is retried in halves, so one bad request fails alone.
+- a failing call is retried in halves, so one bad request fails alone.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _device_map(name: str) -> str:
 
 
 class _NoStops:
-    """The all-False answer of a stopping criterion, made once per batch size: criteria run
+    """The all-False answer of a stopping criterion, made once per row count: criteria run
     every generation step."""
 
     def __init__(self) -> None:
@@ -209,7 +209,7 @@ class DeltaStreamer(BaseStreamer):
         self._decode_rows()
         self.sink.flush()
 
-    def settle(self, row: int, final: str) -> None:
+    def finish_row(self, row: int, final: str) -> None:
         """Send what the final text has beyond the deltas; restart the row if they diverged."""
         if final.startswith(self.emitted[row]):
             self.sink.on_delta(row, final[len(self.emitted[row]) :])
@@ -410,7 +410,7 @@ class SwiftEngine:
         if streamer is not None:
             for row, res in enumerate(results):
                 if isinstance(res, GenResult):
-                    streamer.settle(row, res.text)
+                    streamer.finish_row(row, res.text)
             streamer.sink.flush()
         return results
 

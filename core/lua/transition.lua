@@ -1,0 +1,160 @@
+-- transition: one move of one job's state machine (schemas.jobs.TRANSITIONS), atomic.
+-- Why one script: the status check and the write are one step, so a redelivered task can
+-- never overwrite a finished result and a cancel racing a finish has exactly one winner;
+-- the events, metrics, processing lists and batch counters move in the same step, so none
+-- of them can disagree with the record. Each part below is one idea; the main part at the
+-- end calls them in order.
+-- KEYS[1]  job: the job record (hash)
+-- KEYS[2]  events: the job's event stream
+-- KEYS[3]  PROCESSING_WORKERS (set of workers that have a processing list)
+-- KEYS[4]  a batch line's output lines (list)  } only when the job is a line of an
+-- KEYS[5]  a batch line's error lines (list)   } OpenAI Batch that this move ends
+-- KEYS[6]  the batch record (hash)             }
+-- ARGV[1]  to: the new status
+-- ARGV[2]  now: Unix time, seconds
+-- ARGV[3]  ttl: seconds, for every key written
+-- ARGV[4]  from: the statuses the move may start from, comma-separated
+-- ARGV[5]  ends: '1' when `to` is terminal
+-- ARGV[6 .. #ARGV-1]  field, value pairs: record fields to write; a field whose name starts
+--          with '_' is a fact for this script only (_worker, _first_token_at,
+--          _prompt_tokens, _completion_tokens, and a batch line's _line, _list, _count,
+--          _ttl, _in, _out: core.job_store.BatchLine)
+-- ARGV[#ARGV]  maxlen: the event stream's approximate cap
+-- Returns {'missing', ''}, {'conflict', status}, {'alive', status} (refused), {'ok', status}
+-- (status: the one before), or, when the move ended the job, {'ok', status, lane, created,
+-- started, attempts, owner, model, batch_id} (what its audit line needs, core.audit).
+
+local job, events = KEYS[1], KEYS[2]
+local to, now, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[#ARGV]
+local id = string.sub(job, string.len('{job}') + 1)
+
+-- Refusal: why the move may not happen now (nil: it may). A job whose worker is alive (its
+-- heartbeat stands) is being run: it is never run twice.
+local function refusal(cur, worker)
+  if not cur then return {'missing', ''} end
+  local allowed = false
+  for s in string.gmatch(ARGV[4], '[^,]+') do if s == cur then allowed = true end end
+  if not allowed then return {'conflict', cur} end
+  if to == 'running' and cur == 'running' and worker and redis.call('EXISTS', '{worker}' .. worker) == 1 then
+    return {'alive', cur}
+  end
+  return nil
+end
+
+-- The move's fields: record fields are written, '_' facts only returned.
+local function write_fields()
+  local facts = {}
+  for i = 6, #ARGV - 1, 2 do
+    if string.sub(ARGV[i], 1, 1) ~= '_' then redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+    facts[ARGV[i]] = ARGV[i + 1]
+  end
+  return facts
+end
+
+-- Processing lists (core.recovery): a job that ended, or that a new worker runs, leaves
+-- its old worker's list; a started job is in its worker's list until it ends.
+local function hand_over(worker, new_worker)
+  if worker and worker ~= new_worker then redis.call('LREM', '{processing}' .. worker, 0, id) end
+end
+
+local function claim(new_worker)
+  local mine = '{processing}' .. (new_worker or '')
+  redis.call('HSET', job, 'worker', new_worker or '')
+  if not redis.call('LPOS', mine, id) then redis.call('RPUSH', mine, id) end
+  redis.call('EXPIRE', mine, ttl)
+  redis.call('SADD', KEYS[3], new_worker)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+
+-- Attempts: a start counts one; a second start is a redelivery, whose subscribers drop
+-- the partial text of the attempt that died.
+local function start_attempt(lane, created, facts)
+  local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+  if attempt == 1 then observe('queue_wait', lane, now - created) end
+  redis.call('HSET', job, 'started_at', ARGV[2])
+  claim(facts['_worker'])
+  if attempt > 1 then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', tostring(attempt))
+  end
+end
+
+-- Metrics of an ended job (core.metrics), and its key's active count (api.auth); returns
+-- the facts read for them, which the audit line needs too.
+local function count_end(cur, lane, created, facts)
+  redis.call('HSET', job, 'finished_at', ARGV[2])
+  local ended = redis.call('HMGET', job, 'started_at', 'owner', 'model', 'batch_id')
+  local started, owner = ended[1], ended[2]
+  if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
+  redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
+  redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (ended[3] or ''), 1)
+  if started and cur == 'running' then observe('run', lane, now - tonumber(started)) end
+  if facts['_first_token_at'] then observe('ttft', lane, tonumber(facts['_first_token_at']) - created) end
+  if facts['_prompt_tokens'] then
+    redis.call('HINCRBY', '{metrics}', 'prompt_tokens|' .. lane, facts['_prompt_tokens'])
+    redis.call('HINCRBY', '{metrics}', 'generated_tokens|' .. lane, facts['_completion_tokens'] or 0)
+  end
+  return ended
+end
+
+-- The latest failures, for /status and `inferq top` (capped list).
+local function record_failure(lane, facts)
+  local failure = {job_id = id, at = now, lane = lane, error = facts['error'] or ''}
+  redis.call('LPUSH', '{failures}', cjson.encode(failure))
+  redis.call('LTRIM', '{failures}', 0, {failures_maxlen} - 1)
+  redis.call('EXPIRE', '{failures}', ttl)
+end
+
+-- Events: the status change, then what the new status carries (result, error).
+local function append_events(attempts, lane, facts)
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', 'status', 'status', to, 'attempt', attempts)
+  if to == 'succeeded' then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', 'done', 'result', facts['result'] or '')
+  elseif to == 'failed' then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', 'error', 'error', facts['error'] or '')
+    record_failure(lane, facts)
+  elseif to == 'cancelled' then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', 'cancelled', 'result', facts['result'] or '')
+  end
+  redis.call('EXPIRE', events, ttl)
+end
+
+-- A batch line: its output or error line and the batch's counters move with the job.
+local function write_batch_line(facts)
+  if not facts['_line'] or #KEYS < 6 then return end
+  local list = KEYS[5]
+  if facts['_list'] == 'out' then list = KEYS[4] end
+  redis.call('RPUSH', list, facts['_line'])
+  redis.call('EXPIRE', list, facts['_ttl'])
+  redis.call('HINCRBY', KEYS[6], 'done_lines', 1)
+  if facts['_count'] ~= '' then redis.call('HINCRBY', KEYS[6], facts['_count'], 1) end
+  redis.call('HINCRBY', KEYS[6], 'input_tokens', facts['_in'] or 0)
+  redis.call('HINCRBY', KEYS[6], 'output_tokens', facts['_out'] or 0)
+end
+
+-- Main: check, write, then each part in order.
+local cur = redis.call('HGET', job, 'status')
+local worker = cur and redis.call('HGET', job, 'worker')
+local refused = refusal(cur, worker)
+if refused then return refused end
+redis.call('HSET', job, 'status', to)
+local lane = redis.call('HGET', job, 'queue') or ''
+local created = tonumber(redis.call('HGET', job, 'created_at') or ARGV[2])
+if cur == 'queued' then redis.call('HINCRBY', '{metrics}', 'depth|' .. lane, -1) end
+local facts = write_fields()
+hand_over(worker, facts['_worker'])
+local ended = nil
+if to == 'running' then
+  start_attempt(lane, created, facts)
+elseif ARGV[5] == '1' then
+  ended = count_end(cur, lane, created, facts)
+end
+redis.call('EXPIRE', '{metrics}', ttl)
+redis.call('EXPIRE', job, ttl)
+local attempts = redis.call('HGET', job, 'attempts') or '0'
+append_events(attempts, lane, facts)
+write_batch_line(facts)
+if ended then
+  return {'ok', cur, lane, tostring(created), ended[1] or '', attempts, ended[2] or '', ended[3] or '',
+          ended[4] or ''}
+end
+return {'ok', cur}

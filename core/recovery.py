@@ -1,0 +1,79 @@
+"""Nothing a worker took is lost when it dies: the processing lists, and how jobs leave them.
+
+A worker claims ready job ids into its own processing list (`pop_window`, one script), so
+an id is never only in the memory of a process that can die; once its engine call is
+filled it gives back what it does not run (`end_claim`). A job leaves the list when it ends
+or another worker runs it (the transition script). When a worker's heartbeat lapses,
+`reap` puts its queued ids back at the head of their lanes and its running jobs on the
+durable RESEND list, from which the reaper sends them again (`pending_resends`, then
+`resent` once sent); a live worker between two tasks `settle`s its own list the same way.
+rq keeps the same idea in one small class (`rq/intermediate_queue.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import redis
+
+from core import keys, scripts
+
+
+class Recovery:
+    """The processing lists of one Redis: claim, tidy, reap, resend."""
+
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self.r = client
+        self.ttl = ttl
+        self._pop = client.register_script(scripts.source("pop"))
+        self._tidy = client.register_script(scripts.source("tidy"))
+        self._reap = client.register_script(scripts.source("reap"))
+
+    def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
+        """The next ready job id from the first of `queues` (priority order) that has one,
+        kept in `worker`'s processing list (see `pop_window`)."""
+        ids = self.pop_window(queues, 1, worker)
+        return ids[0] if ids else None
+
+    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[str]:
+        """Up to `count` ready ids off the first of `queues` that has any, into `worker`'s
+        processing list: until `end_claim` (those it does not run) or their job ends (those
+        it runs). If `worker` dies first, `reap` puts them back."""
+        pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
+        return cast(list[str], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
+
+    def end_claim(self, worker: str) -> None:
+        """The batch is filled: the ids `worker` took and does not run go back to the head
+        of their lanes in their order (queued ones) or leave its list (the rest)."""
+        self._tidy(keys=[keys.processing(worker)], args=[worker, self.ttl])
+
+    def worker_alive(self, worker: str) -> bool:
+        return bool(worker) and bool(self.r.exists(keys.worker(worker)))
+
+    def reap(self) -> int:
+        """For every worker whose heartbeat lapsed: its queued ids back at the head of their
+        lanes, the jobs it was running to RESEND; returns how many it moved there."""
+        moved = 0
+        for worker in cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)):
+            if not self.r.exists(keys.worker(worker)):
+                moved += self._reap_one(worker, own=False)
+        return moved
+
+    def settle(self, worker: str) -> int:
+        """The same for a live worker between two tasks, whose list should be empty then: a
+        task that ended without ending its jobs (Redis went away mid-batch) leaves them
+        running on a worker that is alive but runs nothing, which no reaper would take."""
+        return self._reap_one(worker, own=True)
+
+    def _reap_one(self, worker: str, own: bool) -> int:
+        job_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, keys.worker(worker), keys.RESEND]
+        return int(self._reap(keys=job_keys, args=[worker, self.ttl, "1" if own else "0"]))
+
+    def pending_resends(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """(job id, lane) of the jobs waiting to be sent again (`resent` once sent)."""
+        entries = cast(list[str], self.r.lrange(keys.RESEND, 0, limit - 1))
+        return [(job_id, lane) for job_id, _, lane in (e.partition("|") for e in entries)]
+
+    def resent(self, job_id: str, lane: str) -> None:
+        self.r.lrem(keys.RESEND, 0, f"{job_id}|{lane}")

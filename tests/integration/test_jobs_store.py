@@ -1,0 +1,122 @@
+"""The job record and state machine on a real Valkey/Redis, and the runner with the fake engine."""
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from core import keys
+from core.job_store import JobStore
+from schemas.jobs import JobError, JobStatus
+from schemas.openai import ChatCompletionRequest
+from tests.support.stack import with_db
+from tests.support.wait import eventually
+from workers.engines.echo import FAIL_TRIGGER, EchoEngine
+from workers.runner import run_job
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A database of its own: the test stacks' workers reap dead workers in theirs every 2 s,
+    and one of them took this module's lapsed job before the test could see it (a CI flake)."""
+    client = redis.Redis.from_url(with_db(redis_url, 11), decode_responses=True)
+    yield client
+    client.close()
+
+
+def _req(text: str = "one two three", **kw: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "echo", "messages": [{"role": "user", "content": text}], "max_tokens": 16, **kw}
+    )
+
+
+def _statuses(r: redis.Redis, job_id: str) -> list[str]:
+    events: list[tuple[str, dict[str, str]]] = r.xrange(keys.job_events(job_id))  # type: ignore[assignment]
+    return [fields["status"] for _, fields in events if fields["type"] == "status"]
+
+
+def _types(r: redis.Redis, job_id: str) -> list[str]:
+    events: list[tuple[str, dict[str, str]]] = r.xrange(keys.job_events(job_id))  # type: ignore[assignment]
+    return [fields["type"] for _, fields in events]
+
+
+def test_create_sets_ttl_and_first_event(r: redis.Redis) -> None:
+    store = JobStore(r, ttl=100)
+    job_id = store.create(_req(), "q", prompt_tokens=5)
+    assert 0 < r.ttl(keys.job(job_id)) <= 100
+    assert 0 < r.ttl(keys.job_events(job_id)) <= 100
+    rec = store.get(job_id)
+    assert rec is not None and rec.status is JobStatus.QUEUED and rec.lane == "q"
+    assert _statuses(r, job_id) == ["queued"]
+
+
+def test_transitions_follow_the_machine(r: redis.Redis) -> None:
+    store = JobStore(r, ttl=100)
+    job_id = store.create(_req(), "q", 5)
+    assert not store.transition(job_id, JobStatus.SUCCEEDED).ok  # queued -> succeeded is not a move
+    worker = "test-store:1"
+    r.set(keys.worker(worker), "{}", px=200)
+    assert store.transition(job_id, JobStatus.RUNNING, worker=worker).ok
+    held = store.transition(job_id, JobStatus.RUNNING, worker="other:2")  # its worker beats
+    assert not held.ok and held.alive
+    assert r.lrange(keys.processing(worker), 0, -1) == [job_id]
+    # the worker stops beating: it died
+    eventually(lambda: not r.exists(keys.worker(worker)), timeout=10, interval=0.02, message="beat lapsed")
+    assert store.transition(job_id, JobStatus.RUNNING, worker="other:2").ok  # a redelivery runs it
+    assert r.lrange(keys.processing(worker), 0, -1) == []
+    assert r.lrange(keys.processing("other:2"), 0, -1) == [job_id]
+    done = store.transition(job_id, JobStatus.FAILED, error=JobError(code="x", message="boom"))
+    assert done.ok and done.previous == "running"
+    again = store.transition(job_id, JobStatus.SUCCEEDED)
+    assert not again.ok and again.previous == "failed"
+    assert r.lrange(keys.processing("other:2"), 0, -1) == []  # a finished job is nobody's
+    rec = store.get(job_id)
+    assert rec is not None
+    assert rec.job.attempts == 2 and rec.job.error is not None and rec.job.error.code == "x"
+    assert rec.job.started_at and rec.job.finished_at and rec.job.finished_at >= rec.job.started_at
+    assert _statuses(r, job_id) == ["queued", "running", "running", "failed"]
+    # a redelivery announces itself with `reset`; a failure ends with an `error` event
+    assert _types(r, job_id) == ["status", "status", "reset", "status", "status", "error"]
+
+
+def test_missing_job_is_reported(r: redis.Redis) -> None:
+    res = JobStore(r, ttl=100).transition("job_nope", JobStatus.RUNNING, worker="test-store:1")
+    assert res.missing and not res.ok
+
+
+def test_runner_succeeds_and_redelivery_is_skipped(r: redis.Redis) -> None:
+    store, engine = JobStore(r, ttl=100), EchoEngine("echo")
+    job_id = store.create(_req("a b c d", n=2), "q", 5)
+    assert run_job(job_id, store, engine).status is JobStatus.SUCCEEDED
+    first = store.get(job_id)
+    assert first is not None and first.job.result is not None
+    assert [c.message.content for c in first.job.result.choices] == ["a b c d", "a b c d"]
+    assert first.job.result.usage.completion_tokens == 8
+    again = run_job(job_id, store, engine)  # the same message delivered twice
+    assert again.skipped
+    second = store.get(job_id)
+    assert second is not None and second.job.result == first.job.result and second.job.attempts == 1
+    assert engine.calls == [2]
+
+
+def test_engine_failure_fails_only_that_job(r: redis.Redis) -> None:
+    store, engine = JobStore(r, ttl=100), EchoEngine("echo")
+    bad = store.create(_req(FAIL_TRIGGER), "q", 5)
+    good = store.create(_req("fine"), "q", 5)
+    assert run_job(bad, store, engine).status is JobStatus.FAILED
+    assert run_job(good, store, engine).status is JobStatus.SUCCEEDED
+    rec = store.get(bad)
+    assert rec is not None and rec.job.error is not None
+    assert rec.job.error.code == "engine_error" and "failure requested" in rec.job.error.message
+
+
+def test_stop_and_length_are_truthful(r: redis.Redis) -> None:
+    store, engine = JobStore(r, ttl=100), EchoEngine("echo")
+    stopped = store.create(_req("a b STOP c", stop="STOP"), "q", 5)
+    cut = store.create(_req(" ".join(["w"] * 40)), "q", 5)
+    run_job(stopped, store, engine)
+    run_job(cut, store, engine)
+    a, b = store.get(stopped), store.get(cut)
+    assert a and a.job.result and a.job.result.choices[0].finish_reason == "stop"
+    assert a.job.result.choices[0].message.content == "a b "
+    assert b and b.job.result and b.job.result.choices[0].finish_reason == "length"

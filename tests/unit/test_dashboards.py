@@ -1,0 +1,82 @@
+"""The shipped dashboard and autoscaler example query only series that /metrics exposes,
+and the metric families render from an empty store (a fresh install has a dashboard too)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.status_view import SystemView, render, status
+from core import metrics
+from tests.support import ROOT
+
+DEPLOY = ROOT / "docs" / "deploy"
+LANES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+
+
+def _exposed(view: SystemView) -> set[str]:
+    text = render(view, CollectorRegistry()).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _view() -> SystemView:
+    worker = {"worker_id": "h:1", "model": "m", "busy_ratio": 0.5, "gpu_memory_bytes": 1024}
+    return SystemView(metrics.decode({}, LANES), [worker], [])
+
+
+def test_the_dashboard_and_keda_query_exposed_series() -> None:
+    exposed = _exposed(_view()) | {"http_requests_total"}  # the instrumentator's, in the API
+    board = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    keda = yaml.safe_load((DEPLOY / "keda-scaledobject.yaml").read_text())
+    exprs += [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
+    used = {m for e in exprs for m in re.findall(r"\b(?:inferq|http)_[a-z_]+", e)}
+    assert used and used <= exposed, used - exposed
+    for name in ("inferq_queue_depth", "inferq_jobs_finished_total", "inferq_engine_batch_rows_bucket"):
+        assert name in exposed
+
+
+def test_an_empty_store_renders_zeros_for_every_lane() -> None:
+    text = render(_view(), CollectorRegistry()).decode()
+    for lane in LANES:
+        assert f'inferq_queue_depth{{lane="{lane}"}} 0.0' in text
+        assert f'inferq_jobs_finished_total{{lane="{lane}",status="failed"}} 0.0' in text
+    state = status(_view())
+    assert state["lanes"]["inferq.jobs"]["wait_p50_s"] is None and state["rows_per_call"] is None
+
+
+def test_histograms_decode_to_cumulative_buckets_and_quantiles() -> None:
+    idx = metrics.bucket_index("queue_wait", 0.3)  # in the (0.25, 0.5] bucket
+    raw = {
+        f"h|queue_wait|inferq.jobs|{idx}": "3",
+        "h|queue_wait|inferq.jobs|0": "1",
+        "s|queue_wait|inferq.jobs": "1.0",
+    }
+    h = metrics.decode(raw, LANES).histograms[("queue_wait", "inferq.jobs")]
+    assert h.count == 4 and h.total == 1.0
+    cumulative = dict(h.cumulative())
+    assert cumulative["0.01"] == 1 and cumulative["0.5"] == 4 and cumulative["+Inf"] == 4
+    assert h.quantile(0.25) == 0.01 and h.quantile(0.5) == 0.5
+
+
+def test_inferq_top_renders_the_status_it_reads() -> None:
+    import io
+
+    from rich.console import Console
+
+    from cli.top import _rates, render
+
+    state = status(_view())
+    state["workers"][0]["tokens_generated"] = 500
+    earlier = {**state, "workers": [{**state["workers"][0], "tokens_generated": 100}]}
+    rates = _rates(earlier, state, 2.0)
+    assert rates == {"h:1": 200.0}
+    out = io.StringIO()
+    Console(file=out, width=80).print(render(state, rates))  # a pipe or a small terminal
+    text = out.getvalue()
+    assert all(lane.removeprefix("inferq.") in text for lane in LANES), text  # not "inferq…" thrice
+    assert "h:1" in text and "200" in text and "50 %" in text
