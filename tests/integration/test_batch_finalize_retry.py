@@ -8,11 +8,10 @@ tries is what is under test."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -26,6 +25,7 @@ from core.job_store import AsyncJobStore
 from core.storage import LocalStorage
 from tasks.app import app as celery_app
 from tests.support.stack import fresh_db
+from tests.support.wait import eventually_async
 
 BASE, CAP = 0.2, 0.8
 LOGGER = "api.batch_dispatch"
@@ -59,19 +59,6 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[BatchSe
     resumer.cancel()
     await svc.stop()
     await client.aclose()
-
-
-async def _until(condition: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
-    """Polls `condition` (a coroutine function too) while the dispatcher runs on this loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.02)
 
 
 async def _has_status(r: aredis.Redis, batch_id: str, status: str) -> bool:
@@ -126,7 +113,7 @@ async def test_a_finalization_that_keeps_failing_backs_off_logs_each_cause_once_
     await _batch_with_every_line_done(svc.r, "batch_full_disk")
     svc.ensure_dispatcher("batch_full_disk")
 
-    await _until(lambda: len(disk.tries) >= 5, what="5 tries")
+    await eventually_async(lambda: len(disk.tries) >= 5, message="5 tries")
     gaps = [b - a for a, b in itertools.pairwise(disk.tries)][:4]
     for gap, delay in zip(gaps, [0.2, 0.4, 0.8, 0.8], strict=True):  # doubling, capped
         assert delay <= gap < delay + 0.5, (gaps, disk.tries)
@@ -141,13 +128,13 @@ async def test_a_finalization_that_keeps_failing_backs_off_logs_each_cause_once_
     # another cause is news: said once too
     tries = len(disk.tries)
     disk.error = PermissionError(13, "Read-only file system")
-    await _until(lambda: len(disk.tries) >= tries + 2, what="2 more tries")
+    await eventually_async(lambda: len(disk.tries) >= tries + 2, message="2 more tries")
     loud = [rec for rec in _failures(caplog, "batch_full_disk") if rec.levelno >= logging.INFO]
     assert len(loud) == 2 and "PermissionError" in loud[1].getMessage(), [r.getMessage() for r in loud]
 
     disk.error = None
-    await _until(
-        lambda: _has_status(svc.r, "batch_full_disk", "completed"), timeout=CAP + 5, what="completed"
+    await eventually_async(
+        lambda: _has_status(svc.r, "batch_full_disk", "completed"), timeout=CAP + 5, message="completed"
     )
     raw = cast(dict[str, str], await svc.r.hgetall(keys.batch("batch_full_disk")))
     assert raw["status"] == "completed" and raw["completed_at"], raw
@@ -170,11 +157,12 @@ async def test_each_batch_backs_off_on_its_own_and_a_cancelled_one_ends_cancelle
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     await _batch_with_every_line_done(svc.r, "batch_old")
     svc.ensure_dispatcher("batch_old")
-    await _until(lambda: len(_failures(caplog, "batch_old")) >= 4, what="batch_old at the cap")
+    await eventually_async(lambda: len(_failures(caplog, "batch_old")) >= 4, message="batch_old at the cap")
 
     await _batch_with_every_line_done(svc.r, "batch_cancelled", status="cancelling")
     svc.ensure_dispatcher("batch_cancelled")
-    await _until(lambda: len(_failures(caplog, "batch_cancelled")) >= 3, what="3 tries of batch_cancelled")
+    tried = lambda: len(_failures(caplog, "batch_cancelled")) >= 3  # noqa: E731
+    await eventually_async(tried, message="3 tries of batch_cancelled")
     mine = _failures(caplog, "batch_cancelled")
     gaps = [b.created - a.created for a, b in itertools.pairwise(mine)]
     assert BASE <= gaps[0] < BASE + 0.5 and 2 * BASE <= gaps[1] < 2 * BASE + 0.5, gaps
@@ -185,6 +173,6 @@ async def test_each_batch_backs_off_on_its_own_and_a_cancelled_one_ends_cancelle
     disk.error = None
     for batch_id, final in (("batch_old", "completed"), ("batch_cancelled", "cancelled")):
         done = lambda b=batch_id, f=final: _has_status(svc.r, b, f)  # noqa: E731
-        await _until(done, timeout=CAP + 5, what=f"{batch_id} {final}")
+        await eventually_async(done, timeout=CAP + 5, message=f"{batch_id} {final}")
     raw = cast(dict[str, str], await svc.r.hgetall(keys.batch("batch_cancelled")))
     assert raw["status"] == "cancelled" and raw["cancelled_at"] and "completed_at" not in raw, raw

@@ -3,6 +3,8 @@ was seen last. (`cli.processes.wait_for` is the product's: ports at start-up.)""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -48,3 +50,19 @@ def eventually(
         text = f"{message!r} raised {exc!r}"
     detail = f"last raised {error!r}" if error is not None else f"last value {last!r}"
     raise AssertionError(f"{text} (not within {timeout:g} s; {detail})") from error
+
+
+async def eventually_async(
+    condition: Callable[[], object], timeout: float = 30, message: str = "condition"
+) -> None:
+    """`eventually` for a test whose code under test runs on the test's own event loop (a
+    blocking sleep would stop it): `condition` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"{message} (not within {timeout:g} s; last value {value!r})"
+        await asyncio.sleep(0.02)
