@@ -9,7 +9,7 @@ from typing import Any, cast
 import redis
 
 from bench.loadgen import post_many
-from core import keys
+from core import keys, metrics
 
 
 def prompts(n: int) -> list[str]:
@@ -94,10 +94,14 @@ def tokens(records: list[dict[str, str]]) -> int:
 
 
 def stats(r: redis.Redis) -> tuple[int, int]:
-    """(engine calls, rows they ran) so far, from the metrics hash's rows histogram."""
-    raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(keys.METRICS).items()}
-    calls = sum(int(v) for k, v in raw.items() if k.startswith("h|batch_rows||"))
-    return calls, int(float(raw.get("s|batch_rows|", 0)))
+    """(engine calls, rows they ran) so far: the metrics hash's rows histogram."""
+    raw = {_text(k): _text(v) for k, v in r.hgetall(keys.METRICS).items()}
+    rows = metrics.decode(raw, lanes=[]).histograms[("batch_rows", "")]
+    return rows.count, int(rows.total)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def field_all(r: redis.Redis, field: str) -> list[str]:
