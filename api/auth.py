@@ -5,11 +5,11 @@ loopback, which `inferq run` enforces unless told `--insecure`)."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api import rate_limit
 from api.deps import StateDep
 from api.errors import APIError
 from core import keys
@@ -45,23 +45,8 @@ async def current_owner(request: Request, st: StateDep) -> str:
             headers={"WWW-Authenticate": "Bearer"},
         )
     owner = owner_of(digest)
-    limit = settings.rate_limit_per_minute
-    if limit:
-        now = time.time()
-        key = keys.rate(owner, int(now // 60))
-        async with st.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 60)
-            count, _ = await pipe.execute()
-        if count > limit:
-            retry = str(max(1, 60 - int(now % 60)))
-            raise APIError(
-                429,
-                f"Rate limit of {limit} requests per minute reached; retry in {retry}s.",
-                code="rate_limit_exceeded",
-                type_="rate_limit_error",
-                headers={"Retry-After": retry},
-            )
+    if settings.rate_limit_per_minute:
+        await rate_limit.enforce(request, st.redis, owner, settings.rate_limit_per_minute)
     return owner
 
 

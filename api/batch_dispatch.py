@@ -29,9 +29,10 @@ from pydantic import ValidationError
 from api import file_store as files
 from api import submit as service
 from api.errors import APIError
+from api.hooks import screen
 from api.publish import task_message
 from api.served_adapters import AdapterCatalog
-from core import batch_lines, keys
+from core import batch_lines, keys, webhooks
 from core.auth import scope_of
 from core.config import Settings
 from core.job_store import NO_TOKENS, AsyncJobStore, BatchLine
@@ -456,7 +457,8 @@ class BatchService:
             return bad(f"invalid body.{field}: {err['msg']}", custom_id, param=f"body.{field}")
         if request.stream:
             return bad("body.stream must be false in a batch", custom_id, param="body.stream")
-        try:
+        try:  # the model's system prompt and the before-hooks first (api.hooks): a refusal is an error line
+            request = await screen(request, self.settings, self.r, self.store.ttl)
             prepared, prompt_tokens = await service.prepare(request, self.settings, counter, self.adapters)
         except APIError as exc:
             return bad(
@@ -593,8 +595,11 @@ class BatchService:
             ids[kind] = file_id
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
         done: dict[str, str] = {"status": final, stamp: str(int(time.time())), **ids}
-        await self.r.hset(keys.batch(batch_id), mapping=cast(Any, done))
-        await self.r.srem(keys.ACTIVE_BATCHES, batch_id)
+        async with self.r.pipeline(transaction=True) as pipe:  # the end and its webhook event at once
+            pipe.hset(keys.batch(batch_id), mapping=cast(Any, done))
+            pipe.srem(keys.ACTIVE_BATCHES, batch_id)
+            webhooks.batch_ended(pipe, batch_id, final, owner, self.ttl)
+            await pipe.execute()
         logger.info("batch %s %s", batch_id, final)
 
     def _write(self, file_id: str, data: bytes) -> None:

@@ -19,15 +19,21 @@ from api import errors, request_id
 from api.batch_dispatch import BatchService
 from api.deps import AppState
 from api.guard import RequestGuard
-from api.routes import adapters, chat, files, health, jobs, observe
+from api.idempotency import PATHS as IDEMPOTENT_PATHS
+from api.idempotency import Idempotency
+from api.rate_limit import RateHeaders
+from api.routes import adapters, chat, files, health, jobs, observe, responses
 from api.routes import batches as batch_routes
+from api.routes import webhooks as webhook_routes
 from api.submit import CounterHolder
 from api.timing import TimingHeader
+from api.webhooks import WebhookDispatcher
 from core.audit import AuditLog
 from core.auth import configured_hashes
 from core.config import Settings, get_settings, version
 from core.job_store import AsyncJobStore
 from core.storage import LocalStorage
+from models.hooks import HookLoadError, hooks_for
 
 logger = logging.getLogger("inferq.api")
 
@@ -68,10 +74,44 @@ def install_docs(app: FastAPI) -> None:
                     op.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 doc.get("components", {}).get("schemas", {}).pop(name, None)
+            document_idempotency(doc)
             app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document_idempotency(doc: dict[str, Any]) -> None:
+    """The `Idempotency-Key` header on the routes the middleware serves (api.idempotency),
+    which the routes themselves never see."""
+    for path in IDEMPOTENT_PATHS:
+        op = doc["paths"].get(path, {}).get("post")
+        if op is None:
+            continue
+        op.setdefault("parameters", []).append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "A retry with the same key and body gets the first answer again "
+                "(`Idempotent-Replayed: true`); another body: 422; the first still running: "
+                "409 or, on asynchronous endpoints, its answer once it comes.",
+                "schema": {"type": "string", "maxLength": 255},
+            }
+        )
+        for code, meaning in (
+            (409, "The key's first request is still running"),
+            (422, "The key was used with another request"),
+        ):
+            op["responses"].setdefault(
+                str(code),
+                {
+                    "description": meaning,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                    },
+                },
+            )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,6 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise SystemExit(
             "INFERQ_REDIS_URL (or REDIS_URL) is not set; `inferq run` starts an embedded Valkey."
         )
+    try:  # once per process, here: a hook that cannot be loaded stops the API before it serves
+        hooks_for(settings.hooks)
+    except HookLoadError as exc:
+        raise SystemExit(str(exc)) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,10 +162,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             adapters=batches.adapters,
         )
         resumer = asyncio.get_running_loop().create_task(batches.resume_all())
+        app.state.webhooks = webhook_dispatcher = WebhookDispatcher(client, stream_client, settings)
+        webhook_dispatcher.start()
         try:
             yield
         finally:
             resumer.cancel()
+            await webhook_dispatcher.stop()
             await batches.stop()
             await client.aclose()
             await stream_client.aclose()
@@ -137,6 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     install_docs(app)
 
+    app.add_middleware(RateHeaders)  # a limited key's x-ratelimit-* on every answer
+    app.add_middleware(Idempotency)  # inside the guard: its size checks come first
     app.add_middleware(RequestGuard, settings=settings)
     # HTTP metrics in a registry of this app's own (tests build many apps in one process)
     # Two metrics, not the instrumentator's five: request and response sizes and a second,
@@ -151,8 +200,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(files.router)
     app.include_router(batch_routes.router)
     app.include_router(observe.router)
     app.include_router(adapters.router)
+    app.include_router(webhook_routes.router)
     return app

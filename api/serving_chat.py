@@ -17,7 +17,7 @@ from api import submit as service
 from api.chunks import ChoiceStream
 from api.deps import AppState
 from api.errors import APIError
-from api.streams import read_events
+from api.streams import TERMINAL_EVENTS, Event, read_events
 from models.prompts import PromptCounter
 from schemas.jobs import Job
 from schemas.openai import (
@@ -39,6 +39,8 @@ async def submit(
     owner: str = "",
     lane: str | None = None,
     publish_tokens: bool = True,
+    notify: str = "",
+    fields: dict[str, str] | None = None,
 ) -> Job:
     """Submit with the app's parts; the interactive lane unless another is named."""
     return await service.submit(
@@ -51,10 +53,12 @@ async def submit(
         owner=owner,
         publish_tokens=publish_tokens,
         adapters=st.adapters,
+        notify=notify,
+        fields=fields,
     )
 
 
-async def _cancel_quietly(st: AppState, job_id: str) -> None:
+async def cancel_quietly(st: AppState, job_id: str) -> None:
     """The client left: stop its generation. Shielded, since we run inside a cancelled scope."""
     with anyio.CancelScope(shield=True):
         try:
@@ -64,40 +68,42 @@ async def _cancel_quietly(st: AppState, job_id: str) -> None:
             pass  # already finished
 
 
-async def _final_outcome(st: AppState, job: Job) -> ChatCompletion | APIError | None:
-    """The job's final event as the answer or the error to raise; None if its stream ended
-    without one."""
+def _outcome(event: Event) -> ChatCompletion | APIError:
+    """A job's final event as the answer or the error to raise."""
+    if event.type == "done":
+        return ChatCompletion.model_validate(event.data())
+    if event.type == "error":
+        err = event.data()
+        return APIError(
+            500,
+            f"Generation failed: {err.get('message')}",
+            type_="server_error",
+            code=str(err.get("code")),
+        )
+    return APIError(409, "The request was cancelled.", code="cancelled")
+
+
+async def _terminal_event(st: AppState, job: Job) -> Event | None:
     block_ms = int(st.settings.sse_block_s * 1000)  # the client's leaving is seen by `receive`
     async for event in read_events(st.stream_redis, job.id, "0-0", block_ms):
-        if event is None:
-            continue
-        if event.type == "done":
-            return ChatCompletion.model_validate(event.data())
-        if event.type == "error":
-            err = event.data()
-            return APIError(
-                500,
-                f"Generation failed: {err.get('message')}",
-                type_="server_error",
-                code=str(err.get("code")),
-            )
-        if event.type == "cancelled":
-            return APIError(409, "The request was cancelled.", code="cancelled")
+        if event is not None and event.type in TERMINAL_EVENTS:
+            return event
     return None
 
 
-async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
+async def follow_to_end(st: AppState, job: Job, request: Request) -> Event:
     """Wait for the job's final event, not its tokens (a non-stream job writes none). Why a
     listener for the client's disconnect instead of short blocking reads that check it: the
     reads woke every waiting request once a second, a cost that grew with waiting time, not
-    with jobs; now a waiting request costs nothing until its job ends or its client leaves."""
-    outcome: ChatCompletion | APIError | None = None
+    with jobs; now a waiting request costs nothing until its job ends or its client leaves.
+    A client that leaves stops the generation (499)."""
+    outcome: Event | None = None
     failure: Exception | None = None  # raised as itself, not in the task group's ExceptionGroup
 
     async def wait_final() -> None:
         nonlocal outcome, failure
         try:
-            outcome = await _final_outcome(st, job)
+            outcome = await _terminal_event(st, job)
         except Exception as exc:  # the store went away: its own handler answers 503
             failure = exc
 
@@ -114,11 +120,17 @@ async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
             tg.cancel_scope.cancel()
     finally:
         if outcome is None:  # the client left (or the store failed): stop the generation
-            await _cancel_quietly(st, job.id)
+            await cancel_quietly(st, job.id)
     if failure is not None:
         raise failure
     if outcome is None:
         raise APIError(499, "Client closed the request.", code="client_closed")
+    return outcome
+
+
+async def complete(st: AppState, job: Job, request: Request) -> ChatCompletion:
+    """The chat answer of a job, once it ended (an error or a cancel raised as such)."""
+    outcome = _outcome(await follow_to_end(st, job, request))
     if isinstance(outcome, APIError):
         raise outcome
     return outcome
@@ -159,7 +171,7 @@ def streaming_response(
 
     async def on_close() -> None:
         if not state["finished"]:
-            await _cancel_quietly(st, job.id)
+            await cancel_quietly(st, job.id)
 
     return JobStreamingResponse(
         stream_chunks(st, job, body, state),

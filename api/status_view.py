@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from api import webhooks
 from core import keys, metrics
 
 STATUSES = ("succeeded", "failed", "cancelled", "expired")
@@ -63,6 +64,8 @@ def families(view: SystemView) -> list[Metric]:
         *_job_families(snap),
         *_token_families(snap),
         *_histogram_families(snap),
+        *_hook_families(snap),
+        *webhooks.families(snap),
         *_worker_families(view.workers),
     ]
 
@@ -118,6 +121,27 @@ def _histogram_families(snap: metrics.Snapshot) -> list[Metric]:
     batch.add_metric([], rows.cumulative(), rows.total)
     out.append(batch)
     return out
+
+
+def _hook_families(snap: metrics.Snapshot) -> list[Metric]:
+    """Time in hooks (models.hooks) by stage and hook, and the hooks that refused or failed."""
+    seconds = HistogramMetricFamily(
+        "inferq_hook_seconds",
+        "Time one hook took, by stage (before: in the API, after: in the worker).",
+        labels=["stage", "hook"],
+    )
+    for (name, label), h in sorted(snap.histograms.items()):
+        if name == "hook":
+            stage, _, hook = label.partition("|")
+            seconds.add_metric([stage, hook], h.cumulative(), h.total)
+    outcomes = CounterMetricFamily(
+        "inferq_hook_outcomes",
+        "Hook runs that refused or failed, by stage and hook.",
+        labels=["stage", "hook", "outcome"],
+    )
+    for (stage, hook, outcome), n in sorted(snap.hook_outcomes.items()):
+        outcomes.add_metric([stage, hook, outcome], n)
+    return [seconds, outcomes]
 
 
 def _worker_families(live: list[dict[str, Any]]) -> list[Metric]:

@@ -15,6 +15,7 @@ import anyio
 from celery import Celery
 
 from api.errors import APIError
+from api.hooks import screen
 from api.prompt_bound import PromptBound
 from api.publish import task_message
 from api.served_adapters import AdapterCatalog
@@ -248,9 +249,14 @@ async def submit(
     owner: str = "",
     publish_tokens: bool = True,
     adapters: AdapterCatalog | None = None,
+    notify: str = "",
+    fields: dict[str, str] | None = None,
 ) -> Job:
     """`publish_tokens` False: the caller waits for the result only (a non-stream chat
-    request), so the worker writes no token events for it."""
+    request), so the worker writes no token events for it. `notify`: 'job' or 'response',
+    the webhook events its end is announced as (none for chat requests and batch lines,
+    whose callers hear of the end otherwise). `fields`: more record fields to write."""
+    request = await screen(request, settings, store.r, store.ttl)  # system prompt, before-hooks
     prepared, prompt_tokens = await prepare(request, settings, counter, adapters)
     await reserve(store, owner, 1, settings)
     limits: dict[str, str] = job_limits(prepared, settings)
@@ -261,7 +267,7 @@ async def submit(
             prepared,
             lane,
             prompt_tokens,
-            {**limits, "owner": owner},
+            {**limits, **(fields or {}), "owner": owner, **({"notify": notify} if notify else {})},
             message=lambda job_id: task_message(celery, RUN_JOB, job_id, lane, request.model),
         )
     except Exception:

@@ -11,8 +11,30 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.webhooks import EVENT_TYPES
+
+
+class WebhookSetting(BaseModel):
+    """One INFERQ_WEBHOOKS entry, checked when the settings are read: a typo in the setting
+    stops the process at start instead of leaving the endpoint silently deaf."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://")
+    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+    #: empty: every event type
+    events: list[str] = Field(default_factory=list)
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [e for e in v if e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event type {unknown[0]!r}; known: {', '.join(EVENT_TYPES)}")
+        return v
 
 
 def _default_home() -> Path:
@@ -96,6 +118,8 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 0
     #: Unfinished jobs per key, batch lines included (0: no limit); over it: 429.
     max_active_per_key: int = 0
+    #: How long an `Idempotency-Key` and the first answer to it are kept (api.idempotency).
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: `user:password` for Flower's basic auth (required by `inferq run` off loopback).
     flower_basic_auth: str = ""
 
@@ -189,6 +213,34 @@ class Settings(BaseSettings):
     #: Bearer token for GET /metrics and GET /status from other hosts; loopback clients
     #: need none. Empty: only loopback clients are answered.
     metrics_token: str = ""
+
+    # --- webhooks -----------------------------------------------------------------
+    #: Endpoints for a keyless server (or for every key's events), as JSON:
+    #: `[{"url": "https://...", "secret": "whsec_...", "events": ["batch.completed"]}]`;
+    #: more are made per key with POST /v1/webhooks.
+    webhooks: list[WebhookSetting] = Field(default_factory=list)
+    #: The first attempt is immediate; after a failed attempt the next comes this many
+    #: seconds later, one entry per retry (Standard Webhooks' schedule, about three days in
+    #: all); tests shorten it.
+    webhook_retry_s: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 86400.0, 86400.0]
+    )
+    #: Seconds one delivery may take before it counts as failed.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: Hosts (names or IP addresses/networks) a webhook URL may point to although they are
+    #: loopback, private, link-local or metadata addresses: on-premise receivers.
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    #: Seconds an endpoint's previous secret keeps signing (beside the new one) after
+    #: POST /v1/webhooks/{id}/rotate_secret, so receivers can switch without a gap.
+    webhook_secret_overlap_s: float = Field(default=24 * 3600, ge=0)
+
+    # --- hooks ----------------------------------------------------------------------
+    #: Hook objects as `module:attribute`, run in this order after those of the `inferq.hooks`
+    #: entry point group (models.hooks).
+    hooks: list[str] = Field(default_factory=list)
+    #: A system prompt per model id (base or adapter), put first in every request for that
+    #: model that brings no system message of its own.
+    system_prompts: dict[str, str] = Field(default_factory=dict)
 
     # --- queues -------------------------------------------------------------------
     queue_interactive: str = "inferq.interactive"

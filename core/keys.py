@@ -124,9 +124,54 @@ def api_key(key_hash: str) -> str:
     return f"{PREFIX}apikey:{key_hash}"
 
 
-def rate(owner: str, minute: int) -> str:
-    """Counter: requests of one key in one minute. TTL: 60 s."""
-    return f"{PREFIX}rate:{owner}:{minute}"
+#: Prefix of the `limits` library's keys for the per-key rate limit (api.rate_limit): its
+#: moving window, one list per key, expiring after the window (60 s).
+RATE_PREFIX = f"{PREFIX}rate"
+
+
+def idempotency(owner: str, method_path: str, key: str) -> str:
+    """String: JSON of an `Idempotency-Key`'s request fingerprint and, once answered, the
+    answer (api.idempotency). TTL: a 30 s lease while its request runs, then
+    idempotency_ttl_s."""
+    return f"{PREFIX}idem:{owner}:{method_path}:{key}"
+
+
+#: Stream of ended jobs, responses and batches that may have webhook subscribers, written by
+#: the transition script and the batch finalizer, read by the API's webhook dispatcher
+#: (a consumer group: an API restart loses none). MAXLEN ~ WEBHOOK_EVENTS_MAXLEN.
+WEBHOOK_EVENTS = f"{PREFIX}webhook-events"
+WEBHOOK_EVENTS_MAXLEN = 100_000
+
+
+def webhook(endpoint_id: str) -> str:
+    """Hash: one webhook endpoint made through the API (url, events, owner, all_keys,
+    secret, and during a rotation the old secret and until when it signs; core.webhooks).
+    TTL: key_ttl_s (as the API keys it belongs to), refreshed by every delivery it takes."""
+    return f"{PREFIX}webhook:{endpoint_id}"
+
+
+#: Set of webhook endpoint ids (all owners). TTL: key_ttl_s, refreshed on every add and
+#: delivery.
+WEBHOOK_INDEX = f"{PREFIX}webhooks"
+
+
+def webhook_delivery(delivery_id: str) -> str:
+    """Hash: one event to one endpoint (its body, attempts, status, next attempt); the id is
+    derived from event and endpoint, so an event read twice adds nothing. TTL: the whole
+    retry schedule plus result_ttl_s (core.webhooks.delivery_ttl)."""
+    return f"{PREFIX}webhook-delivery:{delivery_id}"
+
+
+def webhook_deliveries(endpoint_id: str) -> str:
+    """Sorted set: an endpoint's delivery ids by creation time (GET .../deliveries).
+    TTL: as a delivery's, refreshed; trimmed to the newest 1000."""
+    return f"{PREFIX}webhook:{endpoint_id}:deliveries"
+
+
+#: Sorted set: delivery ids by the time their next attempt is due (the retry schedule,
+#: durable across API restarts); a sender leases an id by moving it past the lease
+#: (core/lua/webhook_claim.lua). TTL: as a delivery's, refreshed on every add.
+WEBHOOK_DUE = f"{PREFIX}webhook-due"
 
 
 def active(owner: str) -> str:

@@ -8,7 +8,9 @@ with the job records; the API turns the hash into Prometheus families (api.statu
 
 Field names: `depth|<lane>`, `finished|<lane>|<status>`, `model_jobs|<model>`, `prompt_tokens|<lane>`,
 `generated_tokens|<lane>`, `h|<histogram>|<lane>|<bucket index>` and `s|<histogram>|<lane>`
-(sum); the batch-rows histogram has the lane "".
+(sum); the batch-rows histogram has the lane "", the hook histogram `<stage>|<hook>` in its
+place; `hook_outcome|<stage>|<hook>|<refused or failed>` counts hooks that did not pass.
+`webhook_attempts|<outcome>` and `webhook_deliveries|<status>` count webhook sends (api.webhooks).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from core import keys
 #: upper bounds, seconds; one more bucket is +Inf
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: a hook should take microseconds to milliseconds; one that calls a service, up to seconds
+HOOK_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "queue_wait": SECONDS_BUCKETS,
     "run": SECONDS_BUCKETS,
     "ttft": SECONDS_BUCKETS,
     "batch_rows": ROWS_BUCKETS,
+    "hook": HOOK_BUCKETS,
 }
 
 
@@ -50,6 +55,18 @@ def observe_rows(pipe: Any, rows: int, calls: int, ttl: int) -> None:
     mean = rows / calls
     pipe.hincrby(keys.METRICS, f"h|batch_rows||{bucket_index('batch_rows', mean)}", calls)
     pipe.hincrbyfloat(keys.METRICS, "s|batch_rows|", rows)
+    pipe.expire(keys.METRICS, ttl)
+
+
+def observe_hook(pipe: Any, stage: str, hook: str, seconds: float, outcome: str, ttl: int) -> None:
+    """One hook's run (models.hooks.Timing), on a pipeline: its time by stage and hook, and
+    an outcome other than "ok" counted. Written by whoever ran it (the API for `before`, the
+    worker for `after`), since no transition sees a hook."""
+    label = f"{stage}|{hook.replace('|', '/')}"
+    pipe.hincrby(keys.METRICS, f"h|hook|{label}|{bucket_index('hook', seconds)}", 1)
+    pipe.hincrbyfloat(keys.METRICS, f"s|hook|{label}", seconds)
+    if outcome != "ok":
+        pipe.hincrby(keys.METRICS, f"hook_outcome|{label}|{outcome}", 1)
     pipe.expire(keys.METRICS, ttl)
 
 
@@ -100,6 +117,22 @@ class Snapshot:
     #: finished jobs by `model` (the base model and each LoRA adapter)
     model_jobs: dict[str, int] = field(default_factory=dict)
     histograms: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    #: (stage, hook, outcome) -> hooks that refused or failed
+    hook_outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: webhook delivery attempts by outcome (succeeded, failed, refused; api.webhooks)
+    webhook_attempts: dict[str, int] = field(default_factory=dict)
+    #: webhook deliveries that ended, by status (delivered, failed)
+    webhook_deliveries: dict[str, int] = field(default_factory=dict)
+
+
+#: fields `<name>|<label>` counted into the Snapshot's dict of the same name
+_PLAIN_COUNTERS = (
+    "prompt_tokens",
+    "generated_tokens",
+    "model_jobs",
+    "webhook_attempts",
+    "webhook_deliveries",
+)
 
 
 def _decode_histogram_field(
@@ -141,14 +174,14 @@ def decode(raw: dict[str, str], lanes: list[str]) -> Snapshot:
         elif kind == "finished":
             lane, _, status = rest.rpartition("|")
             snap.finished[(lane, status)] = int(v)
-        elif kind == "prompt_tokens":
-            snap.prompt_tokens[rest] = int(v)
-        elif kind == "generated_tokens":
-            snap.generated_tokens[rest] = int(v)
-        elif kind == "model_jobs":
-            snap.model_jobs[rest] = int(v)
+        elif kind in _PLAIN_COUNTERS:
+            getattr(snap, kind)[rest] = int(v)
         elif kind in ("h", "s"):
             _decode_histogram_field(kind, rest, v, counts, sums)
+        elif kind == "hook_outcome":
+            stage, _, tail = rest.partition("|")
+            hook, _, outcome = tail.rpartition("|")
+            snap.hook_outcomes[(stage, hook, outcome)] = int(v)
     for (name, lane), c in counts.items():
         snap.histograms[(name, lane)] = Histogram(HISTOGRAMS[name], c, sums.get((name, lane), 0.0))
     return snap

@@ -21,6 +21,8 @@ _PREFIXES = {
     "{metrics}": keys.METRICS,
     "{failures}": keys.FAILURES,
     "{failures_maxlen}": str(keys.FAILURES_MAXLEN),
+    "{webhook_events_maxlen}": str(keys.WEBHOOK_EVENTS_MAXLEN),
+    "{webhook_events}": keys.WEBHOOK_EVENTS,
 }
 
 

@@ -26,6 +26,7 @@ from core import keys
 from core.audit import AuditLog
 from core.config import Settings, get_settings
 from core.job_store import JobStore
+from models.hooks import hooks_for
 from schemas.jobs import JobError
 from tasks import engine_failure, events
 from tasks.app import send_job
@@ -371,6 +372,7 @@ def init_child(**_: Any) -> None:
     settings = get_settings()
     t0 = time.monotonic()
     try:
+        hooks_for(settings.hooks)  # once per process, first: a hook that cannot load stops the worker
         engine = load_engine(settings)
     except Exception as exc:
         _report_load_failure(settings, exc)

@@ -15,6 +15,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from core.config import get_settings
+from models.hooks import hooks_for
 from tasks import child as lifecycle
 from tasks import events
 from tasks.app import RUN_JOB, app
@@ -48,6 +49,7 @@ def run_job(self: Task, job_id: str) -> None:
         timeout_s=s.job_timeout_s,
         worker_id=st.worker_id,
         base_model=s.model_id,
+        hooks=hooks_for(s.hooks),
     )
     with st.task_lock, st.busy():
         try:

@@ -94,7 +94,7 @@ class _Drain:
             by_peak.setdefault(job.peak, []).append(job)
         for peak, group in by_peak.items():
             runs = [(j.record, [j.results[r] for r in j.rows]) for j in group]
-            self.outcomes += finish_all(self.store, runs, self.sink, peak)
+            self.outcomes += finish_all(self.store, runs, self.sink, peak, self.opts.hooks)
         for job in jobs:
             del self.jobs[job.record.job.id]
             for row in job.rows:

@@ -10,6 +10,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from models.hooks import Hooks
+
 
 def process_worker_id() -> str:
     """This process's id in Redis (its heartbeat, its processing list): host and pid."""
@@ -41,6 +43,8 @@ class RunOptions:
     worker_id: str = field(default_factory=process_worker_id)
     #: the base model's id: a job for any other `model` runs through that LoRA adapter
     base_model: str = ""
+    #: this process's hooks (models.hooks); their `after` runs on each finished result
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 def interactive_reserve(max_batch_size: int) -> int:

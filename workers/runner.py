@@ -14,6 +14,7 @@ from typing import cast
 
 from core import batch_lines, keys, metrics
 from core.job_store import BatchLine, JobRecord, JobStore, Move
+from models.hooks import HookFailed, Hooks, Timing
 from schemas.grammar import request_grammar
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
@@ -238,7 +239,8 @@ def run_call(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> 
     finally:
         sink.stop()
     count_call(store, len(requests))
-    return finish_all(store, [(rec, outs[a:b]) for rec, a, b in spans], sink, len(requests))
+    runs = [(rec, outs[a:b]) for rec, a, b in spans]
+    return finish_all(store, runs, sink, len(requests), opts.hooks)
 
 
 def drain(
@@ -276,15 +278,24 @@ def count_call(store: JobStore, rows: int, calls: int = 1) -> None:
 
 
 def finish_all(
-    store: JobStore, runs: list[tuple[JobRecord, list[GenResult | Exception]]], sink: StreamSink, rows: int
+    store: JobStore,
+    runs: list[tuple[JobRecord, list[GenResult | Exception]]],
+    sink: StreamSink,
+    rows: int,
+    hooks: Hooks | None = None,
 ) -> list[RunOutcome]:
-    """Every job of the call ends on its own terms, in one round trip for the whole call."""
+    """Every job of the call ends on its own terms, in one round trip for the whole call.
+    The after-hooks run here, the one place a finished job's result is made (static and
+    continuous calls alike), so the record, the `done` event and a batch line agree."""
     ids = [rec.job.id for rec, _ in runs]
     flagged = cast(list[str | None], store.r.mget([keys.cancel(j) for j in ids]))
+    after: tuple[Hooks, list[Timing]] = (hooks or Hooks(), [])
+    extra = {"engine_rows": str(rows)}
     moves = [
-        _with_facts(_final_move(store, rec, outs, sink, bool(flag), {"engine_rows": str(rows)}), sink)
+        _with_facts(_final_move(store, rec, outs, sink, bool(flag), dict(extra), after), sink)
         for (rec, outs), flag in zip(runs, flagged, strict=True)
     ]
+    _record_hooks(store, after[1])
     outcomes = []
     for move, done in zip(moves, store.apply(moves), strict=True):
         if move.to is JobStatus.SUCCEEDED and not done.ok:
@@ -294,6 +305,15 @@ def finish_all(
             tokens = move.result.usage.completion_tokens if move.result is not None else 0
             outcomes.append(RunOutcome(move.to, completion_tokens=tokens))
     return outcomes
+
+
+def _record_hooks(store: JobStore, timings: list[Timing]) -> None:
+    """The after-hooks' times into the metrics hash, one round trip for the call."""
+    if timings:
+        pipe = store.r.pipeline(transaction=False)
+        for t in timings:
+            metrics.observe_hook(pipe, t.stage, t.hook, t.seconds, t.outcome, store.ttl)
+        pipe.execute()
 
 
 def _with_facts(move: Move, sink: StreamSink) -> Move:
@@ -315,6 +335,7 @@ def _final_move(
     sink: StreamSink,
     cancel_flag: bool,
     extra: dict[str, str],
+    after: tuple[Hooks, list[Timing]],
 ) -> Move:
     job_id, model = record.job.id, record.request.model
     if sink.timed_out(job_id) and not sink.cancelled(job_id):
@@ -339,6 +360,28 @@ def _final_move(
         return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
     results = [o for o in outs if isinstance(o, GenResult)]
     completion = build_completion(job_id, model, results, record.request.calls_tools)
+    return _succeeded(store, record, completion, extra, after)
+
+
+def _succeeded(
+    store: JobStore,
+    record: JobRecord,
+    completion: ChatCompletion,
+    extra: dict[str, str],
+    after: tuple[Hooks, list[Timing]],
+) -> Move:
+    """The result through the after-hooks (models.hooks); one that refuses or raises fails
+    this job alone, its batch-mates are not touched."""
+    job_id = record.job.id
+    hooks, timings = after
+    if hooks.has_after:
+        try:
+            completion = hooks.run_after(record.request, completion, timings)
+        except HookFailed as exc:
+            logger.warning("job %s: %s", job_id, exc.message)
+            error = JobError(code=exc.code, message=exc.message)
+            line = _batch_line(record, store.ttl, error=error)
+            return Move(job_id, JobStatus.FAILED, error=error, batch_line=line, extra=extra)
     line = _batch_line(record, store.ttl, completion=completion)
     return Move(job_id, JobStatus.SUCCEEDED, result=completion, batch_line=line, extra=extra)
 

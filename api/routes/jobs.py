@@ -37,7 +37,7 @@ async def create_job(body: ChatCompletionRequest, st: StateDep, owner: OwnerDep)
             param="stream",
             code="invalid_value",
         )
-    return await chat.submit(st, body, owner, st.settings.queue_jobs)
+    return await chat.submit(st, body, owner, st.settings.queue_jobs, notify="job")
 
 
 @router.get(

@@ -78,12 +78,22 @@ local function start_attempt(lane, created, facts)
   end
 end
 
+-- Webhooks (api.webhooks): a job that asked to be announced (its `notify` field: 'job' or
+-- 'response') is put in the webhook event stream as it ends, in the same step, so no end
+-- goes unannounced whichever process ended it.
+local function notify(kind, owner)
+  redis.call('XADD', '{webhook_events}', 'MAXLEN', '~', '{webhook_events_maxlen}', '*',
+    'kind', kind, 'id', id, 'status', to, 'owner', owner or '', 'at', ARGV[2])
+  redis.call('EXPIRE', '{webhook_events}', ttl)
+end
+
 -- Metrics of an ended job (core.metrics), and its key's active count (api.auth); returns
 -- the facts read for them, which the audit line needs too.
 local function count_end(cur, lane, created, facts)
   redis.call('HSET', job, 'finished_at', ARGV[2])
-  local ended = redis.call('HMGET', job, 'started_at', 'owner', 'model', 'batch_id')
+  local ended = redis.call('HMGET', job, 'started_at', 'owner', 'model', 'batch_id', 'notify')
   local started, owner = ended[1], ended[2]
+  if ended[5] and ended[5] ~= '' then notify(ended[5], owner) end
   if owner and owner ~= '' then redis.call('DECR', '{active}' .. owner) end
   redis.call('HINCRBY', '{metrics}', 'finished|' .. lane .. '|' .. to, 1)
   redis.call('HINCRBY', '{metrics}', 'model_jobs|' .. (ended[3] or ''), 1)

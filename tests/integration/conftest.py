@@ -99,3 +99,26 @@ def any_stack(request: pytest.FixtureRequest) -> Stack:
     """The real stack in each engine mode."""
     name = "stack" if request.param == "static" else "continuous_stack"
     return cast(Stack, request.getfixturevalue(name))
+
+
+@pytest.fixture(scope="session")
+def extras_stack(
+    redis_url: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The real stack with the plug-ins on, in its own db: the house hooks of
+    tests/support/hooks.py (and a default system prompt), and webhooks with a retry
+    schedule of seconds that may reach this machine's loopback receivers."""
+    url = fresh_db(redis_url, 1)
+    home = tmp_path_factory.mktemp("extras-home")
+    env = stack_env(
+        url,
+        demo_model,
+        home,
+        INFERQ_HOOKS='["tests.support.hooks:house"]',
+        INFERQ_SYSTEM_PROMPTS='{"tiny": "You are the house assistant."}',
+        INFERQ_WEBHOOK_RETRY_S="[0.5, 1.0, 2.0]",
+        INFERQ_WEBHOOK_ALLOW_HOSTS='["127.0.0.1"]',
+    )
+    st = start_stack(env, home)
+    yield st
+    st.sup.stop_all()

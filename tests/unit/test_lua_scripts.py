@@ -28,4 +28,12 @@ def test_header_names_every_key_and_argument(path: Path) -> None:
 
 
 def test_every_script_is_there() -> None:
-    assert {p.stem for p in SCRIPTS} == {"pop", "tidy", "reap", "transition", "xadd_tokens"}
+    assert {p.stem for p in SCRIPTS} == {
+        "pop",
+        "tidy",
+        "reap",
+        "transition",
+        "xadd_tokens",
+        "webhook_claim",
+        "idempotency_settle",
+    }
