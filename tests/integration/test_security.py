@@ -134,6 +134,51 @@ def test_objects_belong_to_their_key(secure: Stack) -> None:
         assert c.delete(f"/v1/files/{f['id']}", headers=_h(K2)).status_code == 404
 
 
+def test_responses_and_webhooks_belong_to_their_key(secure: Stack) -> None:
+    """A response is its key's as its job is; a webhook endpoint is its key's: another key
+    neither sees, cancels, deletes nor continues them."""
+    with httpx.Client(base_url=secure.base_url, timeout=30) as c:
+        created = c.post(
+            "/v1/responses", json={"model": "tiny", "input": "hi", "background": True}, headers=_h(K1)
+        )
+        rid = created.json()["id"]
+        assert c.get(f"/v1/responses/{rid}", headers=_h(K1)).status_code == 200
+        for method, path in (
+            ("GET", f"/v1/responses/{rid}"),
+            ("POST", f"/v1/responses/{rid}/cancel"),
+            ("DELETE", f"/v1/responses/{rid}"),
+            ("GET", f"/v1/responses/{rid}/input_items"),
+        ):
+            other = c.request(method, path, headers=_h(K2))
+            assert other.status_code == 404 and other.json()["error"]["code"] == "response_not_found", path
+        follow = c.post(
+            "/v1/responses",
+            json={"model": "tiny", "input": "more", "previous_response_id": rid},
+            headers=_h(K2),
+        )
+        assert follow.status_code == 404 and follow.json()["error"]["param"] == "previous_response_id"
+        # a public address (no DNS needed), for an event this test never causes
+        body = {"url": "https://93.184.215.14/hook", "events": ["batch.expired"]}
+        hook = c.post("/v1/webhooks", json=body, headers=_h(K1))
+        assert hook.status_code in (200, 201), hook.text
+        assert [e["id"] for e in c.get("/v1/webhooks", headers=_h(K1)).json()["data"]] == [hook.json()["id"]]
+        assert c.get("/v1/webhooks", headers=_h(K2)).json()["data"] == []
+        assert c.delete(f"/v1/webhooks/{hook.json()['id']}", headers=_h(K2)).status_code == 404
+        assert c.delete(f"/v1/webhooks/{hook.json()['id']}", headers=_h(K1)).status_code == 200
+
+
+def test_an_idempotency_key_is_per_api_key(secure: Stack) -> None:
+    """Two keys that happen to pick the same Idempotency-Key get their own jobs."""
+    with httpx.Client(base_url=secure.base_url, timeout=30) as c:
+        same = {"Idempotency-Key": "order-42"}
+        a = c.post("/v1/jobs", json=_job_body(), headers={**_h(K1), **same})
+        b = c.post("/v1/jobs", json=_job_body(), headers={**_h(K2), **same})
+        again = c.post("/v1/jobs", json=_job_body(), headers={**_h(K1), **same})
+    assert a.status_code == b.status_code == 202 and a.json()["id"] != b.json()["id"]
+    assert "idempotent-replayed" not in b.headers
+    assert again.json()["id"] == a.json()["id"] and again.headers["idempotent-replayed"] == "true"
+
+
 def test_keys_from_the_cli_work(secure: Stack) -> None:
     proc = procs.run(
         [sys.executable, "-m", "cli.main", "keys", "create", "alice", "--redis-url", secure.redis_url],
