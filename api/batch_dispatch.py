@@ -150,7 +150,8 @@ class BatchService:
             pipe.expire(keys.batch(batch_id), self.ttl)
             pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
             pipe.expire(keys.ACTIVE_BATCHES, self.ttl)
-            pipe.zadd(keys.BATCH_INDEX, {batch_id: now})
+            # scored to the microsecond: batches made in one second still list newest first
+            pipe.zadd(keys.BATCH_INDEX, {batch_id: time.time()})
             pipe.expire(keys.BATCH_INDEX, self.ttl)
             await pipe.execute()
         self.ensure_dispatcher(batch_id)

@@ -148,7 +148,8 @@ async def register(
         keys.file(file_id), mapping={"json": obj.model_dump_json(), "lines": str(lines), "owner": owner}
     )
     await r.expire(keys.file(file_id), settings.file_ttl_s)
-    await r.zadd(keys.FILE_INDEX, {file_id: now})
+    # scored to the microsecond: files made in the same second still list newest first
+    await r.zadd(keys.FILE_INDEX, {file_id: time.time()})
     await r.expire(keys.FILE_INDEX, settings.file_ttl_s)
     return obj
 

@@ -199,7 +199,9 @@ def _seconds(h: metrics.Histogram, q: float) -> float | None:
 
 def status(view: SystemView) -> dict[str, Any]:
     """`inferq status --json` and `inferq top`: the same numbers as /metrics, per lane and
-    per worker (quantiles are bucket upper bounds)."""
+    per worker. Quantiles are estimates interpolated within histogram buckets (as
+    Prometheus' histogram_quantile); `tokens_per_s` is the worker's own rate over its last
+    heartbeat interval (tasks.child), live while a long job runs."""
     snap = view.snapshot
     lanes = {}
     for lane, depth in snap.depth.items():
@@ -227,6 +229,7 @@ def status(view: SystemView) -> dict[str, Any]:
                 "busy_ratio": w.get("busy_ratio"),
                 "jobs_done": w.get("jobs_done"),
                 "tokens_generated": w.get("tokens_generated"),
+                "tokens_per_s": w.get("tokens_per_s"),
                 "gpu_memory_bytes": w.get("gpu_memory_bytes"),
                 "at": w.get("at"),
             }

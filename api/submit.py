@@ -18,7 +18,7 @@ from api.errors import APIError
 from api.hooks import screen
 from api.prompt_bound import PromptBound
 from api.publish import task_message
-from api.served_adapters import AdapterCatalog
+from api.served_adapters import AdapterCatalog, refused_error
 from core.config import Settings
 from core.job_store import NO_TOKENS, AsyncJobStore, JobRecord
 from models.prompts import PromptCounter, load_prompt_counter
@@ -87,6 +87,8 @@ async def prepare(
     than the base one must be a LoRA adapter a live worker serves."""
     facts = counter.facts
     if request.model != facts.model_id and (adapters is None or request.model not in await adapters.names()):
+        if adapters is not None and (reason := await adapters.refused(request.model)) is not None:
+            raise refused_error(request.model, reason)
         raise APIError(
             404,
             f"The model '{request.model}' does not exist; this server serves "

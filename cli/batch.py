@@ -1,32 +1,51 @@
-"""`inferq batch ...`: submit a JSONL file, follow it with a progress bar, fetch the output."""
+"""`inferq batch ...`: a batch's whole life from the shell: submit a JSONL file, follow it
+with a progress bar (again after a Ctrl-C), list, cancel, retry its failed lines, download
+its output and error files."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
+from cli.batch_follow import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    TERMINAL,
+    fetch,
+    file_source,
+    note,
+    result,
+    summary,
+    wait_and_end,
+)
+from cli.batch_follow import _check as _check  # `inferq status` and `top` read answers the same way
+from cli.batch_follow import _fail as _fail
+
+EXIT_CODES = """\
+exit codes:
+  0    done; with --wait: the batch completed and every line succeeded
+       (with --allow-failed: the batch completed, whatever some lines did)
+  1    no such FILE (or a directory), the API did not answer, or it answered an error
+  2    a usage mistake (an unknown flag, a missing argument)
+  3    with --wait: the batch ended but not every line succeeded (some failed, or the batch
+       failed, expired or was cancelled); the error file says why, `retry` runs them again
+  130  interrupted (Ctrl-C): the batch runs on; `inferq batch status ID --wait` follows it again
+"""
 
 
 def _connection_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     """`--url` and `--api-key`, before or after the subcommand (the subcommand's copy has no
-    default, so it never hides one given before it)."""
+    default, so it never hides one given before it; cli/api_options.py does the same for the
+    copy before `batch`)."""
     p.add_argument(
         "--url",
         default=os.environ.get("INFERQ_URL", "http://127.0.0.1:8000") if defaults else argparse.SUPPRESS,
@@ -39,150 +58,195 @@ def _connection_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def _wait_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    p.add_argument("--output", type=Path, help="with --wait: write the output file here")
+    p.add_argument("--errors", type=Path, help="with --wait: write the error file here")
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="with --wait: exit 0 when the batch completed even if some lines failed",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("batch", help="submit and follow OpenAI-format JSONL batches")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "batch", help="submit and follow OpenAI-format JSONL batches", epilog=EXIT_CODES, formatter_class=fmt
+    )
     _connection_args(p, defaults=True)
     bsub = p.add_subparsers(dest="batch_cmd", required=True)
-    s = bsub.add_parser("submit", help="upload FILE and create a batch")
-    _connection_args(s, defaults=False)
-    s.add_argument("file", type=Path)
-    s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
-    s.add_argument("--output", type=Path, help="with --wait: write the output file here")
-    s.add_argument("--errors", type=Path, help="with --wait: write the error file here")
-    for name in ("status", "cancel"):
-        c = bsub.add_parser(name, help=f"{name} a batch")
+    commands = (
+        ("submit", "upload FILE and create a batch (prints its id; with --wait, its end)"),
+        ("status", "a batch's state (with --wait: follow it to its end, e.g. after a Ctrl-C)"),
+        ("list", "your batches, newest first"),
+        ("cancel", "cancel a batch: lines not started never run"),
+        ("retry", "a new batch of a finished one's failed lines (prints its id)"),
+        ("download", "save a batch's output and error files (so far, while it runs)"),
+    )
+    for name, what in commands:
+        c = bsub.add_parser(name, help=what, description=what, epilog=EXIT_CODES, formatter_class=fmt)
         _connection_args(c, defaults=False)
-        c.add_argument("batch_id")
-
-
-def _check(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text
-        raise SystemExit(f"error {resp.status_code}: {message}")
-    return dict(resp.json())
-
-
-def _summary(b: dict[str, Any]) -> str:
-    c = b["request_counts"]
-    return (
-        f"{b['id']}  {b['status']}  done {c['completed']}  failed {c['failed']}  total {c['total']}"
-        f"  output {b.get('output_file_id') or '-'}  errors {b.get('error_file_id') or '-'}"
-    )
-
-
-def follow(client: httpx.Client, batch_id: str, console: Console) -> dict[str, Any]:
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}"),
-        TextColumn("{task.fields[rate]:.1f} lines/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    start = time.monotonic()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("validating", total=None, failed=0, rate=0.0)
-        interval = 0.5
-        while True:
-            resp = client.get(f"/v1/batches/{batch_id}")
-            if resp.status_code == 429:  # a rate-limited key: wait as told, then look again
-                time.sleep(float(resp.headers.get("retry-after") or 5))
-                continue
-            b = _check(resp)
-            c = b["request_counts"]
-            done = c["completed"] + c["failed"]
-            rate = done / max(time.monotonic() - start, 1e-6)
-            progress.update(
-                task,
-                description=b["status"],
-                total=c["total"] or None,
-                completed=done,
-                failed=c["failed"],
-                rate=rate,
-            )
-            if b["status"] in TERMINAL:
-                return b
-            time.sleep(interval)
-            interval = min(interval * 1.25, 5.0)  # a long batch is not polled twice a second
-
-
-def _download(client: httpx.Client, file_id: str | None, path: Path | None) -> None:
-    """Into PATH only once the whole file came: an error answer or a broken connection
-    leaves no PATH that looks like output."""
-    if not path:
-        return
-    if not file_id:  # none of that kind: an empty PATH, not an earlier run's lines
-        path.write_bytes(b"")
-        return
-    part = path.with_name(f".{path.name}.part")
-    try:
-        with client.stream("GET", f"/v1/files/{file_id}/content") as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                _check(resp)
-            with part.open("wb") as fh:
-                for chunk in resp.iter_bytes():
-                    fh.write(chunk)
-        part.replace(path)
-    finally:
-        part.unlink(missing_ok=True)
+        c.add_argument("--json", action="store_true", help="print the API's JSON instead of a summary")
+        if name == "submit":
+            c.add_argument("file", type=Path)
+        elif name == "list":
+            c.add_argument("--limit", type=int, default=20, help="show this many (default 20)")
+        else:
+            c.add_argument("batch_id")
+        if name in ("submit", "status", "retry"):
+            _wait_args(c)
+        elif name == "download":
+            c.add_argument("--output", type=Path, help="default: BATCH_ID.output.jsonl here")
+            c.add_argument("--errors", type=Path, help="default: BATCH_ID.errors.jsonl here")
 
 
 def run(args: argparse.Namespace) -> int:
     """One clear line and a non-zero exit for a missing file, an unreachable server or an
     error answer, never a traceback."""
-    console = Console(stderr=True)
-    if args.batch_cmd == "submit" and not args.file.is_file():
-        return _fail(f"{args.file}: no such file")
+    if problem := _usage_problem(args):
+        return _fail(problem, EXIT_USAGE)
+    if args.batch_cmd == "submit" and (problem := _file_problem(args.file)):
+        return _fail(problem)
     try:
-        return _run(args, console)
+        return _run(args, Console(stderr=True))
     except httpx.HTTPError as exc:
         return _fail(f"cannot reach the inferq API at {args.url}: {exc}")
     except OSError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # before the batch existed: once it does, wait_and_end names it
+        note("interrupted")
+        return EXIT_INTERRUPTED
 
 
-def _fail(message: str) -> int:
-    sys.stderr.write(f"error: {message}\n")  # one line, unwrapped (rich wraps at 80 columns)
-    return 1
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """--output/--errors without --wait were once silently ignored: nothing was written."""
+    if getattr(args, "wait", True) or args.batch_cmd == "download":
+        return None
+    given = [flag for flag in ("output", "errors") if getattr(args, flag, None)]
+    if given:
+        return f"--{given[0]} needs --wait (or save a batch's files with `inferq batch download ID`)"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Said as it is: a directory is not "no such file"."""
+    if path.is_dir():
+        return f"{path} is a directory, not a JSONL file"
+    if not path.exists():
+        return f"{path}: no such file"
+    return None
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    commands: dict[str, Callable[[httpx.Client, argparse.Namespace, Console], int]] = {
+        "submit": _submit,
+        "status": _status,
+        "list": _list,
+        "cancel": _cancel,
+        "retry": _retry,
+        "download": _download,
+    }
     with httpx.Client(base_url=args.url, timeout=60, headers=headers) as client:
-        if args.batch_cmd == "submit":
-            with args.file.open("rb") as fh:
-                f = _check(
-                    client.post("/v1/files", files={"file": (args.file.name, fh)}, data={"purpose": "batch"})
-                )
-            b = _check(
-                client.post(
-                    "/v1/batches",
-                    json={
-                        "input_file_id": f["id"],
-                        "endpoint": "/v1/chat/completions",
-                        "completion_window": "24h",
-                    },
-                )
-            )
-            console.print(f"batch {b['id']} created from {f['id']} ({f['bytes']} bytes)")
-            if args.wait:
-                b = follow(client, b["id"], console)
-                _download(client, b.get("output_file_id"), args.output)
-                _download(client, b.get("error_file_id"), args.errors)
-                console.print(_summary(b))
-                if b.get("error_file_id") and not args.errors:
-                    console.print("some lines failed or did not run: --errors PATH saves why")
-            sys.stdout.write(json.dumps(b) + "\n")
-            return 0 if b["status"] in ("completed", "validating", "in_progress") else 1
-        if args.batch_cmd == "status":
-            b = _check(client.get(f"/v1/batches/{args.batch_id}"))
-        else:
-            b = _check(client.post(f"/v1/batches/{args.batch_id}/cancel"))
-        console.print(_summary(b))
-        sys.stdout.write(json.dumps(b) + "\n")
-        return 0
+        return commands[args.batch_cmd](client, args, console)
+
+
+def _created(client: httpx.Client, b: dict[str, Any], args: argparse.Namespace, console: Console) -> int:
+    """A new batch (submit, retry): its id, or with --wait its end."""
+    if args.wait:
+        return wait_and_end(client, b["id"], console, args)
+    result(json.dumps(b) if args.json else b["id"])
+    return EXIT_OK
+
+
+def _submit(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    with args.file.open("rb") as fh:
+        f = _check(client.post("/v1/files", files={"file": (args.file.name, fh)}, data={"purpose": "batch"}))
+    body = {"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    b = _check(client.post("/v1/batches", json=body))
+    note(f"batch {b['id']} created from {f['id']} ({f['bytes']} bytes)")
+    return _created(client, b, args, console)
+
+
+def _retry(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    b = _check(client.post(f"/v1/batches/{args.batch_id}/retry"))
+    note(f"batch {b['id']} runs the {b['request_counts']['total']} failed line(s) of {args.batch_id} again")
+    return _created(client, b, args, console)
+
+
+def _status(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    if args.wait:
+        return wait_and_end(client, args.batch_id, console, args)
+    b = _check(client.get(f"/v1/batches/{args.batch_id}"))
+    result(json.dumps(b) if args.json else summary(b))
+    return EXIT_OK
+
+
+def _cancel(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    b = _check(client.post(f"/v1/batches/{args.batch_id}/cancel"))
+    result(json.dumps(b) if args.json else summary(b))
+    return EXIT_OK
+
+
+def _list(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    """The API pages by 100 at most: pages are read until --limit batches came."""
+    if args.limit < 1:
+        return _fail("--limit must be at least 1", EXIT_USAGE)
+    data: list[dict[str, Any]] = []
+    page: dict[str, Any] = {"has_more": True}
+    while page["has_more"] and len(data) < args.limit:
+        params: dict[str, Any] = {"limit": min(args.limit - len(data), 100)}
+        if data:
+            params["after"] = data[-1]["id"]
+        page = _check(client.get("/v1/batches", params=params))
+        data += page["data"]
+    if args.json:
+        ids = {"first_id": data[0]["id"], "last_id": data[-1]["id"]} if data else {}
+        result(json.dumps({"object": "list", "data": data, **ids, "has_more": page["has_more"]}))
+        return EXIT_OK
+    result(_table(data))
+    if page["has_more"]:
+        note(f"more batches: --limit {args.limit * 2} shows more")
+    return EXIT_OK
+
+
+def _table(batches: list[dict[str, Any]]) -> str:
+    """Plain columns, not a rich table: a pipe to grep or awk gets one batch a line."""
+    rows = [("ID", "STATUS", "DONE", "FAILED", "TOTAL", "CREATED")]
+    for b in batches:
+        c = b["request_counts"]
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(b["created_at"])))
+        rows.append((b["id"], b["status"], str(c["completed"]), str(c["failed"]), str(c["total"]), created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _download(client: httpx.Client, args: argparse.Namespace, console: Console) -> int:
+    """The finished batch's files; while it runs, the lines finished so far (the API's
+    partial output). A default path of a kind the batch has none of is not written."""
+    b = _check(client.get(f"/v1/batches/{args.batch_id}"))
+    done = b["status"] in TERMINAL
+    written: dict[str, str | None] = {}
+    for kind, file_id, given in (
+        ("output", b.get("output_file_id"), args.output),
+        ("errors", b.get("error_file_id"), args.errors),
+    ):
+        partial = f"/v1/batches/{b['id']}/output?kind={'output' if kind == 'output' else 'error'}"
+        source = file_source(file_id) if done else partial
+        if not source and not given:
+            written[kind] = None
+            if not args.json:
+                result(f"{kind}: none (the batch has no {kind} file)")
+            continue
+        path: Path = given or Path(f"{b['id']}.{kind}.jsonl")
+        lines = fetch(client, source, path)
+        written[kind] = str(path.resolve())
+        if not args.json:
+            result(f"{kind}: {lines} line(s) in {path}")
+    if args.json:
+        result(json.dumps({"id": b["id"], "status": b["status"], **written}))
+    if not done:
+        note(f"batch {b['id']} is {b['status']}: these are the lines finished so far")
+    return EXIT_OK

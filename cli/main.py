@@ -24,8 +24,8 @@ from typing import IO
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from cli import api_options, preflight
 from cli import batch as batch_cli
-from cli import preflight
 from cli import top as top_cli
 from cli.processes import (
     Supervisor,
@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", None) is False:
+        # `run`, `worker`, `api`: warnings and errors only, as each process they start; the
+        # supervisor's own notes (started valkey, stopping flower) come back with --verbose
+        logging.getLogger().setLevel(logging.WARNING)
+    api_options.apply(parser, args)
     try:
         return _dispatch(parser, args)
     except ValidationError as exc:  # a bad INFERQ_ variable, read by Settings()
@@ -476,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmark suite (bench/), or render its report")
     bench.add_argument("which", nargs="?", default="all")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="see `inferq bench all --help`")
+    api_options.hoist(parser, sub)
     return parser
 
 

@@ -1,21 +1,30 @@
 """`inferq status` (once, `--json` for scripts) and `inferq top` (live): the API's GET /status,
-which reads the same numbers as GET /metrics."""
+which reads the same numbers as GET /metrics.
+
+Latency percentiles are estimates interpolated within histogram buckets (core.metrics), so
+they are shown as "~1.2 s"; tokens/s is each worker's own rate over its last heartbeat
+interval (tasks.child), so `status` has it too. `top` reads single key presses: `q` quits."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import select
 import sys
+import termios
 import time
+import tty
+from types import TracebackType
 from typing import Any
 
 import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from cli.batch import _check, _fail
+from cli.batch_follow import _check, _fail
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,13 +45,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
 
 
-def _seconds(v: float | None) -> str:
+#: under the tables: what "~" means, and (top) how to quit
+ESTIMATES = "~ estimated from histogram buckets"
+QUIT = "q: quit"
+
+
+def _estimate(v: float | None) -> str:
     if v is None:
         return "-"
-    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.1f} s"
+    return f"~{v * 1000:.0f} ms" if v < 1 else f"~{v:.1f} s"
 
 
-def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) -> Group:
+def render(state: dict[str, Any], footer: str = ESTIMATES) -> Group:
     lanes = Table(title="lanes", title_justify="left", expand=True)
     for col in ("lane", "depth", "wait p50", "wait p99", "run p50", "ok", "failed", "cancel"):
         lanes.add_column(col, justify="left" if col == "lane" else "right", no_wrap=col == "lane")
@@ -51,9 +65,9 @@ def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) 
         lanes.add_row(
             lane.removeprefix("inferq."),  # on 80 columns the three full names read "inferq…"
             str(row["depth"]),
-            _seconds(row["wait_p50_s"]),
-            _seconds(row["wait_p99_s"]),
-            _seconds(row["run_p50_s"]),
+            _estimate(row["wait_p50_s"]),
+            _estimate(row["wait_p99_s"]),
+            _estimate(row["run_p50_s"]),
             str(done["succeeded"]),
             str(done["failed"]),
             str(done["cancelled"]),
@@ -69,7 +83,7 @@ def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) 
             col, justify="left" if col in ("worker", "model") else "right", no_wrap=col == "worker"
         )
     for w in state["workers"]:
-        rate = (tokens_per_s or {}).get(w["worker_id"])
+        rate = w.get("tokens_per_s")  # None: a worker of an older release
         workers.add_row(
             w["worker_id"],
             w["model"],
@@ -85,18 +99,41 @@ def render(state: dict[str, Any], tokens_per_s: dict[str, float] | None = None) 
     for f in state["recent_failures"][:5]:
         lane = str(f.get("lane")).removeprefix("inferq.")
         failures.add_row(str(f.get("job_id")), lane, str(f.get("code")), str(f.get("message"))[:80])
-    return Group(lanes, workers, failures)
+    return Group(lanes, workers, failures, Text(footer, style="dim"))
 
 
-def _rates(prev: dict[str, Any] | None, cur: dict[str, Any], dt: float) -> dict[str, float]:
-    if prev is None or dt <= 0:
-        return {}
-    before = {w["worker_id"]: w.get("tokens_generated") or 0 for w in prev["workers"]}
-    return {
-        w["worker_id"]: ((w.get("tokens_generated") or 0) - before[w["worker_id"]]) / dt
-        for w in cur["workers"]
-        if w["worker_id"] in before
-    }
+class Keys:
+    """Single key presses from the terminal, without Enter: cbreak mode, which keeps Ctrl-C
+    working, restored on the way out. Off a terminal (a pipe, a cron job) there are none
+    and `wait` only waits."""
+
+    def __init__(self) -> None:
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # no stdin, or a replaced one
+            fd = -1
+        self.fd = fd if fd >= 0 and os.isatty(fd) else None
+        self._saved: list[Any] | None = None
+
+    def __enter__(self) -> Keys:
+        if self.fd is not None:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.fd is not None and self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def wait(self, seconds: float) -> str:
+        """The keys pressed within `seconds` ("" if none), returning at the first press."""
+        if self.fd is None:
+            time.sleep(seconds)
+            return ""
+        ready, _, _ = select.select([self.fd], [], [], seconds)
+        return os.read(self.fd, 64).decode(errors="replace") if ready else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,12 +155,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _top(client: httpx.Client, interval: float) -> int:
-    prev: tuple[float, dict[str, Any]] | None = None
-    with Live(auto_refresh=False, screen=False) as live:
+    """Refresh every `interval` until `q` (or Ctrl-C); a key other than `q` is ignored."""
+    with Keys() as keys, Live(auto_refresh=False, screen=False) as live:
+        footer = f"{QUIT if keys.fd is not None else 'Ctrl-C: quit'}   {ESTIMATES}"
         while True:
-            state = _check(client.get("/status"))
-            now = time.monotonic()
-            rates = _rates(prev[1] if prev else None, state, now - prev[0] if prev else 0.0)
-            live.update(render(state, rates), refresh=True)
-            prev = (now, state)
-            time.sleep(max(interval, 0.2))
+            live.update(render(_check(client.get("/status")), footer), refresh=True)
+            deadline = time.monotonic() + max(interval, 0.2)
+            while (left := deadline - time.monotonic()) > 0:
+                if "q" in keys.wait(left).lower():
+                    return 0

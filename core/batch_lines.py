@@ -10,9 +10,10 @@ from typing import Any
 def _line(custom_id: str | None, response: dict[str, Any] | None, error: dict[str, str] | None) -> str:
     # ASCII only: model text may hold U+2028, U+0085 and the like, which `str.splitlines()`
     # (what most clients use on JSONL) treats as line breaks.
-    line: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id}
-    if custom_id is None:  # a line too broken to have one; OpenAI's schema has no null here
-        del line["custom_id"]
+    # `custom_id` is on every line, null for a line too broken to have one (not JSON, or no
+    # custom_id): a client that reads `line["custom_id"]` never meets a missing key. OpenAI's
+    # schema has no null here, since OpenAI refuses such a file whole rather than run the rest.
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id}
     return json.dumps({**line, "response": response, "error": error})
 
 

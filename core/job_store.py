@@ -9,6 +9,7 @@ status event to the job's stream, so the stream's order always matches the recor
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
@@ -70,6 +71,9 @@ class JobRecord:
     #: False: nobody follows this job's tokens (a non-stream chat request, a batch line),
     #: so the worker writes none; its stream still gets its status and final events
     publish_tokens: bool = True
+    #: when a still-queued job expires, to the fraction of a second (`job.expires_at` is
+    #: the public view's whole seconds)
+    expires_at: float | None = None
 
     @property
     def status(self) -> JobStatus:
@@ -125,6 +129,12 @@ def encode_new(
     }
 
 
+def _whole_seconds(stored: str | None) -> int | None:
+    """A record's time (a float, to the microsecond, which the transition scripts, metrics
+    and the audit log use) as the public job shows it: whole Unix seconds, floored."""
+    return math.floor(float(stored)) if stored else None
+
+
 def decode(raw: dict[str, str]) -> JobRecord | None:
     if not raw or "status" not in raw:
         return None
@@ -132,10 +142,10 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         id=raw["id"],
         status=JobStatus(raw["status"]),
         model=raw.get("model", ""),
-        created_at=float(raw["created_at"]),
-        expires_at=float(raw["expires_at"]) if raw.get("expires_at") else None,
-        started_at=float(raw["started_at"]) if raw.get("started_at") else None,
-        finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
+        created_at=math.floor(float(raw["created_at"])),
+        expires_at=_whole_seconds(raw.get("expires_at")),
+        started_at=_whole_seconds(raw.get("started_at")),
+        finished_at=_whole_seconds(raw.get("finished_at")),
         attempts=int(raw.get("attempts", "0")),
         # "batch_rows": the field's name in records written before 0.2
         engine_rows=int(rows) if (rows := raw.get("engine_rows") or raw.get("batch_rows")) else None,
@@ -157,6 +167,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         owner=raw.get("owner", ""),
         prompt_tokens=int(raw.get("prompt_tokens") or 0),
         publish_tokens=raw.get(NO_TOKENS[0]) != NO_TOKENS[1],
+        expires_at=float(raw["expires_at"]) if raw.get("expires_at") else None,
     )
 
 

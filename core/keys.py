@@ -208,8 +208,10 @@ FAILURES_MAXLEN = 50
 
 
 #: Hash: LoRA adapters loaded or unloaded on demand (POST /v1/load_lora_adapter, ...): name
-#: -> JSON {"path": ...} or {"unloaded": true}, applied by every worker over what its
-#: INFERQ_ADAPTERS_DIR holds. TTL: none needed beyond result_ttl_s, refreshed on every write.
+#: -> JSON {"path": ...} or {"unloaded": true, "at": ...}, applied by every worker over what
+#: its INFERQ_ADAPTERS_DIR holds. An unload ends (its field deleted by a worker) once the
+#: directory's entry of that name appears or changes, and when a worker starts.
+#: TTL: none needed beyond result_ttl_s, refreshed on every write.
 ADAPTER_OVERRIDES = f"{PREFIX}adapters:overrides"
 
 #: Hash: why a worker refused an adapter (name -> JSON reason, worker, version), for the load

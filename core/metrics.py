@@ -93,17 +93,21 @@ class Histogram:
         return out
 
     def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding the q-th sample (what a dashboard's
-        histogram_quantile would show, without interpolation); None without samples."""
+        """An estimate of the q-quantile, as Prometheus' `histogram_quantile` computes it:
+        the bucket that holds the q-th sample, and linear interpolation within it (the first
+        bucket starts at 0). A bucket edge alone would show "5.0 s" for anything between 2.5
+        and 5 s. A quantile in the +Inf bucket is the highest finite bound (all that is known
+        is that it is past it). None without samples."""
         n = self.count
         if not n:
             return None
-        seen = 0
-        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            seen += c
-            if seen >= q * n:
-                return bound
-        return float("inf")
+        rank = q * n
+        below, lower = 0, 0.0
+        for bound, c in zip(self.bounds, self.counts, strict=False):  # the +Inf count left out
+            if c and below + c >= rank:
+                return lower + (float(bound) - lower) * (rank - below) / c
+            below, lower = below + c, float(bound)
+        return float(self.bounds[-1])
 
 
 @dataclass

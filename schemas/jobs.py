@@ -58,11 +58,13 @@ class Job(BaseModel):
     object: Literal["job"] = "job"
     status: JobStatus
     model: str
-    created_at: float
+    #: Unix time in whole seconds, as OpenAI's `created` and this API's files and batches
+    #: (the record keeps the fraction, for metrics, the audit log and expiry: job_store)
+    created_at: int
     #: a job still queued at this time ends `expired` without running
-    expires_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
+    expires_at: int | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
     attempts: int = 0
     #: Our extension: how many rows (requests, counting `n`) the engine call that ran this
     #: job ran at once; in continuous mode the most while it ran.

@@ -26,6 +26,7 @@ app = Celery("inferq", include=["tasks.run_job"])
 app.config_from_object("celeryconfig")
 
 worker_init.connect(engine_failure.on_worker_init, weak=False)
+worker_init.connect(shutdown_log.on_worker_init, weak=False)
 after_setup_logger.connect(shutdown_log.on_setup_logger, weak=False)
 worker_shutting_down.connect(shutdown_log.on_shutting_down, weak=False)
 

@@ -63,7 +63,9 @@ class WorkerState:
         self.worker_id = options.process_worker_id()
         self.started_at = time.time()
         self.jobs_done = 0
-        self.tokens_generated = 0
+        #: the engine's count when this state began (warm-up excluded), and at the last beat
+        self._tokens_base = engine.generated_tokens()
+        self._last_tokens = (time.monotonic(), 0)
         #: seconds spent in tasks (busy ratio): finished ones, and since when the current one runs
         self._busy_s = 0.0
         self._busy_since: float | None = None
@@ -78,6 +80,8 @@ class WorkerState:
         self._reaper = threading.Thread(target=self._reap_loop, name="inferq-reaper", daemon=True)
         self._watchdog = threading.Thread(target=self._watchdog_loop, name="inferq-watchdog", daemon=True)
         self._adapters = threading.Thread(target=self._adapters_loop, name="inferq-adapters", daemon=True)
+        #: the on-demand unloads this worker applies, against the directory entries they hide
+        self.unloads = adapters.Unloads()
 
     def start(self) -> None:
         self._beat.start()
@@ -95,13 +99,17 @@ class WorkerState:
             return
         overrides = cast(dict[str, str], self.redis.hgetall(keys.ADAPTER_OVERRIDES))
         problems: dict[str, str] = {}
+        ended: dict[str, str] = {}
 
         def read() -> dict[str, adapters.AdapterDir]:
-            specs, found = adapters.wanted(self.settings.adapters_dir, overrides)
-            problems.update(found)
-            return specs
+            plan = adapters.wanted(self.settings.adapters_dir, overrides, self.unloads)
+            problems.update(plan.problems)
+            ended.update(plan.ended)
+            return plan.serve
 
         sync(read)
+        for name, raw in ended.items():
+            self._end_override(name, raw)
         refused = {**problems, **self.engine.adapter_facts()["refused"]}  # type: ignore[attr-defined]
         if refused:
             pipe = self.redis.pipeline(transaction=False)
@@ -110,6 +118,29 @@ class WorkerState:
                 pipe.hset(keys.ADAPTER_REFUSALS, name, json.dumps(entry))
             pipe.expire(keys.ADAPTER_REFUSALS, self.settings.result_ttl_s)
             pipe.execute()
+
+    def end_unloads(self) -> None:
+        """At this worker's start: every on-demand unload ends (the directory is the truth,
+        and an unload must not outlive the run that asked for it, kept in the AOF). For every
+        worker at once, since they all read the one hash."""
+        for name, raw in cast(dict[str, str], self.redis.hgetall(keys.ADAPTER_OVERRIDES)).items():
+            if adapters.is_unload(raw) and self._end_override(name, raw):
+                logger.info("the on-demand unload of adapter %r ends with this worker's start", name)
+
+    def _end_override(self, name: str, raw: str) -> bool:
+        """Delete the override of `name` if it is still `raw`: an API process may have just
+        written a newer one, which stays."""
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(keys.ADAPTER_OVERRIDES)  # type: ignore[no-untyped-call]
+                if pipe.hget(keys.ADAPTER_OVERRIDES, name) != raw:
+                    return False
+                pipe.multi()
+                pipe.hdel(keys.ADAPTER_OVERRIDES, name)
+                pipe.execute()
+            except redis.WatchError:  # the hash changed meanwhile: the next sync looks again
+                return False
+        return True
 
     def _adapters_loop(self) -> None:
         """A rescan on every change in INFERQ_ADAPTERS_DIR, and every ADAPTER_POLL_S (on-demand
@@ -190,12 +221,32 @@ class WorkerState:
         self._last_beat = (now, busy)
         return min(1.0, max(0.0, (busy - busy_then) / (now - then))) if now > then else 0.0
 
-    def _adapter_counts(self) -> dict[str, int]:
+    def tokens_generated(self) -> int:
+        """Tokens this worker's engine made, counted step by step (workers.engine): a job's
+        `completion_tokens`, added when it ends, would leave the rate at 0 for as long as a
+        long job runs and then show one spike."""
+        return self.engine.generated_tokens() - self._tokens_base
+
+    def tokens_per_s(self, total: int) -> float:
+        """Tokens per second since the previous beat (as `busy_ratio`): the rate `inferq top`
+        and `inferq status` show, the same over any refresh interval they use."""
+        now = time.monotonic()
+        then, before = self._last_tokens
+        self._last_tokens = (now, total)
+        return max(0.0, (total - before) / (now - then)) if now > then else 0.0
+
+    def _adapter_counts(self) -> dict[str, Any]:
+        """For the heartbeat: loads and unloads so far, and the adapters refused (name -> why),
+        for the API to answer a request for one with its reason."""
         facts = getattr(self.engine, "adapter_facts", None)
         if facts is None:
             return {}
         f = facts()
-        return {"adapter_loads": f["loads"], "adapter_unloads": f["unloads"]}
+        return {
+            "adapter_loads": f["loads"],
+            "adapter_unloads": f["unloads"],
+            "refused_adapters": f.get("refused_now", {}),
+        }
 
     def adapter_names(self) -> list[str]:
         names = getattr(self.engine, "adapter_names", None)
@@ -218,7 +269,8 @@ class WorkerState:
             "demo": facts.demo,
             "started_at": self.started_at,
             "jobs_done": self.jobs_done,
-            "tokens_generated": self.tokens_generated,
+            "tokens_generated": (tokens := self.tokens_generated()),
+            "tokens_per_s": round(self.tokens_per_s(tokens), 1),
             "adapters": self.adapter_names(),
             "lora": hasattr(self.engine, "sync_adapters"),
             **self._adapter_counts(),
@@ -387,6 +439,8 @@ def init_child(**_: Any) -> None:
         )
     _state = WorkerState(settings, engine)
     with contextlib.suppress(redis.RedisError):
+        if hasattr(engine, "sync_adapters"):
+            _state.end_unloads()
         _state.sync_adapters()  # before the first beat: the API then lists them at once
     _state.heartbeat()
     _state.start()

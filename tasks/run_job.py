@@ -63,7 +63,6 @@ def run_job(self: Task, job_id: str) -> None:
             with contextlib.suppress(redis.RedisError):  # else the heartbeat does it, later
                 st.settle()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)
-    st.tokens_generated += sum(o.completion_tokens for o in outcomes)
     # Flower: this job's own run time and end (a drain's length, a cancel as a success, would
     # mislead), sent here; Ignore then acknowledges the message without Celery's own event
     with contextlib.suppress(redis.RedisError):

@@ -11,6 +11,7 @@ that had no job (Ctrl-C while it loaded its model) goes without a word.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -52,6 +53,21 @@ def on_setup_logger(**_: Any) -> None:
     """`after_setup_logger`."""
     for name in _SOURCES:
         logging.getLogger(name).addFilter(FILTER)
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    """`worker_init`, in the parent before it installs its signal handlers. Under Celery's
+    `--quiet` (`inferq run` without --verbose), its SIGTERM handler without the
+    "worker: Warm shutdown (MainProcess)" it otherwise writes straight to stdout, whatever
+    the log level: a stop that the supervisor asked for is no news. (SIGINT, which only a
+    terminal of the worker's own sends, keeps its lines.)"""
+    if not getattr(sender, "quiet", False):
+        return
+    from celery.apps import worker as celery_worker
+
+    # read when `install_platform_tweaks` runs (on start, after this signal)
+    term = celery_worker.install_worker_term_handler
+    celery_worker.install_worker_term_handler = functools.partial(term, verbose=False)
 
 
 def on_shutting_down(**_: Any) -> None:

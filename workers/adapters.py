@@ -64,23 +64,88 @@ def scan(root: Path | None) -> dict[str, AdapterDir]:
     return found
 
 
-def wanted(root: Path | None, overrides: dict[str, str]) -> tuple[dict[str, AdapterDir], dict[str, str]]:
+@dataclass
+class Plan:
+    """What one sync serves, and what the on-demand requests it read came to."""
+
+    serve: dict[str, AdapterDir]
+    #: on-demand loads that cannot be (name -> why), for the load endpoint to answer with
+    problems: dict[str, str]
+    #: on-demand unloads that no longer hold (name -> the override as read): their adapter's
+    #: directory entry changed since, for the worker to delete (if no newer request replaced it)
+    ended: dict[str, str]
+
+
+class Unloads:
+    """On-demand unloads (`keys.ADAPTER_OVERRIDES`) over the directory, which is the truth:
+    an unload hides the adapter of the same name in the directory only while that entry stays
+    as this worker first saw it with the unload. Once it appears, or its files change, the
+    unload has ended: someone put an adapter there to be served. (A worker's start ends every
+    unload as well: tasks.child.)"""
+
+    def __init__(self) -> None:
+        #: name -> (the override as read, the directory entry's version then: None if absent)
+        self._seen: dict[str, tuple[str, str | None]] = {}
+
+    def holds(self, name: str, raw: str, spec: AdapterDir | None) -> bool:
+        """Whether the unload `raw` of `name` still hides it (`spec`: the directory's now)."""
+        version = spec.version if spec is not None else None
+        seen = self._seen.get(name)
+        if seen is None or seen[0] != raw:  # a new unload: it holds, against the entry as it is
+            self._seen[name] = (raw, version)
+            if spec is not None:
+                logger.warning(
+                    "adapter %r in %s is hidden by an on-demand unload (POST /v1/unload_lora_adapter); "
+                    "it is served again when its files change or a worker starts",
+                    name,
+                    spec.path,
+                )
+            return True
+        if seen[1] == version:
+            return True
+        del self._seen[name]
+        how = "appeared" if seen[1] is None else "changed"
+        logger.info("adapter %r %s in the directory: its on-demand unload ends", name, how)
+        return False
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget the unloads no longer asked for."""
+        for name in [n for n in self._seen if n not in names]:
+            del self._seen[name]
+
+
+def is_unload(raw: str) -> bool:
+    """Whether an override (`keys.ADAPTER_OVERRIDES`) is an on-demand unload."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and bool(entry.get("unloaded"))
+
+
+def wanted(root: Path | None, overrides: dict[str, str], unloads: Unloads) -> Plan:
     """What to serve: the directory's adapters, then the on-demand loads and unloads
-    (`keys.ADAPTER_OVERRIDES`). Also returns why a loaded-on-demand one cannot be."""
+    (`keys.ADAPTER_OVERRIDES`), an unload only while `unloads` says it holds."""
     found = scan(root)
-    problems = {}
+    plan = Plan(found, {}, {})
+    unloaded = set()
     for name, raw in overrides.items():
         try:
             entry = json.loads(raw)
         except ValueError:
             continue
         if entry.get("unloaded"):
-            found.pop(name, None)
+            unloaded.add(name)
+            if unloads.holds(name, raw, found.get(name)):
+                found.pop(name, None)
+            else:
+                plan.ended[name] = raw
         elif (spec := describe(name, Path(entry["path"]))) is not None:
             found[name] = spec
         else:
-            problems[name] = f"no adapter_config.json and adapter weights in {entry['path']}"
-    return found, problems
+            plan.problems[name] = f"no adapter_config.json and adapter weights in {entry['path']}"
+    unloads.keep_only(unloaded)
+    return plan
 
 
 def check_config(path: Path) -> str | None:
@@ -107,8 +172,8 @@ class AdapterSlots:
         #: served name -> (internal PEFT name, version), least recently used first
         self.loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._generation = 0
-        #: name -> the version last refused (not retried until its files change)
-        self._refused: dict[str, str] = {}
+        #: name -> (the version last refused, why): not retried until its files change
+        self._refused: dict[str, tuple[str, str]] = {}
         self.loads = 0
         self.unloads = 0
         self.last_refused: dict[str, str] = {}
@@ -116,6 +181,12 @@ class AdapterSlots:
     @property
     def names(self) -> list[str]:
         return sorted(self.available)
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The adapters wanted but not served because they were refused (name -> why): for
+        the heartbeat, so that a request for one is told why rather than "does not exist"."""
+        return {n: why for n, (_, why) in list(self._refused.items()) if n not in self.available}
 
     def sync(self, wanted: dict[str, AdapterDir]) -> dict[str, str]:
         """Serve `wanted`: load what is new or changed (while there is room), unload what is
@@ -128,9 +199,11 @@ class AdapterSlots:
             del self.available[name]
             if name in self.loaded:
                 self._unload(name)
-            logger.warning("adapter %r was removed; no longer served", name)
+            logger.info("adapter %r was removed; no longer served", name)
+        for name in [n for n in self._refused if n not in wanted]:
+            del self._refused[name]
         for name, spec in wanted.items():
-            if self.available.get(name) == spec or self._refused.get(name) == spec.version:
+            if self.available.get(name) == spec or self._refused.get(name, ("",))[0] == spec.version:
                 continue
             current = self.loaded.get(name)
             had = self.available.get(name)
@@ -141,7 +214,9 @@ class AdapterSlots:
                 self._refuse(name, spec, problem, refused)
                 continue
             self.available[name] = spec
-            logger.warning("adapter %r %s from %s", name, "changed" if had else "served", spec.path)
+            self._refused.pop(name, None)
+            # routine (INFO): the directory or an admin asked for it; refusals are ERRORs
+            logger.info("adapter %r %s from %s", name, "changed" if had else "served", spec.path)
         return refused
 
     def ensure(self, names: set[str]) -> dict[str, str]:
@@ -166,7 +241,7 @@ class AdapterSlots:
         logger.error("adapter %r at %s refused: %s", name, spec.path, problem)
         if name in self.loaded:
             logger.error("adapter %r keeps its earlier weights", name)
-        self._refused[name] = spec.version
+        self._refused[name] = (spec.version, problem)
         into[name] = problem
 
     def _load(self, name: str, spec: AdapterDir) -> str | None:

@@ -110,7 +110,7 @@ def _claim_lane(
     for rec in store.get_many(ids):
         if rec is None or rec.status is not JobStatus.QUEUED:
             continue  # gone, cancelled or taken: its own message ends it
-        if rec.job.expires_at and now > rec.job.expires_at:
+        if rec.expires_at and now > rec.expires_at:
             continue  # its own message will end it `expired`
         if compatible(rec):
             fits.append(rec)

@@ -129,6 +129,11 @@ class Engine(Protocol):
         idle: the worker's watchdog reads it to tell a long generation from a hung one."""
         ...
 
+    def generated_tokens(self) -> int:
+        """Tokens generated since the engine loaded, counted as each step makes them (not
+        when a job ends): the heartbeat's tokens/s is then real while one long job runs."""
+        ...
+
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` before the first stop sequence, as OpenAI does (the engine keeps it)."""

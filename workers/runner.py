@@ -156,7 +156,7 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
         logger.debug("job %s is already %s; skipping its message", job_id, record.status)
         return None
     now = time.time()
-    if record.status is JobStatus.QUEUED and record.job.expires_at and now > record.job.expires_at:
+    if record.status is JobStatus.QUEUED and record.expires_at and now > record.expires_at:
         store.transition(
             job_id,
             JobStatus.EXPIRED,

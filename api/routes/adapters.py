@@ -3,7 +3,9 @@
 
 Why through Redis: workers may run on other hosts, and each applies the request on its next
 sync (within `ADAPTER_POLL_S`); the call answers once a live worker serves (or stopped
-serving) the adapter, or with the reason a worker refused it. The path is the workers'."""
+serving) the adapter, or with the reason a worker refused it. The path is the workers'.
+INFERQ_ADAPTERS_DIR stays the truth: an unload hides an adapter there only until its files
+change or a worker starts (workers.adapters.Unloads)."""
 
 from __future__ import annotations
 
@@ -120,7 +122,9 @@ async def unload_adapter(body: UnloadAdapter, st: StateDep, _: AdminDep) -> Adap
     name = body.lora_name
     if name not in await _served(st) and not await st.redis.hexists(keys.ADAPTER_OVERRIDES, name):
         raise APIError(404, f"No adapter '{name}' is served.", param="lora_name", code="model_not_found")
-    await st.redis.hset(keys.ADAPTER_OVERRIDES, name, json.dumps({"unloaded": True}))
+    # `at`: each unload a new entry, which a worker holds against the directory as it finds it
+    # then (workers.adapters.Unloads: it ends when the directory's entry appears or changes)
+    await st.redis.hset(keys.ADAPTER_OVERRIDES, name, json.dumps({"unloaded": True, "at": time.time()}))
     await st.redis.expire(keys.ADAPTER_OVERRIDES, st.settings.result_ttl_s)
     deadline = time.monotonic() + WAIT_S
     while name in await _served(st):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from api.auth import OwnerDep
 from api.deps import StateDep
 from api.errors import APIError, error_responses
+from api.served_adapters import refused_error
 from api.status_view import live_workers
 from schemas.openai import ModelCard, ModelList
 
@@ -87,5 +88,7 @@ async def model(model_id: str, st: StateDep, _: OwnerDep) -> ModelCard:
     if model_id != card.id and model_id in await st.adapters.names():
         return _adapter_card(card, model_id)
     if model_id != card.id:
+        if (reason := await st.adapters.refused(model_id)) is not None:
+            raise refused_error(model_id, reason)
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return card

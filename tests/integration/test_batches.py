@@ -109,7 +109,10 @@ def test_mixed_file_through_the_sdk(client: openai.OpenAI) -> None:
     assert "JSON" in errs[2]["response"]["body"]["error"]["message"]
     for e in errs.values():  # its line number once: no "line 1 column 2" of the JSON parser
         assert e["response"]["body"]["error"]["message"].count("line") == 1, e
-    assert "custom_id" in errs[3]["response"]["body"]["error"]["message"] and errs[3].get("custom_id") is None
+    assert "custom_id" in errs[3]["response"]["body"]["error"]["message"]
+    # the key is on every line, null where the line had no usable custom_id
+    assert all("custom_id" in e for e in errs.values()), errs
+    assert errs[2]["custom_id"] is None and errs[3]["custom_id"] is None
     assert "duplicate" in errs[4]["response"]["body"]["error"]["message"] and errs[4]["custom_id"] == "a1"
     assert "url" in errs[5]["response"]["body"]["error"]["message"]
     assert "temperature" in errs[6]["response"]["body"]["error"]["message"]
@@ -197,6 +200,8 @@ def test_cli_submit_wait_writes_output(stack: Stack, tmp_path: Path) -> None:
             str(out),
             "--errors",
             str(err),
+            "--allow-failed",  # the "oops" line fails: exit 3 without it
+            "--json",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -216,7 +221,7 @@ def test_cli_submit_wait_writes_output(stack: Stack, tmp_path: Path) -> None:
     assert "line 6" in err.read_text()
     assert "completed" in proc.stderr  # the progress display
     status = procs.run(
-        [sys.executable, "-m", "cli.main", "batch", "--url", stack.base_url, "status", final["id"]],
+        [sys.executable, "-m", "cli.main", "batch", "--url", stack.base_url, "status", final["id"], "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

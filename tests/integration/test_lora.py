@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.processes import worker_argv
+from tests.support import ROOT
 from tests.support.stack import Stack, fresh_db, stack_env, start_stack
 from tests.support.wait import eventually
 from tests.unit.test_lora_engine import make_adapter
@@ -148,6 +150,21 @@ def test_broken_and_removed_adapters(lora_stack: tuple[Stack, Path]) -> None:
     )
     assert "broken" not in _models(stack)
     assert _text(stack, "alpha", "still there?")  # the worker keeps serving
+    # a request for it says it was found and refused, and why: not "does not exist"
+    error = _refused(stack, "broken")
+    assert error["message"].startswith("The adapter 'broken' was found but refused: adapter_config.json")
+    # a valid config over weights that are not safetensors: refused when PEFT reads them
+    weights = served / "badweights"
+    weights.mkdir()
+    shutil.copyfile(served / "alpha" / "adapter_config.json", weights / "adapter_config.json")
+    (weights / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    assert "badweights" in _refused(stack, "badweights")["message"]
+    model = httpx.get(f"{stack.base_url}/v1/models/badweights", timeout=10).json()["error"]
+    assert model["code"] == "adapter_refused"
+    shutil.rmtree(weights)
+    eventually(  # gone from the directory: no longer "refused", simply not there
+        lambda: _job_error(stack, "badweights")["code"] == "model_not_found", timeout=10, interval=0.2
+    )
 
     shutil.rmtree(served / "alpha")
     _wait_models(stack, lambda m: "alpha" not in m)
@@ -158,6 +175,29 @@ def test_broken_and_removed_adapters(lora_stack: tuple[Stack, Path]) -> None:
     )
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
     assert resp.json()["error"]["param"] == "model"
+
+
+def _job_error(stack: Stack, model: str) -> dict:
+    resp = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert resp.status_code == 404, resp.text
+    return dict(resp.json()["error"])
+
+
+def _refused(stack: Stack, name: str) -> dict:
+    """The error a job for the refused adapter `name` gets, once the worker's heartbeat says
+    it refused it (within a second or two of the refusal)."""
+    error = eventually(
+        lambda: (e := _job_error(stack, name))["code"] == "adapter_refused" and e,
+        timeout=15,
+        interval=0.2,
+        message=lambda: _job_error(stack, name),
+    )
+    assert error["param"] == "model" and f"adapter '{name}' was found but refused: " in error["message"]
+    return error
 
 
 def test_load_and_unload_on_demand(lora_stack: tuple[Stack, Path], adapters_root: Path) -> None:
@@ -214,3 +254,60 @@ def test_a_changed_adapter_serves_new_weights_to_later_jobs(
         interval=0.2,
         message="the new weights are served within 10 s",
     )
+
+
+def test_the_directory_is_the_truth_over_an_unload(
+    lora_stack: tuple[Stack, Path], adapters_root: Path
+) -> None:
+    """An on-demand unload lasts until the directory's entry of that name appears or changes,
+    or a worker starts (it used to be kept in Redis for a day and win over the directory,
+    across restarts, without a word). Restarts the worker: last in this module."""
+    stack, served = lora_stack
+    with stack.client() as c:
+
+        def unload(name: str) -> None:
+            resp = c.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            assert resp.status_code == 200, resp.text
+            assert name not in _models(stack)
+
+        # the issue's case: loaded on demand, unloaded; then an adapter of that name copied in
+        loaded = c.post(
+            "/v1/load_lora_adapter", json={"lora_name": "my-lora", "lora_path": str(adapters_root / "beta")}
+        )
+        assert loaded.status_code == 200, loaded.text
+        unload("my-lora")
+        shutil.copytree(adapters_root / "alpha", served / "my-lora")
+        _wait_models(stack, lambda m: "my-lora" in m)
+        assert _text(stack, "my-lora", "hello")
+
+        # unloaded while in the directory: hidden, with a warning that says so
+        unload("my-lora")
+        eventually(
+            lambda: "adapter 'my-lora' in " in stack.log.read_text(errors="replace"),
+            timeout=10,
+            interval=0.2,
+            message="a warning names the adapter the unload hides",
+        )
+        hidden = [line for line in stack.log.read_text().splitlines() if "adapter 'my-lora' in " in line]
+        assert "WARNING" in hidden[0] and "hidden by an on-demand unload" in hidden[0]
+        # ... until its files change (a new checkpoint)
+        for f in (adapters_root / "beta").iterdir():
+            shutil.copyfile(f, served / "my-lora" / f.name)
+        _wait_models(stack, lambda m: "my-lora" in m)
+
+        # ... or until a worker starts (here: Ctrl-C and a new start of the worker)
+        unload("my-lora")
+    stack.sup.stop("worker")
+    with stack.log.open("ab") as log:
+        stack.sup.start(
+            "worker",
+            worker_argv(["inferq.interactive", "inferq.jobs", "inferq.batch"]),
+            env=stack.env,
+            cwd=ROOT,
+            stdout=log.fileno(),
+        )
+    _wait_models(stack, lambda m: "my-lora" in m, timeout=180)
+    assert _text(stack, "my-lora", "hello")
+    # routine adapter events are INFO, left out of the default console (WARNING)
+    routine = [line for line in stack.log.read_text().splitlines() if "adapter 'my-lora' served from" in line]
+    assert routine and all("INFO/" in line for line in routine), routine

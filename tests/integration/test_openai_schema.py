@@ -240,7 +240,13 @@ def test_batch_error_line_bodies(finished_batch: dict[str, Any]) -> None:
 
 
 def test_batch_error_lines(finished_batch: dict[str, Any]) -> None:
-    assert_openai_all(("BatchRequestOutput", e) for e in finished_batch["errs"])
+    """Our one departure: a line with no usable custom_id (not JSON, none given) still runs
+    the rest of the file and has `custom_id: null`, where OpenAI refuses the whole file; the
+    rest of such a line is OpenAI's shape."""
+    errs = finished_batch["errs"]
+    assert all("custom_id" in e for e in errs) and sum(e["custom_id"] is None for e in errs) == 2
+    named = [{k: v for k, v in e.items() if v is not None or k != "custom_id"} for e in errs]
+    assert_openai_all(("BatchRequestOutput", e) for e in named)
 
 
 def test_batch_cancel(stack: Stack) -> None:

@@ -300,10 +300,10 @@ def test_batch_cli_with_keys_and_clear_errors(secure: Stack, tmp_path: Path) -> 
     )
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     done = _cli(
-        "batch", "--url", secure.base_url, "--api-key", K1, "submit", str(lines), "--wait",
-        "--output", str(out), "--errors", str(err),
+        "--url", secure.base_url, "--api-key", K1, "batch", "submit", str(lines), "--wait",
+        "--output", str(out), "--errors", str(err), "--allow-failed", "--json",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr  # the bad line is accepted with --allow-failed
     batch = json.loads(done.stdout.strip().splitlines()[-1])
     assert batch["status"] == "completed" and batch["request_counts"] == {
         "total": 3,
@@ -318,7 +318,7 @@ def test_batch_cli_with_keys_and_clear_errors(secure: Stack, tmp_path: Path) -> 
         assert httpx.get(f"{secure.base_url}/v1/files/{file_id}/content", headers=_h(K1)).status_code == 200
         assert httpx.get(f"{secure.base_url}/v1/files/{file_id}/content", headers=_h(K2)).status_code == 404
     # the key from the environment, --url after the subcommand
-    status = _cli("batch", "status", batch["id"], "--url", secure.base_url, INFERQ_API_KEY=K1)
+    status = _cli("batch", "status", batch["id"], "--url", secure.base_url, "--json", INFERQ_API_KEY=K1)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == batch["id"], status.stderr
     for failed, needle in (
         (_cli("batch", "status", batch["id"], "--url", secure.base_url), "error 401"),

@@ -129,3 +129,13 @@ def test_a_request_that_cannot_start_fails_alone(
     outs = engine.generate([MIXED[0], bad, MIXED[2]])
     assert isinstance(outs[1], ValueError)
     assert [o.completion_tokens for o in (outs[0], outs[2])] == [9, 17]
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_the_engine_counts_the_tokens_it_makes(engines: dict[str, Engine], mode: str) -> None:
+    """Step by step (the heartbeat's tokens/s): rows that end early (padded in static mode)
+    add nothing after their end, so the count is the rows' completion tokens."""
+    engine = engines[mode]
+    before = engine.generated_tokens()
+    outs = _ok(engine.generate(MIXED))
+    assert engine.generated_tokens() - before == sum(o.completion_tokens for o in outs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,7 +61,26 @@ def test_histograms_decode_to_cumulative_buckets_and_quantiles() -> None:
     assert h.count == 4 and h.total == 1.0
     cumulative = dict(h.cumulative())
     assert cumulative["0.01"] == 1 and cumulative["0.5"] == 4 and cumulative["+Inf"] == 4
-    assert h.quantile(0.25) == 0.01 and h.quantile(0.5) == 0.5
+    # interpolated within the bucket, as histogram_quantile: not the bucket's edge (0.5)
+    assert h.quantile(0.25) == 0.01 and h.quantile(0.5) == pytest.approx(0.25 + 0.25 / 3)
+
+
+@pytest.mark.parametrize(
+    ("counts", "q", "expected"),
+    [
+        ({0: 4}, 0.5, 0.005),  # the first bucket starts at 0
+        ({9: 10}, 0.5, 7.5),  # all in (5, 10]: halfway is 7.5 s, not "10.0 s"
+        ({9: 10}, 0.99, 5 + 5 * 0.99),
+        ({7: 1, 9: 1}, 0.5, 2.5),  # the rank falls at the end of the first occupied bucket
+        ({8: 2, 17: 1}, 0.99, 3600.0),  # past the last bound: that bound (all that is known)
+    ],
+)
+def test_quantiles_are_interpolated_like_prometheus(
+    counts: dict[int, int], q: float, expected: float
+) -> None:
+    raw = {f"h|queue_wait|inferq.jobs|{i}": str(n) for i, n in counts.items()}
+    h = metrics.decode(raw, LANES).histograms[("queue_wait", "inferq.jobs")]
+    assert h.quantile(q) == pytest.approx(expected)
 
 
 def test_inferq_top_renders_the_status_it_reads() -> None:
@@ -68,15 +88,15 @@ def test_inferq_top_renders_the_status_it_reads() -> None:
 
     from rich.console import Console
 
-    from cli.top import _rates, render
+    from cli.top import QUIT, render
 
-    state = status(_view())
-    state["workers"][0]["tokens_generated"] = 500
-    earlier = {**state, "workers": [{**state["workers"][0], "tokens_generated": 100}]}
-    rates = _rates(earlier, state, 2.0)
-    assert rates == {"h:1": 200.0}
+    raw = {f"h|queue_wait|inferq.jobs|{metrics.bucket_index('queue_wait', 4.0)}": "2"}
+    state = status(SystemView(metrics.decode(raw, LANES), _view().workers, []))
+    state["workers"][0]["tokens_per_s"] = 200.0  # the worker's own rate, from its heartbeat
     out = io.StringIO()
-    Console(file=out, width=80).print(render(state, rates))  # a pipe or a small terminal
+    Console(file=out, width=80).print(render(state, f"{QUIT}   ~ estimates"))  # a pipe or a small terminal
     text = out.getvalue()
     assert all(lane.removeprefix("inferq.") in text for lane in LANES), text  # not "inferq…" thrice
     assert "h:1" in text and "200" in text and "50 %" in text
+    assert "~3.8 s" in text and " 5.0 s" not in text, text  # estimates, said so; not the edge
+    assert "q: quit" in text

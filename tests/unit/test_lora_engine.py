@@ -6,6 +6,7 @@ removed and broken."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,12 +81,17 @@ def test_mixed_rows_equal_merged_adapters_and_base(lora: tuple[Path, Path]) -> N
     assert merged["alpha"] != plain and merged["beta"] != merged["alpha"]  # the adapters do change it
 
 
-def test_adapters_change_and_go_and_broken_ones_are_refused(lora: tuple[Path, Path], tmp_path: Path) -> None:
+def test_adapters_change_and_go_and_broken_ones_are_refused(
+    lora: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     base, root = lora
     local = tmp_path / "adapters"
     shutil.copytree(root / "alpha", local / "alpha")
     engine = _engine(base)
-    assert engine.sync_adapters(scan(local)) == ["alpha"]
+    with caplog.at_level(logging.INFO, logger="workers.adapters"):
+        assert engine.sync_adapters(scan(local)) == ["alpha"]
+    # routine: INFO, which the default console (warnings and errors) leaves out
+    assert [r.levelno for r in caplog.records if "adapter 'alpha' served" in r.getMessage()] == [logging.INFO]
     before = _texts(engine, [(PROMPTS[1], "alpha")])
 
     # a new checkpoint copied over the old one: later calls get the new weights
@@ -108,10 +114,17 @@ def test_adapters_change_and_go_and_broken_ones_are_refused(lora: tuple[Path, Pa
     (local / "garbage" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     assert engine.sync_adapters(scan(local)) == ["alpha"]
     assert _texts(engine, [(PROMPTS[1], "alpha"), (PROMPTS[0], "")])[0] == after[0]  # still serving
+    # for the heartbeat: each refused one with why (the API answers a request for it so)
+    refused = engine.adapter_facts()["refused_now"]
+    assert sorted(refused) == ["garbage", "misfit", "notlora"] and "IA3" in refused["notlora"]
 
-    # removed: its rows fail alone, the others run
+    # removed: its rows fail alone, the others run; a broken one removed is no longer refused
     shutil.rmtree(local / "alpha")
-    assert engine.sync_adapters(scan(local)) == []
+    shutil.rmtree(local / "garbage")
+    with caplog.at_level(logging.INFO, logger="workers.adapters"):
+        assert engine.sync_adapters(scan(local)) == []
+    assert [r.levelno for r in caplog.records if "'alpha' was removed" in r.getMessage()] == [logging.INFO]
+    assert sorted(engine.adapter_facts()["refused_now"]) == ["misfit", "notlora"]
     reqs = [
         GenRequest(
             messages=[{"role": "user", "content": PROMPTS[0]}], params=GenParams(max_tokens=4), adapter=a

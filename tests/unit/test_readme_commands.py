@@ -30,9 +30,8 @@ def _commands() -> list[str]:
                 words.pop(0)
             if words and words[0] in PROGRAMS:
                 found.append(" ".join(shlex.quote(w) for w in words))
-    found += re.findall(
-        r"`((?:scripts/run|inferq) [^`]+)`", text
-    )  # inline, as `inferq run --adapters-dir DIR`
+    inline = re.findall(r"`((?:scripts/run|inferq) [^`]+)`", text)  # `inferq run --adapters-dir DIR`
+    found += [re.sub(r"\s*\[[^\]]*\]", "", code) for code in inline]  # optional parts
     return found
 
 

@@ -244,6 +244,10 @@ class SwiftContinuousEngine(SwiftEngine):
     def progress(self) -> float | None:
         return self._last_output if self._rows else None
 
+    def generated_tokens(self) -> int:
+        """The static path's count (SwiftEngine) and the loop's: one token per row and step."""
+        return super().generated_tokens() + self.sampler.rows_total
+
     # --- internals ------------------------------------------------------------------
 
     def _handle(self, out: Any, done: list[tuple[int, GenResult | Exception]]) -> None:

@@ -34,9 +34,13 @@ class EchoEngine(WordCounter):
         self.oom_above = oom_above
         self.calls: list[int] = []
         self._progress: float | None = None
+        self._tokens = 0
 
     def progress(self) -> float | None:
         return self._progress
+
+    def generated_tokens(self) -> int:
+        return self._tokens
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None
@@ -79,6 +83,7 @@ class EchoEngine(WordCounter):
             if sink is not None and sink.should_stop(i):
                 break
             self._progress = time.monotonic()
+            self._tokens += 1
             delta = filt.feed(word if k == 0 else " " + word)
             if sink is not None:
                 sink.on_delta(i, delta)

@@ -65,6 +65,8 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         #: generation steps and rows run (occupancy); read and reset by the engine
         self.steps_run = 0
         self.rows_run = 0
+        #: rows over every step, never taken: one token each (the heartbeat's tokens/s)
+        self.rows_total = 0
 
     def assign(
         self,
@@ -157,6 +159,7 @@ class SlotSampler(ContinuousBatchingLogitsProcessor):
         rows = logits.shape[0]
         self.steps_run += 1
         self.rows_run += rows
+        self.rows_total += rows
         slots = tensor_arg[:rows].long()
         hosted = [(row, s) for row, s in enumerate(slots.tolist()) if s in self.hosted] if self.hosted else []
         scores = self._adjust(logits.clone() if hosted else logits, slots, hosted)

@@ -242,8 +242,21 @@ def _vocab_size(model: Any) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
+def _pad_id(tokenizer: Any, generation_config: Any) -> int | None:
+    """What HF's generate appends to a row that ended: the generation config's pad token,
+    else the tokenizer's, else the first EOS (as generate itself falls back)."""
+    for pad in (getattr(generation_config, "pad_token_id", None), tokenizer.pad_token_id):
+        if isinstance(pad, int):
+            return pad
+    eos = getattr(generation_config, "eos_token_id", None)
+    first = eos[0] if isinstance(eos, list) and eos else eos
+    return first if isinstance(first, int) else None
+
+
 class ProgressBeat(StoppingCriteria):
-    """Never stops anything; records that a generation step happened (for the watchdog)."""
+    """Never stops anything; records that a generation step happened (for the watchdog) and
+    the tokens it made (for the heartbeat's tokens/s): one per row whose newest token is not
+    padding (HF pads the rows that already ended)."""
 
     def __init__(self, engine: SwiftEngine) -> None:
         self.engine = engine
@@ -251,6 +264,9 @@ class ProgressBeat(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
         self.engine._progress = time.monotonic()
+        pad = self.engine._pad_id
+        last = input_ids[:, -1]
+        self.engine._tokens += int(last.shape[0] if pad is None else int((last != pad).sum()))
         return self._none(input_ids)
 
 
@@ -290,6 +306,9 @@ class SwiftEngine:
         # a row that sets no top_k gets the model's (as ms-swift's own config would)
         self._default_top_k = int(getattr(self.engine.generation_config, "top_k", None) or 0)
         self._progress: float | None = None
+        #: tokens made so far (ProgressBeat), and the id HF pads ended rows with
+        self._tokens = 0
+        self._pad_id: int | None = _pad_id(self.engine.tokenizer, self.engine.generation_config)
         self._lock = threading.Lock()
         #: LoRA adapters served by name (INFERQ_ADAPTERS_DIR), mixed per row in one call
         self.adapters = AdapterSlots(self.engine.model, settings.max_loaded_adapters)
@@ -333,12 +352,16 @@ class SwiftEngine:
         return self.adapters.names
 
     def adapter_facts(self) -> dict[str, Any]:
-        """For the heartbeat: refusals of the last sync, loads and unloads so far."""
+        """For the heartbeat: refusals of the last sync, the adapters not served because they
+        were refused (`refused_now`, name -> why), loads and unloads so far."""
         a = self.adapters
-        return {"refused": a.last_refused, "loads": a.loads, "unloads": a.unloads}
+        return {"refused": a.last_refused, "refused_now": a.refused, "loads": a.loads, "unloads": a.unloads}
 
     def progress(self) -> float | None:
         return self._progress
+
+    def generated_tokens(self) -> int:
+        return self._tokens
 
     def generate(
         self, requests: Sequence[GenRequest], sink: TokenSink | None = None

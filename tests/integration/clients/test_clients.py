@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly.*qualifier:UserWarnin
 HERE = Path(__file__).resolve().parent
 MODEL = "tiny"
 LIMIT = 200
-INSTRUCTOR_SPEC = "instructor==1.17.*"
 CAPTURED = json.loads((HERE / "captured_requests.json").read_text())["requests"]
 
 # litellm fetches a model price list from the internet (on its first call) unless told not to
@@ -290,22 +287,16 @@ def test_litellm_tools(litellm: Any, base_url: str) -> None:
 
 # ------------------------------------------------------------------------ instructor
 def ensure_instructor_python(venv: Path) -> Path:
-    """The python of a venv with instructor, made (python -m venv + pip) if it has none."""
-    python = venv / "bin" / "python"
-    if (
-        python.exists()
-        and procs.run([python, "-c", "import instructor"], capture_output=True).returncode == 0
-    ):
-        return python
-    start = time.monotonic()
-    procs.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    procs.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", INSTRUCTOR_SPEC],
-        check=True,
-        timeout=600,
+    """The python of a venv with instructor, made by scripts/instructor-venv if it has none.
+
+    scripts/test makes it before pytest (and names it in INFERQ_INSTRUCTOR_PYTHON), so only a
+    bare `pytest` run pays the install inside a test's timeout.
+    """
+    proc = procs.run(
+        [ROOT / "scripts" / "instructor-venv", str(venv)], capture_output=True, text=True, timeout=900
     )
-    print(f"made {venv} with {INSTRUCTOR_SPEC} in {time.monotonic() - start:.0f} s")
-    return python
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
