@@ -13,6 +13,7 @@ Choices, each deliberate:
 
 from kombu import Exchange, Queue
 
+from core import redis_conn
 from core.config import get_settings
 
 _s = get_settings()
@@ -27,6 +28,9 @@ broker_transport_options = {
     # Queues listed first are served first (see worker -Q order in Settings.queues).
     "queue_order_strategy": "priority",
 }
+if redis_conn.is_sentinel(broker_url):  # Celery's sentinel:// transport, as core.redis_conn reads it
+    broker_transport_options["master_name"] = _s.redis_sentinel_master
+    broker_transport_options["sentinel_kwargs"] = redis_conn.sentinel_timeouts(_s.redis_timeout_s)
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
@@ -44,7 +48,8 @@ task_send_sent_event = True
 task_track_started = True
 task_time_limit = _s.job_time_limit_s
 worker_hijack_root_logger = False
-# One direct exchange per queue: a message sent to one lane lands in that lane only.
+# One direct exchange per lane: a message sent to one lane lands in that lane only. A worker
+# declares its own model's lanes (core.lanes); other models' lanes are named when sent.
 task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in _s.queues]
-task_default_queue = _s.queue_jobs
+task_default_queue = _s.queues[1]  # this model's jobs lane (core.lanes)
 task_create_missing_queues = False

@@ -29,15 +29,14 @@ from pydantic import ValidationError
 from api import file_store as files
 from api import submit as service
 from api.errors import APIError
+from api.fleet import Fleet
 from api.hooks import screen
 from api.publish import task_message
-from api.served_adapters import AdapterCatalog
-from core import batch_lines, keys, webhooks
+from core import batch_lines, keys, lanes, webhooks
 from core.auth import scope_of
 from core.config import Settings
 from core.job_store import NO_TOKENS, AsyncJobStore, BatchLine
 from core.storage import Storage
-from models.prompts import PromptCounter
 from schemas.batches import Batch, BatchCreate, BatchError, BatchErrors, BatchUsage, RequestCounts
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
@@ -110,11 +109,10 @@ class BatchService:
         storage: Storage,
         settings: Settings,
         celery: Celery,
-        counter: Any,
+        fleet: Fleet,
     ) -> None:
         self.r, self.store, self.storage, self.settings, self.celery = r, store, storage, settings, celery
-        self.counter = counter  # CounterHolder
-        self.adapters = AdapterCatalog(r)
+        self.fleet = fleet
         self.ttl = batch_ttl(settings)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.holder = uuid.uuid4().hex
@@ -155,6 +153,7 @@ class BatchService:
             pipe.expire(keys.BATCH_INDEX, self.ttl)
             await pipe.execute()
         self.ensure_dispatcher(batch_id)
+        await self.store.replicated(keys.batch(batch_id))  # INFERQ_REDIS_WAIT_REPLICAS
         return decode(fields)
 
     async def get(self, batch_id: str, owner: str = "") -> Batch:
@@ -352,25 +351,18 @@ class BatchService:
         chunk, cursor, eof = await anyio.to_thread.run_sync(
             self._read_lines, raw["input_file_id"], cursor, line_no
         )
-        counter: PromptCounter = await self.counter.get()
         jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]] = []
         bad: list[tuple[int, str | None, str]] = []
         for no, text in chunk:
             line_no = no
-            parsed = await self._validate(batch_id, no, text, counter)
+            parsed = await self._validate(batch_id, no, text)
             if len(parsed) == 2:
                 bad.append((no, parsed[0], parsed[1]))
             else:
                 jobs.append(parsed)
         if jobs:
-            await self.store.create_batch_jobs(jobs, self.settings.queue_batch)
-            lane = self.settings.queue_batch
-            messages = [task_message(self.celery, RUN_JOB, j[0], lane, j[1].model) for j in jobs]
-            async with self.r.pipeline(transaction=False) as pipe:
-                pipe.lpush(lane, *messages)
-                pipe.rpush(keys.ready(lane), *[j[0] for j in jobs])
-                pipe.expire(keys.ready(lane), self.ttl)
-                await pipe.execute()
+            await self.store.create_batch_jobs(jobs)
+            await self._enqueue(jobs)
         async with self.r.pipeline(transaction=True) as pipe:
             for _no, _custom_id, line in bad:
                 pipe.rpush(keys.batch_errors(batch_id), line)
@@ -398,6 +390,18 @@ class BatchService:
             await self._record_errors(batch_id, bad)
             await self.store.release_active(raw.get("owner", ""), len(bad))
 
+    async def _enqueue(self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]]) -> None:
+        """The lines' messages and ready ids, on the batch lane of each line's model."""
+        by_lane: dict[str, list[tuple[str, str]]] = {}
+        for job_id, request, _tokens, fields in jobs:
+            by_lane.setdefault(fields["queue"], []).append((job_id, request.model))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for lane, items in by_lane.items():
+                pipe.lpush(lane, *[task_message(self.celery, RUN_JOB, j, lane, model) for j, model in items])
+                pipe.rpush(keys.ready(lane), *[j for j, _ in items])
+                pipe.expire(keys.ready(lane), self.ttl)
+            await pipe.execute()
+
     def _read_lines(
         self, file_id: str, cursor: int, line_no: int
     ) -> tuple[list[tuple[int, bytes]], int, bool]:
@@ -415,7 +419,7 @@ class BatchService:
             return out, fh.tell() - (0 if eof else 1), eof
 
     async def _validate(
-        self, batch_id: str, no: int, raw: bytes, counter: PromptCounter
+        self, batch_id: str, no: int, raw: bytes
     ) -> tuple[str, ChatCompletionRequest, int, dict[str, str]] | tuple[str | None, str]:
         def bad(
             msg: str,
@@ -460,7 +464,10 @@ class BatchService:
             return bad("body.stream must be false in a batch", custom_id, param="body.stream")
         try:  # the model's system prompt and the before-hooks first (api.hooks): a refusal is an error line
             request = await screen(request, self.settings, self.r, self.store.ttl)
-            prepared, prompt_tokens = await service.prepare(request, self.settings, counter, self.adapters)
+            base = await self.fleet.route(request.model, queue_unserved=True)
+            prepared, prompt_tokens = await service.prepare(
+                request, self.settings, await self.fleet.counter(base)
+            )
         except APIError as exc:
             return bad(
                 exc.message,
@@ -472,7 +479,8 @@ class BatchService:
         job_id = f"job_{batch_id.removeprefix('batch_')[:20]}l{no}"
         limits = service.job_limits(prepared, self.settings, expires=False)  # the batch window governs expiry
         owner = str(await self.r.hget(keys.batch(batch_id), "owner") or "")
-        extra = {"batch_id": batch_id, "custom_id": custom_id, "owner": owner, **limits}
+        lane = lanes.lane(self.settings.queue_batch, base)
+        extra = {"batch_id": batch_id, "custom_id": custom_id, "owner": owner, "queue": lane, **limits}
         extra[NO_TOKENS[0]] = NO_TOKENS[1]  # nobody follows a batch line's tokens
         return job_id, prepared, prompt_tokens, extra
 

@@ -10,8 +10,7 @@ from celery import Celery
 from fastapi import Depends, Request
 
 from api.batch_dispatch import BatchService
-from api.served_adapters import AdapterCatalog
-from api.submit import CounterHolder
+from api.fleet import Fleet
 from core.config import Settings
 from core.job_store import AsyncJobStore
 from core.storage import Storage
@@ -24,15 +23,14 @@ class AppState:
     #: for blocking XREADs: its socket timeout must outlast the block
     stream_redis: aredis.Redis
     store: AsyncJobStore
-    counter: CounterHolder
     celery: Celery
     started_at: int
     storage: Storage
     batches: BatchService
     #: SHA-256 hashes of the keys from INFERQ_API_KEYS
     key_hashes: set[str]
-    #: the LoRA adapters live workers serve (accepted as a `model`)
-    adapters: AdapterCatalog
+    #: the models live workers serve, and their prompt counters (api.fleet)
+    fleet: Fleet
 
 
 async def get_state(request: Request) -> AppState:

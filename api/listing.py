@@ -17,7 +17,7 @@ from typing import cast
 import redis.asyncio as aredis
 
 from api.errors import APIError
-from core import keys
+from core import keys, lanes
 from core.job_store import decode
 from schemas.jobs import Job, JobStatus
 
@@ -35,8 +35,8 @@ class JobFilter:
     def matches(self, status: str | None, lane: str | None, metadata: str | None) -> bool:
         if status is None or (self.status is not None and status != self.status.value):
             return False
-        if self.lane is not None and lane != self.lane:
-            return False
+        if self.lane is not None and lanes.parts(lane or "")[0] != self.lane:
+            return False  # `lane` names the queue (inferq.jobs) whatever the model
         if self.metadata:
             have = json.loads(metadata or "{}")
             return all(have.get(k) == v for k, v in self.metadata.items())

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -18,6 +17,7 @@ from prometheus_fastapi_instrumentator import metrics as http_metrics
 from api import errors, request_id
 from api.batch_dispatch import BatchService
 from api.deps import AppState
+from api.fleet import CounterHolder, Fleet
 from api.guard import RequestGuard
 from api.idempotency import PATHS as IDEMPOTENT_PATHS
 from api.idempotency import Idempotency
@@ -25,9 +25,9 @@ from api.rate_limit import RateHeaders
 from api.routes import adapters, chat, files, health, jobs, observe, responses
 from api.routes import batches as batch_routes
 from api.routes import webhooks as webhook_routes
-from api.submit import CounterHolder
 from api.timing import TimingHeader
 from api.webhooks import WebhookDispatcher
+from core import redis_conn
 from core.audit import AuditLog
 from core.auth import configured_hashes
 from core.config import Settings, get_settings, version
@@ -129,25 +129,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from tasks.app import app as celery_app  # torch-free; imported late to keep module import cheap
 
-        client = aredis.Redis.from_url(
+        client = redis_conn.async_client(
             settings.redis_url,
+            master=settings.redis_sentinel_master,
             decode_responses=True,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
-        stream_client = aredis.Redis.from_url(
+        stream_client = redis_conn.async_client(
             settings.redis_url,
+            master=settings.redis_sentinel_master,
             decode_responses=True,
             socket_timeout=settings.sse_block_s + 10,
             socket_connect_timeout=settings.redis_timeout_s,
         )
         counter = CounterHolder(settings)
         counter.start()
+        fleet = Fleet(client, settings, counter)
         storage = LocalStorage(settings.files_path)
         store = AsyncJobStore(
-            client, settings.result_ttl_s, AuditLog(settings.audit_log, settings.audit_content)
+            client,
+            settings.result_ttl_s,
+            AuditLog(settings.audit_log, settings.audit_content),
+            # WAIT for up to half the Redis timeout: the socket's own timeout must not come first
+            wait_replicas=(settings.redis_wait_replicas, int(settings.redis_timeout_s * 500)),
         )
-        batches = BatchService(client, store, storage, settings, celery_app, counter)
+        batches = BatchService(client, store, storage, settings, celery_app, fleet)
         app.state.inferq = AppState(
             settings=settings,
             redis=client,
@@ -155,11 +162,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             storage=storage,
             batches=batches,
-            counter=counter,
             celery=celery_app,
             started_at=int(time.time()),
             key_hashes=configured_hashes([*settings.api_keys, *settings.admin_keys]),
-            adapters=batches.adapters,
+            fleet=fleet,
         )
         resumer = asyncio.get_running_loop().create_task(batches.resume_all())
         app.state.webhooks = webhook_dispatcher = WebhookDispatcher(client, stream_client, settings)

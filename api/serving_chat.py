@@ -37,7 +37,7 @@ async def submit(
     st: AppState,
     body: ChatCompletionRequest,
     owner: str = "",
-    lane: str | None = None,
+    queue: str | None = None,
     publish_tokens: bool = True,
     notify: str = "",
     fields: dict[str, str] | None = None,
@@ -45,14 +45,13 @@ async def submit(
     """Submit with the app's parts; the interactive lane unless another is named."""
     return await service.submit(
         body,
-        lane or st.settings.queue_interactive,
+        queue or st.settings.queue_interactive,
         settings=st.settings,
         store=st.store,
-        counter=await st.counter.get(),
+        fleet=st.fleet,
         celery=st.celery,
         owner=owner,
         publish_tokens=publish_tokens,
-        adapters=st.adapters,
         notify=notify,
         fields=fields,
     )
@@ -246,7 +245,7 @@ class RunningUsage:
 
     @classmethod
     async def start(cls, st: AppState, body: ChatCompletionRequest) -> RunningUsage:
-        counter = await st.counter.get()
+        counter = await st.fleet.counter(await st.fleet.route(body.model))
         messages = body.engine_messages()
         prompt = await anyio.to_thread.run_sync(
             counter.count_prompt_tokens, messages, body.tools_for_engine()

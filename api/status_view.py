@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from api import webhooks
-from core import keys, metrics
+from core import keys, lanes, metrics
 
 STATUSES = ("succeeded", "failed", "cancelled", "expired")
 _HISTOGRAMS = {
@@ -41,14 +41,18 @@ async def live_workers(client: aredis.Redis) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in raws if raw]
 
 
-async def read(client: aredis.Redis, lanes: list[str]) -> SystemView:
+async def read(client: aredis.Redis, own_lanes: list[str]) -> SystemView:
+    """`own_lanes` (this API's model's) and every live worker's show, at 0 where nothing
+    happened."""
     async with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.METRICS)
         pipe.lrange(keys.FAILURES, 0, 9)
         raw, failures = await pipe.execute()
+    workers = await live_workers(client)
+    known = list(dict.fromkeys([*own_lanes, *(lane for w in workers for lane in w.get("lanes") or [])]))
     return SystemView(
-        snapshot=metrics.decode(raw, lanes),
-        workers=await live_workers(client),
+        snapshot=metrics.decode(raw, known),
+        workers=workers,
         failures=[_failure(json.loads(f)) for f in failures],
     )
 
@@ -70,33 +74,45 @@ def families(view: SystemView) -> list[Metric]:
     ]
 
 
+def _labels(lane: str) -> list[str]:
+    """A lane's labels: the queue (`inferq.jobs`) and the model (core.lanes), so that a
+    scaler (KEDA) can follow each model's depth on its own."""
+    return list(lanes.parts(lane))
+
+
 def _job_families(snap: metrics.Snapshot) -> list[Metric]:
     """Queue depth and finished jobs per lane: every known lane shows every status, at 0 too."""
-    depth = GaugeMetricFamily("inferq_queue_depth", "Jobs queued and not started, per lane.", labels=["lane"])
+    depth = GaugeMetricFamily(
+        "inferq_queue_depth", "Jobs queued and not started, per lane and model.", labels=["lane", "model"]
+    )
     for lane, n in snap.depth.items():
-        depth.add_metric([lane], n)
+        depth.add_metric(_labels(lane), n)
     finished = CounterMetricFamily(
-        "inferq_jobs_finished", "Jobs that ended, by lane and status.", labels=["lane", "status"]
+        "inferq_jobs_finished",
+        "Jobs that ended, by lane, model and status.",
+        labels=["lane", "model", "status"],
     )
     for lane in snap.depth:
         for status in STATUSES:
-            finished.add_metric([lane, status], snap.finished.get((lane, status), 0))
+            finished.add_metric([*_labels(lane), status], snap.finished.get((lane, status), 0))
     for (lane, status), n in snap.finished.items():
         if lane not in snap.depth:
-            finished.add_metric([lane, status], n)
+            finished.add_metric([*_labels(lane), status], n)
     return [depth, finished]
 
 
 def _token_families(snap: metrics.Snapshot) -> list[Metric]:
     """Prompt and generated tokens per lane, finished jobs per model."""
-    prompt = CounterMetricFamily("inferq_prompt_tokens", "Prompt tokens of finished jobs.", labels=["lane"])
+    prompt = CounterMetricFamily(
+        "inferq_prompt_tokens", "Prompt tokens of finished jobs.", labels=["lane", "model"]
+    )
     generated = CounterMetricFamily(
-        "inferq_generated_tokens", "Tokens generated for finished jobs.", labels=["lane"]
+        "inferq_generated_tokens", "Tokens generated for finished jobs.", labels=["lane", "model"]
     )
     for lane, n in snap.prompt_tokens.items():
-        prompt.add_metric([lane], n)
+        prompt.add_metric(_labels(lane), n)
     for lane, n in snap.generated_tokens.items():
-        generated.add_metric([lane], n)
+        generated.add_metric(_labels(lane), n)
     model_jobs = CounterMetricFamily(
         "inferq_model_jobs",
         "Finished jobs per model (the base model and each LoRA adapter).",
@@ -111,10 +127,10 @@ def _histogram_families(snap: metrics.Snapshot) -> list[Metric]:
     """The per-lane latency histograms, then the engine's rows per call."""
     out: list[Metric] = []
     for name, (metric, doc) in _HISTOGRAMS.items():
-        family = HistogramMetricFamily(metric, doc, labels=["lane"])
+        family = HistogramMetricFamily(metric, doc, labels=["lane", "model"])
         for (hname, lane), h in sorted(snap.histograms.items()):
             if hname == name:
-                family.add_metric([lane], h.cumulative(), h.total)
+                family.add_metric(_labels(lane), h.cumulative(), h.total)
         out.append(family)
     rows = snap.histograms[("batch_rows", "")]
     batch = HistogramMetricFamily("inferq_engine_batch_rows", "Rows (requests) per engine call.")

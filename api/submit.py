@@ -5,7 +5,6 @@ Routes call this and only translate HTTP; tests call it directly.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -15,13 +14,15 @@ import anyio
 from celery import Celery
 
 from api.errors import APIError
+from api.fleet import Fleet
 from api.hooks import screen
 from api.prompt_bound import PromptBound
 from api.publish import task_message
-from api.served_adapters import AdapterCatalog, refused_error
+from core import lanes
 from core.config import Settings
 from core.job_store import NO_TOKENS, AsyncJobStore, JobRecord
-from models.prompts import PromptCounter, load_prompt_counter
+from core.redis_conn import NotReplicated
+from models.prompts import PromptCounter
 from models.spec import ModelFacts
 from schemas.grammar import GrammarError, check_request_grammar
 from schemas.jobs import Job, JobStatus
@@ -37,65 +38,12 @@ INLINE_COUNT_CHARS = 4096
 TOO_LONG = re.compile(r"length of row\((?P<used>\d+)\) is larger than the max_length\(\d+\)")
 
 
-class CounterHolder:
-    """Loads the prompt counter (the model's template, no weights) off the event loop."""
-
-    RETRY_S = 10.0
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._task: asyncio.Task[PromptCounter] | None = None
-        self._failed_at = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            anyio.to_thread.run_sync(load_prompt_counter, self.settings)
-        )
-
-    @property
-    def ready(self) -> bool:
-        return self._task is not None and self._task.done() and self._task.exception() is None
-
-    async def get(self) -> PromptCounter:
-        """The counter, or a 503 naming why the model could not be loaded (a failed load is
-        tried again after `RETRY_S`: the model directory may have been fixed meanwhile)."""
-        if self._task is None or (self._failed_at and time.monotonic() - self._failed_at > self.RETRY_S):
-            self._failed_at = 0.0
-            self.start()
-        assert self._task is not None
-        try:
-            return await asyncio.shield(self._task)
-        except Exception as exc:
-            if not self._failed_at:
-                self._failed_at = time.monotonic()
-                logger.error("the model could not be loaded: %s", exc)
-            raise APIError(
-                503,
-                f"The model is not available: it could not be loaded ({type(exc).__name__}: {exc}).",
-                code="model_unavailable",
-                type_="server_error",
-            ) from exc
-
-
 async def prepare(
-    request: ChatCompletionRequest,
-    settings: Settings,
-    counter: PromptCounter,
-    adapters: AdapterCatalog | None = None,
+    request: ChatCompletionRequest, settings: Settings, counter: PromptCounter
 ) -> tuple[ChatCompletionRequest, int]:
-    """Refuse what the engine cannot do; fill in the effective `max_tokens`. A `model` other
-    than the base one must be a LoRA adapter a live worker serves."""
+    """Refuse what the engine cannot do; fill in the effective `max_tokens`. The model was
+    routed first (api.fleet): `counter` is its base model's."""
     facts = counter.facts
-    if request.model != facts.model_id and (adapters is None or request.model not in await adapters.names()):
-        if adapters is not None and (reason := await adapters.refused(request.model)) is not None:
-            raise refused_error(request.model, reason)
-        raise APIError(
-            404,
-            f"The model '{request.model}' does not exist; this server serves "
-            f"'{facts.model_id}' and its adapters (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
     if request.n > settings.max_n:
         raise APIError(
             400,
@@ -242,24 +190,27 @@ async def reserve(store: AsyncJobStore, owner: str, units: int, settings: Settin
 
 async def submit(
     request: ChatCompletionRequest,
-    lane: str,
+    queue: str,
     *,
     settings: Settings,
     store: AsyncJobStore,
-    counter: PromptCounter,
+    fleet: Fleet,
     celery: Celery,
     owner: str = "",
     publish_tokens: bool = True,
-    adapters: AdapterCatalog | None = None,
     notify: str = "",
     fields: dict[str, str] | None = None,
 ) -> Job:
-    """`publish_tokens` False: the caller waits for the result only (a non-stream chat
+    """`queue`: the lane setting (`settings.queue_jobs`, ...); the job goes to that lane of
+    its model's base model (core.lanes), which only that model's workers consume.
+    `publish_tokens` False: the caller waits for the result only (a non-stream chat
     request), so the worker writes no token events for it. `notify`: 'job' or 'response',
     the webhook events its end is announced as (none for chat requests and batch lines,
     whose callers hear of the end otherwise). `fields`: more record fields to write."""
     request = await screen(request, settings, store.r, store.ttl)  # system prompt, before-hooks
-    prepared, prompt_tokens = await prepare(request, settings, counter, adapters)
+    base = await fleet.route(request.model)
+    prepared, prompt_tokens = await prepare(request, settings, await fleet.counter(base))
+    lane = lanes.lane(queue, base)
     await reserve(store, owner, 1, settings)
     limits: dict[str, str] = job_limits(prepared, settings)
     if not publish_tokens:
@@ -272,6 +223,8 @@ async def submit(
             {**limits, **(fields or {}), "owner": owner, **({"notify": notify} if notify else {})},
             message=lambda job_id: task_message(celery, RUN_JOB, job_id, lane, request.model),
         )
+    except NotReplicated:
+        raise  # a 503, yet the job exists and will run: its end releases its count
     except Exception:
         await store.release_active(owner, 1)
         raise

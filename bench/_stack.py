@@ -25,7 +25,7 @@ from core.config import Settings
 from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE, build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+QUEUES = Settings().lanes("tiny")  # the benches' model, served as "tiny" (core.lanes)
 
 
 def bench_model(size: str = "tiny", eos_free: bool = True) -> Path:

@@ -21,7 +21,7 @@ from bench._stack import ROOT, stack
 from bench.common import prompts
 from bench.loadgen import post_many
 
-LANES = ("inferq.interactive", "inferq.jobs")
+LANES = ("inferq.interactive@tiny", "inferq.jobs@tiny")  # core.lanes: the bench model's
 WINDOW_S = 5.0
 
 
@@ -120,7 +120,7 @@ def dashboard(backlog: int = 600, batch: int = 16) -> dict[str, Any]:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             last = series[-1] if series else {}
-            if last.get("depth|inferq.jobs", 1) == 0:
+            if last.get(f"depth|{LANES[1]}", 1) == 0:
                 break
             time.sleep(0.5)
         time.sleep(5)

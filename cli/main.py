@@ -200,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if quiet:
             env = quiet_env(env)
         since = time.time()
-        sup.start("worker", worker_argv(settings.queues, quiet=quiet), env=env)
+        sup.start("worker", worker_argv(preflight.child_lanes(env), quiet=quiet), env=env)
         sup.start("api", api_argv(args.host, args.port, quiet=quiet), env=env)
         base = f"http://{args.host}:{args.port}"
         _wait_ready(base, redis_url, since, sup, lambda: stopping)
@@ -314,9 +314,9 @@ def _wait_ready(
     engine. (Not /ready: with API keys it needs a key, which the supervisor may not have; and
     a heartbeat of the worker that a kill -9 of the last run left in the AOF stands for
     liveness_s after it died.)"""
-    import redis
+    from core import redis_conn
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    client = redis_conn.sync_client(redis_url, socket_timeout=2)
 
     def ready() -> bool:
         # the child's reason first: it also stops its parent, which may have exited already
@@ -387,7 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if quiet:
         env = quiet_env(env)
     if args.cmd == "worker":
-        argv = worker_argv(settings.queues, quiet=quiet)
+        argv = worker_argv(preflight.child_lanes(env), quiet=quiet)
     else:
         argv = api_argv(args.host, args.port, quiet=quiet)
     if reason := preflight.redis_unreachable(redis_url):
@@ -402,8 +402,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    import redis
-
+    from core import redis_conn
     from core.auth import create_key
 
     settings = Settings()
@@ -422,7 +421,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     )
     if (code := _refused(problems)) is not None:
         return code
-    raw, owner = create_key(redis.Redis.from_url(url), args.name, settings.key_ttl_s)
+    raw, owner = create_key(redis_conn.sync_client(url), args.name, settings.key_ttl_s)
     sys.stdout.write(f"{raw}\n")
     logger.info(
         "created key %s for %r (shown once; only its hash is stored). Serve with INFERQ_REQUIRE_AUTH=true.",

@@ -54,6 +54,14 @@ def environ_as(env: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def child_lanes(env: Mapping[str, str]) -> list[str]:
+    """The lanes a worker started with `env` consumes: its model's (core.lanes), named as its
+    own settings name it once the flags are INFERQ_* variables (`--served-model-name`,
+    `--model`), not as this process's settings do."""
+    with environ_as(env):
+        return Settings().queues
+
+
 def settings_problems(env: Mapping[str, str]) -> list[str]:
     """The settings every process started with `env` will read, checked once here: a bad
     value (an INFERQ_ variable, or a flag passed on as one) was a traceback in each child."""
@@ -111,11 +119,14 @@ def model_problems(args: argparse.Namespace, settings: Settings, *, worker: bool
 def redis_problems(url: str, *, must_answer: bool) -> list[str]:
     """A URL redis-py cannot parse fails every process the same way: said once. `inferq run`
     also needs the server now (it waited 600 s for a READY that could not come); `inferq
-    worker`/`api` may be started before it, and only warn (cli.main)."""
+    worker`/`api` may be started before it, and only warn (cli.main). A `sentinel://` URL
+    (Celery's syntax, core.redis_conn) is checked by asking its sentinels for the primary."""
     from redis.connection import parse_url
 
+    from core import redis_conn
+
     try:
-        parse_url(url)
+        redis_conn.parse_sentinel_url(url) if redis_conn.is_sentinel(url) else parse_url(url)
     except ValueError as exc:
         return [f"--redis-url {url}: {exc}"]
     if must_answer and (reason := redis_unreachable(url)):
@@ -127,11 +138,18 @@ def redis_problems(url: str, *, must_answer: bool) -> list[str]:
 
 
 def redis_unreachable(url: str) -> str | None:
-    """Why Redis does not answer a PING within 2 s, or None."""
+    """Why Redis does not answer a PING within 2 s, or None. Through sentinels: the primary
+    they name answers (none named: the sentinels do not know the master name, or it is down)."""
     import redis
+    from redis.sentinel import MasterNotFoundError
+
+    from core import redis_conn
 
     try:
-        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+        redis_conn.sync_client(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except MasterNotFoundError as exc:
+        hint = "no sentinel answered, or none knows a primary of that name (INFERQ_REDIS_SENTINEL_MASTER)"
+        return f"{exc}; {hint}"
     except (redis.RedisError, OSError) as exc:
         return str(exc) or type(exc).__name__
     return None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import lanes
 from schemas.openai import ChatCompletion
 
 logger = logging.getLogger("inferq.audit")
@@ -44,7 +45,7 @@ class Finished:
         return cls(
             job_id=job_id,
             status=status,
-            lane=lane,
+            lane=lanes.parts(lane)[0],  # the queue, as the job shows it; the model is a field
             created_at=float(created),
             started_at=float(started) if started else None,
             finished_at=finished_at,

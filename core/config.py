@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core import lanes
 from schemas.webhooks import EVENT_TYPES
 
 
@@ -50,6 +51,14 @@ class Settings(BaseSettings):
     redis_url: str = Field(default="", validation_alias=AliasChoices("INFERQ_REDIS_URL", "REDIS_URL"))
     #: Seconds a Redis call may take in the API before it answers 503 instead of hanging.
     redis_timeout_s: float = 5.0
+    #: With a `sentinel://` URL (Celery's form, `sentinel://[:password@]h1:26379[/db];sentinel://h2:26379`):
+    #: the name the sentinels monitor the primary under (`sentinel monitor NAME ...`).
+    redis_sentinel_master: str = "mymaster"
+    #: Replicas that must hold a new job (or batch) before the API answers 202 (Redis WAIT,
+    #: for up to half of redis_timeout_s; 503 if fewer did). 0: off. Replication is
+    #: asynchronous, so without it a job accepted just before the primary dies can be
+    #: missing on the replica promoted in its place (docs/reliability.md).
+    redis_wait_replicas: int = Field(default=0, ge=0)
     #: Seconds a finished (or queued) job record, its result and its stream are kept.
     result_ttl_s: int = 24 * 3600
     #: Longest XREAD BLOCK of an SSE reader; an idle stream gets a keep-alive this often.
@@ -242,15 +251,24 @@ class Settings(BaseSettings):
     #: model that brings no system message of its own.
     system_prompts: dict[str, str] = Field(default_factory=dict)
 
+    #: Seconds a client is told to wait (`Retry-After`) when no live worker serves the
+    #: model it asked for (503 model_unavailable; api.fleet).
+    model_retry_after_s: int = Field(default=10, ge=1)
+
     # --- queues -------------------------------------------------------------------
     queue_interactive: str = "inferq.interactive"
     queue_jobs: str = "inferq.jobs"
     queue_batch: str = "inferq.batch"
 
+    def lanes(self, model: str) -> list[str]:
+        """The lanes of `model` (core.lanes), in priority order: a worker drains earlier
+        lanes first."""
+        return [lanes.lane(q, model) for q in (self.queue_interactive, self.queue_jobs, self.queue_batch)]
+
     @property
     def queues(self) -> list[str]:
-        """In priority order: the worker drains earlier queues first."""
-        return [self.queue_interactive, self.queue_jobs, self.queue_batch]
+        """This process's model's lanes: what its worker consumes (Celery's -Q)."""
+        return self.lanes(self.model_id)
 
     @property
     def model_id(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aredis
 
-from core import audit, keys, metrics, scripts
+from core import audit, keys, lanes, metrics, redis_conn, scripts
 from core.recovery import Recovery
 from schemas.jobs import TRANSITIONS, Job, JobError, JobStatus
 from schemas.openai import ChatCompletion, ChatCompletionRequest
@@ -47,6 +47,8 @@ class TransitionResult:
     missing: bool = False
     #: refused: the job runs on a worker whose heartbeat stands
     alive: bool = False
+    #: refused: the job runs again elsewhere (a later attempt than the move's `_attempt`)
+    fenced: bool = False
     #: the job ended with this move: its facts for the audit line
     finished: audit.Finished | None = None
 
@@ -150,7 +152,7 @@ def decode(raw: dict[str, str]) -> JobRecord | None:
         # "batch_rows": the field's name in records written before 0.2
         engine_rows=int(rows) if (rows := raw.get("engine_rows") or raw.get("batch_rows")) else None,
         metadata=json.loads(raw.get("metadata") or "{}"),
-        lane=raw.get("queue") or None,
+        lane=lanes.parts(raw["queue"])[0] if raw.get("queue") else None,  # the queue, not the model
         batch_id=raw.get("batch_id") or None,
         result=ChatCompletion.model_validate_json(raw["result"]) if raw.get("result") else None,
         error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
@@ -218,6 +220,7 @@ def _parse(reply: list[Any], move: Move | None = None, now: float = 0.0) -> Tran
         previous=prev,
         missing=status == "missing",
         alive=status == "alive",
+        fenced=status == "fenced",
         finished=finished,
     )
 
@@ -350,10 +353,18 @@ class JobStore:
 class AsyncJobStore:
     """Non-blocking twin for the API; shares the encoding and the script above."""
 
-    def __init__(self, client: aredis.Redis, ttl: int, audit_log: audit.AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        client: aredis.Redis,
+        ttl: int,
+        audit_log: audit.AuditLog | None = None,
+        wait_replicas: tuple[int, int] = (0, 0),
+    ) -> None:
         self.r = client
         self.ttl = ttl
         self.audit_log = audit_log
+        #: (replicas, timeout ms) that must hold a new record before it is answered; (0, 0): off
+        self.wait_replicas = wait_replicas
         self._transition = client.register_script(scripts.transition())
 
     async def create(
@@ -376,9 +387,15 @@ class AsyncJobStore:
                 pipe.rpush(keys.ready(lane), job_id)
                 pipe.expire(keys.ready(lane), self.ttl)
             await pipe.execute()
+        await self.replicated(keys.job(job_id))
         record = decode(fields)
         assert record is not None
         return record.job
+
+    async def replicated(self, key: str) -> None:
+        """With INFERQ_REDIS_WAIT_REPLICAS: `key`, and what was written before, is on that many
+        replicas, or NotReplicated (a 503): a failover cannot lose what is answered after."""
+        await redis_conn.wait_replicas(self.r, *self.wait_replicas, written=key)
 
     async def get(self, job_id: str) -> JobRecord | None:
         return decode(cast(dict[str, str], await self.r.hgetall(keys.job(job_id))))
@@ -425,10 +442,11 @@ class AsyncJobStore:
         return done
 
     async def create_batch_jobs(
-        self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]], lane: str
+        self, jobs: list[tuple[str, ChatCompletionRequest, int, dict[str, str]]]
     ) -> None:
-        """Records for batch lines under deterministic ids; ids that already exist (a
-        dispatcher that restarted mid-chunk) are kept as they are."""
+        """Records for batch lines under deterministic ids, each on the lane its fields name
+        (`queue`: its model's batch lane); ids that already exist (a dispatcher that
+        restarted mid-chunk) are kept as they are."""
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id, *_ in jobs:
                 pipe.exists(keys.job(job_id))
@@ -437,6 +455,6 @@ class AsyncJobStore:
         async with self.r.pipeline(transaction=True) as pipe:
             for (job_id, request, prompt_tokens, extra), exists in zip(jobs, present, strict=True):
                 if not exists:
-                    fields = {**encode_new(job_id, request, lane, now, prompt_tokens), **extra}
+                    fields = {**encode_new(job_id, request, extra["queue"], now, prompt_tokens), **extra}
                     _queue_create(pipe, job_id, fields, self.ttl)
             await pipe.execute()

@@ -196,6 +196,12 @@ def owner_jobs(owner: str) -> str:
     return f"{JOB_INDEX}:{owner}"
 
 
+#: Hash: the base models workers have announced (model id -> JSON: how the API counts its
+#: prompts, its context length, when it was last announced), so that a model whose workers
+#: are all gone answers 503 model_unavailable rather than 404, and its batch lines still
+#: queue. TTL: result_ttl_s, refreshed on every heartbeat.
+MODELS = f"{PREFIX}models"
+
 #: Sorted set of worker ids by the time of their last heartbeat, so readers find the live
 #: workers without a SCAN of the keyspace (those older than liveness_s are dropped on read).
 #: TTL: refreshed on every beat.
@@ -217,3 +223,7 @@ ADAPTER_OVERRIDES = f"{PREFIX}adapters:overrides"
 #: Hash: why a worker refused an adapter (name -> JSON reason, worker, version), for the load
 #: endpoint to answer with. TTL: result_ttl_s, refreshed on every write.
 ADAPTER_REFUSALS = f"{PREFIX}adapters:refusals"
+
+#: String: written just before a WAIT, on the WAIT's own connection, so that the WAIT covers
+#: every earlier write of the process (core.redis_conn.wait_replicas). TTL: 60 s.
+REPLICATION_FENCE = f"{PREFIX}replication-fence"

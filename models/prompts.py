@@ -8,8 +8,9 @@ engine's token for token.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from core.config import Settings
@@ -71,7 +72,7 @@ def tool_format(template: Any) -> str | None:
 class SwiftPromptCounter:
     """The template without the model: exact prompt counts for validation in the API."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, model_id: str = "") -> None:
         from swift.infer_engine import InferRequest
         from swift.model import get_processor
         from swift.template import get_template
@@ -80,7 +81,7 @@ class SwiftPromptCounter:
         processor = get_processor(str(spec.path), model_type=spec.model_type or None)
         self.template = get_template(processor, template_type=spec.template or None)
         self.facts = ModelFacts(
-            model_id=settings.model_id,
+            model_id=model_id or settings.model_id,
             context_length=int(self.template.max_length or 0),
             demo=spec.demo,
             tool_format=tool_format(self.template),
@@ -101,3 +102,18 @@ def load_prompt_counter(settings: Settings) -> PromptCounter:
         return WordCounter(settings.model_id)
     with root_log_levels_kept():
         return SwiftPromptCounter(resolve_model(settings), settings)
+
+
+def counter_for(model_id: str, announced: Mapping[str, Any], settings: Settings) -> PromptCounter:
+    """The counter of a model a worker announced (tasks.child.announcement): its template
+    read from the path the worker loaded it from, which the API's host must see too."""
+    if announced.get("engine") == "echo":
+        return WordCounter(model_id, int(announced.get("context_length") or 4096))
+    spec = ModelSpec(
+        path=Path(str(announced.get("path") or "")),
+        model_type=str(announced.get("model_type") or ""),
+        template=str(announced.get("template") or ""),
+        demo=bool(announced.get("demo")),
+    )
+    with root_log_levels_kept():
+        return SwiftPromptCounter(spec, settings, model_id)

@@ -389,6 +389,8 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     #: Our extension (as vLLM's): a LoRA adapter's base model
     parent: str | None = omitted_if_none()
+    #: Our extension: how many live workers serve it (0: none now; requests get 503)
+    workers: int | None = omitted_if_none()
 
 
 class ModelList(BaseModel):

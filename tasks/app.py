@@ -10,6 +10,7 @@ from celery.signals import (
     worker_init,
     worker_shutting_down,
 )
+from kombu import Exchange, Queue
 
 from tasks import engine_failure, events, shutdown_log
 
@@ -33,6 +34,9 @@ worker_shutting_down.connect(shutdown_log.on_shutting_down, weak=False)
 
 def send_job(job_id: str, lane: str, model: str) -> None:
     """Enqueue a job's message again (the worker's recovery; the API writes its own messages
-    in the same round trip as the job record, api.publish)."""
+    in the same round trip as the job record, api.publish). The lane may be another model's
+    (a reaper sends any dead worker's jobs), which this process never declared: it is named
+    whole, exchange and routing key, as celeryconfig declares every lane."""
     kwargs = events.kwargs_repr(model, lane)
-    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=lane, kwargsrepr=kwargs)
+    queue = Queue(lane, Exchange(lane, type="direct"), routing_key=lane)
+    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue, kwargsrepr=kwargs)

@@ -22,11 +22,12 @@ from typing import Any, NoReturn, cast
 import redis
 from kombu.exceptions import OperationalError
 
-from core import keys
+from core import keys, redis_conn
 from core.audit import AuditLog
 from core.config import Settings, get_settings
 from core.job_store import JobStore
 from models.hooks import hooks_for
+from models.spec import resolve_model
 from schemas.jobs import JobError
 from tasks import engine_failure, events
 from tasks.app import send_job
@@ -47,16 +48,23 @@ class WorkerState:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
+        self.redis = redis_conn.sync_client(
+            settings.redis_url,
+            master=settings.redis_sentinel_master,
+            decode_responses=True,
+            socket_timeout=30,
+            health_check_interval=30,
         )
         self.store = JobStore(
             self.redis, settings.result_ttl_s, AuditLog(settings.audit_log, settings.audit_content)
         )
         #: the heartbeat's own connection, with a timeout well inside `liveness_s`: a beat
         #: stuck behind a slow call would let the key lapse and make this worker look dead
-        self._beat_redis = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=max(0.5, settings.liveness_s / 4)
+        self._beat_redis = redis_conn.sync_client(
+            settings.redis_url,
+            master=settings.redis_sentinel_master,
+            decode_responses=True,
+            socket_timeout=max(0.5, settings.liveness_s / 4),
         )
         #: when a beat last failed (None: none has)
         self._beat_failed_at: float | None = None
@@ -82,6 +90,8 @@ class WorkerState:
         self._adapters = threading.Thread(target=self._adapters_loop, name="inferq-adapters", daemon=True)
         #: the on-demand unloads this worker applies, against the directory entries they hide
         self.unloads = adapters.Unloads()
+        #: what the API needs to count this model's prompts (models.prompts.counter_for)
+        self.announced = announcement(settings, engine)
 
     def start(self) -> None:
         self._beat.start()
@@ -265,6 +275,7 @@ class WorkerState:
             "worker_id": self.worker_id,
             "pid": os.getpid(),
             "model": facts.model_id,
+            "lanes": self.settings.queues,
             "context_length": facts.context_length,
             "demo": facts.demo,
             "started_at": self.started_at,
@@ -283,6 +294,8 @@ class WorkerState:
         pipe.set(keys.worker(self.worker_id), json.dumps(info), px=ttl_ms)
         pipe.zadd(keys.WORKERS, {self.worker_id: info["at"]})
         pipe.expire(keys.WORKERS, int(ttl_ms / 1000) + 60)
+        pipe.hset(keys.MODELS, facts.model_id, json.dumps({**self.announced, "at": info["at"]}))
+        pipe.expire(keys.MODELS, self.settings.result_ttl_s)
         pipe.execute()
 
     def _heartbeat_loop(self) -> None:
@@ -410,12 +423,29 @@ def _report_load_failure(settings: Settings, exc: Exception) -> NoReturn:
         exc_info=verbose,
     )
     with contextlib.suppress(redis.RedisError):
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        client = redis_conn.sync_client(
+            settings.redis_url, master=settings.redis_sentinel_master, socket_timeout=5
+        )
         info = json.dumps({"at": time.time(), "error": f"{type(exc).__name__}: {exc}"})
         client.set(keys.worker_failure(options.process_worker_id()), info, ex=keys.WORKER_FAILURE_TTL_S)
     engine_failure.tell_parent()
     logging.shutdown()
     os._exit(engine_failure.ENGINE_FAILED)
+
+
+def announcement(settings: Settings, engine: Engine) -> dict[str, Any]:
+    """How the API counts this model's prompts (its template, read from the model's path:
+    the API host must see the same path), announced with every heartbeat under the model's
+    id (keys.MODELS)."""
+    spec = resolve_model(settings)
+    return {
+        "engine": settings.engine,
+        "path": str(spec.path),
+        "model_type": spec.model_type,
+        "template": spec.template,
+        "context_length": engine.facts.context_length,
+        "demo": engine.facts.demo,
+    }
 
 
 def init_child(**_: Any) -> None:

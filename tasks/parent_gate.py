@@ -58,6 +58,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default
 
+from core import redis_conn
 from core.config import get_settings
 from core.job_store import JobStore
 from schemas.jobs import JobStatus
@@ -205,8 +206,9 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
     eventer = consumer.event_dispatcher
     send = eventer.send if eventer is not None and eventer.enabled and task.send_events else None
     settings = get_settings()
-    client = redis.Redis.from_url(
+    client = redis_conn.sync_client(
         settings.redis_url,
+        master=settings.redis_sentinel_master,
         decode_responses=True,
         socket_timeout=settings.redis_timeout_s,
         health_check_interval=30,

@@ -292,19 +292,33 @@ def finish_all(
     after: tuple[Hooks, list[Timing]] = (hooks or Hooks(), [])
     extra = {"engine_rows": str(rows)}
     moves = [
-        _with_facts(_final_move(store, rec, outs, sink, bool(flag), dict(extra), after), sink)
+        _with_facts(_final_move(store, rec, outs, sink, bool(flag), _fenced(extra, rec), after), sink)
         for (rec, outs), flag in zip(runs, flagged, strict=True)
     ]
     _record_hooks(store, after[1])
     outcomes = []
     for move, done in zip(moves, store.apply(moves), strict=True):
-        if move.to is JobStatus.SUCCEEDED and not done.ok:
+        if done.fenced:
+            logger.warning(
+                "job %s runs again elsewhere (this worker lost Redis past its heartbeat): "
+                "this worker's late result is refused",
+                move.job_id,
+            )
+            outcomes.append(RunOutcome(JobStatus(done.previous), skipped=True))
+        elif move.to is JobStatus.SUCCEEDED and not done.ok:
             logger.info("job %s became %s while running; result discarded", move.job_id, done.previous)
             outcomes.append(RunOutcome(JobStatus(done.previous), skipped=True))
         else:
             tokens = move.result.usage.completion_tokens if move.result is not None else 0
             outcomes.append(RunOutcome(move.to, completion_tokens=tokens))
     return outcomes
+
+
+def _fenced(extra: dict[str, str], record: JobRecord) -> dict[str, str]:
+    """The move's facts with its fencing token: the attempt this worker runs (its record was
+    read just before the move to running counted it). The transition script refuses the
+    move if the job has been started again since, elsewhere."""
+    return {**extra, "_attempt": str(record.job.attempts + 1)}
 
 
 def _record_hooks(store: JobStore, timings: list[Timing]) -> None:

@@ -100,7 +100,8 @@ class StreamSink:
     first_token_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._streams = [keys.job_events(t.job_id) for t in self.targets]
+        #: per row, the keys xadd_tokens takes: the job's event stream and its record
+        self._streams = [(keys.job_events(t.job_id), keys.job(t.job_id)) for t in self.targets]
         self._xadd_tokens = self.client.register_script(scripts.source("xadd_tokens"))
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -111,7 +112,7 @@ class StreamSink:
         """More rows, for jobs that join a running call (continuous batching)."""
         start = len(self.targets)
         self.targets.extend(targets)
-        self._streams += [keys.job_events(t.job_id) for t in targets]
+        self._streams += [(keys.job_events(t.job_id), keys.job(t.job_id)) for t in targets]
         if deadline is not None:
             self.deadlines.update({t.job_id: deadline for t in targets})
         return range(start, len(self.targets))
@@ -151,7 +152,7 @@ class StreamSink:
         args: list[str | int] = [EVENTS_MAXLEN]
         for i, parts in self._pending.items():
             t = self.targets[i]
-            streams.append(self._streams[i])
+            streams += self._streams[i]
             args += [t.index, "".join(parts), t.attempt]
         self._pending.clear()
         self._pending_chars = 0

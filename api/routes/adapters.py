@@ -67,8 +67,8 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 async def _served(st: StateDep) -> frozenset[str]:
     """What live workers serve now (not the catalog's second-old copy)."""
-    st.adapters.forget()
-    return await st.adapters.names()
+    st.fleet.forget()
+    return await st.fleet.adapter_names()
 
 
 @router.post(

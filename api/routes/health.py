@@ -9,8 +9,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.auth import OwnerDep
-from api.deps import StateDep
+from api.deps import AppState, StateDep
 from api.errors import APIError, error_responses
+from api.fleet import Served
 from api.served_adapters import refused_error
 from api.status_view import live_workers
 from schemas.openai import ModelCard, ModelList
@@ -35,7 +36,7 @@ async def health() -> dict[str, str]:
 )
 async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     """Ready: Redis answers and at least one worker child has a loaded engine and beats."""
-    body: dict[str, Any] = {"redis": False, "workers": [], "validator": st.counter.ready}
+    body: dict[str, Any] = {"redis": False, "workers": [], "validator": st.fleet.own.ready}
     try:
         await st.redis.ping()
         body["redis"] = True
@@ -47,16 +48,24 @@ async def ready(st: StateDep, _: OwnerDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-async def _model_card(st: Any) -> ModelCard:
-    facts = (await st.counter.get()).facts
-    owner = "inferq-DEMO (random weights: output is gibberish)" if facts.demo else "inferq"
+def _card(st: AppState, served: Served) -> ModelCard:
+    owner = "inferq-DEMO (random weights: output is gibberish)" if served.demo else "inferq"
     return ModelCard(
-        id=facts.model_id,
+        id=served.id,
         created=st.started_at,
         owned_by=owner,
-        demo=facts.demo,
-        context_length=facts.context_length,
+        demo=served.demo,
+        context_length=served.context_length,
+        parent=served.parent or None,
+        workers=served.workers,
     )
+
+
+async def _own_card(st: AppState) -> ModelCard:
+    """The model this API was started with, listed even while no worker serves it."""
+    facts = (await st.fleet.own.get()).facts
+    own = Served(facts.model_id, 0, context_length=facts.context_length, demo=facts.demo)
+    return _card(st, own)
 
 
 @router.get(
@@ -67,13 +76,16 @@ async def _model_card(st: Any) -> ModelCard:
     responses=error_responses(),
 )
 async def models(st: StateDep, _: OwnerDep) -> ModelList:
-    """The base model, then each LoRA adapter a live worker serves (`parent`: the base)."""
-    base = await _model_card(st)
-    return ModelList(data=[base, *[_adapter_card(base, a) for a in sorted(await st.adapters.names())]])
-
-
-def _adapter_card(base: ModelCard, name: str) -> ModelCard:
-    return base.model_copy(update={"id": name, "parent": base.id})
+    """Every model a live worker serves, base models first, then LoRA adapters (`parent`:
+    the base), each with `workers`, how many live workers serve it; the model this API was
+    started with comes first whether or not a worker serves it now."""
+    cards = [_card(st, s) for s in await st.fleet.served()]
+    own = st.settings.model_id
+    if not any(c.id == own for c in cards):
+        cards.insert(0, await _own_card(st))
+    else:
+        cards.sort(key=lambda c: c.id != own)  # stable: the rest keep their order
+    return ModelList(data=cards)
 
 
 @router.get(
@@ -84,11 +96,11 @@ def _adapter_card(base: ModelCard, name: str) -> ModelCard:
     responses=error_responses(404),
 )
 async def model(model_id: str, st: StateDep, _: OwnerDep) -> ModelCard:
-    card = await _model_card(st)
-    if model_id != card.id and model_id in await st.adapters.names():
-        return _adapter_card(card, model_id)
-    if model_id != card.id:
-        if (reason := await st.adapters.refused(model_id)) is not None:
-            raise refused_error(model_id, reason)
-        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-    return card
+    """A model served now, or one served lately (`workers: 0`); a refused adapter's 404 says why."""
+    if (served := await st.fleet.find(model_id)) is not None:
+        return _card(st, served)
+    if model_id == st.settings.model_id:
+        return await _own_card(st)
+    if (reason := await st.fleet.refused(model_id)) is not None:
+        raise refused_error(model_id, reason)
+    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")

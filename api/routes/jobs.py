@@ -68,12 +68,11 @@ async def list_jobs(
     batch_id: str | None = None,
 ) -> JobList:
     """Newest first, like OpenAI's lists: pass the page's `last_id` as `after` for the next.
-    Filters: `status`, `lane` (a queue name), `metadata[key]=value`, `batch_id` (that batch's
-    lines). With API keys on, only the caller's own jobs."""
-    if lane is not None and lane not in st.settings.queues:
-        raise APIError(
-            400, f"Unknown lane '{lane}'; lanes are {', '.join(st.settings.queues)}.", param="lane"
-        )
+    Filters: `status`, `lane` (a queue name, any model's), `metadata[key]=value`,
+    `batch_id` (that batch's lines). With API keys on, only the caller's own jobs."""
+    queues = [st.settings.queue_interactive, st.settings.queue_jobs, st.settings.queue_batch]
+    if lane is not None and lane not in queues:
+        raise APIError(400, f"Unknown lane '{lane}'; lanes are {', '.join(queues)}.", param="lane")
     if batch_id:
         await st.batches.get(batch_id, scope or "")  # 404 unless the caller's
     meta = {

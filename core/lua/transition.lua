@@ -16,20 +16,31 @@
 -- ARGV[4]  from: the statuses the move may start from, comma-separated
 -- ARGV[5]  ends: '1' when `to` is terminal
 -- ARGV[6 .. #ARGV-1]  field, value pairs: record fields to write; a field whose name starts
---          with '_' is a fact for this script only (_worker, _first_token_at,
+--          with '_' is a fact for this script only (_worker, _attempt, _first_token_at,
 --          _prompt_tokens, _completion_tokens, and a batch line's _line, _list, _count,
 --          _ttl, _in, _out: core.job_store.BatchLine)
 -- ARGV[#ARGV]  maxlen: the event stream's approximate cap
--- Returns {'missing', ''}, {'conflict', status}, {'alive', status} (refused), {'ok', status}
--- (status: the one before), or, when the move ended the job, {'ok', status, lane, created,
+-- Returns {'missing', ''}, {'conflict', status}, {'alive', status}, {'fenced', status}
+-- (refused), {'ok', status} (status: the one before), or, when the move ended the job, {'ok', status, lane, created,
 -- started, attempts, owner, model, batch_id} (what its audit line needs, core.audit).
 
 local job, events = KEYS[1], KEYS[2]
 local to, now, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[#ARGV]
 local id = string.sub(job, string.len('{job}') + 1)
 
+-- The fencing token a worker's move carries: the attempt it runs (its `_attempt` fact), or
+-- nil for a move that is not a worker's (the API's cancel, an expiry).
+local function fencing_token()
+  for i = 6, #ARGV - 1, 2 do
+    if ARGV[i] == '_attempt' then return ARGV[i + 1] end
+  end
+  return nil
+end
+
 -- Refusal: why the move may not happen now (nil: it may). A job whose worker is alive (its
--- heartbeat stands) is being run: it is never run twice.
+-- heartbeat stands) is being run: it is never run twice. A worker cut off from Redis longer
+-- than its heartbeat lasts has had its job run again elsewhere (a later attempt): whatever it
+-- sends once it is back is refused (fenced), so the job changes only by its current attempt.
 local function refusal(cur, worker)
   if not cur then return {'missing', ''} end
   local allowed = false
@@ -37,6 +48,10 @@ local function refusal(cur, worker)
   if not allowed then return {'conflict', cur} end
   if to == 'running' and cur == 'running' and worker and redis.call('EXISTS', '{worker}' .. worker) == 1 then
     return {'alive', cur}
+  end
+  local token = fencing_token()
+  if token and cur == 'running' and token ~= (redis.call('HGET', job, 'attempts') or '0') then
+    return {'fenced', cur}
   end
   return nil
 end

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aredis
 
 from api.batch_dispatch import BatchService
+from api.fleet import CounterHolder, Fleet
 from core import keys
 from core.config import Settings
 from core.job_store import AsyncJobStore
@@ -52,7 +53,8 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[BatchSe
     client = aredis.Redis.from_url(fresh_db(redis_url, 2), decode_responses=True)
     settings = Settings(home=tmp_path)
     disk = FlakyDisk(settings.files_path)
-    svc = BatchService(client, AsyncJobStore(client, 3600), disk, settings, celery_app, counter=None)
+    fleet = Fleet(client, settings, CounterHolder(settings))  # never asked: no line is dispatched
+    svc = BatchService(client, AsyncJobStore(client, 3600), disk, settings, celery_app, fleet)
     svc.finalize_retry_s, svc.finalize_retry_max_s = BASE, CAP
     resumer = asyncio.get_running_loop().create_task(svc.resume_all())  # as the API runs it
     yield svc, disk

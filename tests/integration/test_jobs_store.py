@@ -13,6 +13,7 @@ from tests.support.stack import with_db
 from tests.support.wait import eventually
 from workers.engines.echo import FAIL_TRIGGER, EchoEngine
 from workers.runner import run_job
+from workers.streaming import StreamSink, Target
 
 
 @pytest.fixture()
@@ -77,6 +78,39 @@ def test_transitions_follow_the_machine(r: redis.Redis) -> None:
     assert _statuses(r, job_id) == ["queued", "running", "running", "failed"]
     # a redelivery announces itself with `reset`; a failure ends with an `error` event
     assert _types(r, job_id) == ["status", "status", "reset", "status", "status", "error"]
+
+
+def test_a_cut_off_worker_is_fenced_once_its_job_runs_again(r: redis.Redis) -> None:
+    """Worker A loses Redis past its heartbeat while generating; B runs the job again
+    (attempt 2). When A comes back, its tokens and its result carry attempt 1: both are
+    refused, so the stream holds no text of A's after B started and the job ends once, B's.
+    Without the fence A's late `succeeded` was taken (the job was `running`, a legal move)."""
+    store = JobStore(r, ttl=100)
+    job_id = store.create(_req(), "q", 5)
+    a, b = "fence-a:1", "fence-b:2"
+    r.set(keys.worker(a), "{}", px=200)
+    assert store.transition(job_id, JobStatus.RUNNING, worker=a).ok
+    sink_a = StreamSink(r, [Target(job_id, 0, attempt=1)], background=False)
+    sink_a.on_delta(0, "from A")
+    sink_a.flush()
+    eventually(lambda: not r.exists(keys.worker(a)), timeout=10, interval=0.02, message="A's beat lapsed")
+    assert store.transition(job_id, JobStatus.RUNNING, worker=b).ok  # the reaper sent it again
+    sink_a.on_delta(0, " late")  # A is back
+    sink_a.flush()
+    late = store.transition(job_id, JobStatus.SUCCEEDED, extra={"_attempt": "1"})
+    assert not late.ok and late.fenced and late.previous == "running"
+    sink_b = StreamSink(r, [Target(job_id, 0, attempt=2)], background=False)
+    sink_b.on_delta(0, "from B")
+    sink_b.flush()
+    assert store.transition(
+        job_id, JobStatus.FAILED, error=JobError(code="x", message="B's end"), extra={"_attempt": "2"}
+    ).ok
+    events: list[tuple[str, dict[str, str]]] = r.xrange(keys.job_events(job_id))  # type: ignore[assignment]
+    assert [f["text"] for _, f in events if f["type"] == "token"] == ["from A", "from B"]
+    assert _types(r, job_id).count("error") == 1 and "done" not in _types(r, job_id)
+    rec = store.get(job_id)
+    assert rec is not None and rec.worker == b and rec.job.error is not None
+    assert rec.job.error.message == "B's end"
 
 
 def test_missing_job_is_reported(r: redis.Redis) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from cli.processes import worker_argv
 from tests.support import ROOT
-from tests.support.stack import Stack, fresh_db, stack_env, start_stack
+from tests.support.stack import Stack, fresh_db, stack_env, start_stack, worker_lanes
 from tests.support.wait import eventually
 from tests.unit.test_lora_engine import make_adapter
 
@@ -301,7 +301,7 @@ def test_the_directory_is_the_truth_over_an_unload(
     with stack.log.open("ab") as log:
         stack.sup.start(
             "worker",
-            worker_argv(["inferq.interactive", "inferq.jobs", "inferq.batch"]),
+            worker_argv(worker_lanes(stack.env)),
             env=stack.env,
             cwd=ROOT,
             stdout=log.fileno(),

@@ -109,7 +109,8 @@ def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_s
         jobs = [echo_stack.submit(f"mate {i}") for i in range(12)]
         eventually(
             lambda: (
-                not client.llen("inferq.jobs") or api.get(f"/v1/jobs/{blocker}").json()["status"] != "running"
+                not client.llen("inferq.jobs@tiny")
+                or api.get(f"/v1/jobs/{blocker}").json()["status"] != "running"
             ),
             interval=0.01,
             message="the queue empty or the blocker ended",
@@ -137,7 +138,7 @@ def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_s
     # each shows its own run time (from its record), not the 0 ms of a message acked unrun,
     # and its model and lane
     assert all(tasks[j]["runtime"] and tasks[j]["runtime"] > 0 for j in jobs), {j: tasks[j] for j in jobs}
-    assert all("'lane': 'inferq.jobs'" in tasks[j]["kwargs"] for j in jobs), tasks[jobs[0]]
+    assert all("'lane': 'inferq.jobs@tiny'" in tasks[j]["kwargs"] for j in jobs), tasks[jobs[0]]
     acked_in_parent = [j for j in jobs if tasks[j]["started"] is None]
     assert len(acked_in_parent) >= 3, {j: tasks[j] for j in jobs}
-    assert client.llen("inferq.jobs") == 0
+    assert client.llen("inferq.jobs@tiny") == 0

@@ -22,7 +22,8 @@ from tests.support import ROOT, procs
 from tests.support.stack import Stack, fresh_db, stack_env, start_stack
 from tests.support.wait import eventually
 
-LANE = "inferq.jobs"
+LANE = "inferq.jobs"  # the label and the job's `lane`; the model is a label of its own
+FULL_LANE = "inferq.jobs@tiny"  # the Celery queue (core.lanes), as /status and Flower name it
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,9 @@ def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def sample(m: dict, name: str, **labels: str) -> float:
+    """A series' value; a per-lane series is the stack's model's ("tiny") unless named."""
+    if "lane" in labels:
+        labels.setdefault("model", "tiny")
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -88,7 +92,7 @@ def test_metrics_move_by_exactly_the_jobs_run(obs: Stack) -> None:
     # the true depth, from the job store: the worker parent prefetches (holds) these
     # messages, so the broker's list is shorter than the backlog
     during = scrape(obs)
-    assert sample(during, "inferq_queue_depth", lane=LANE) == 10
+    assert sample(during, "inferq_queue_depth", lane=LANE, model="tiny") == 10
     status = procs.run(
         [sys.executable, "-m", "cli.main", "status", "--json", "--url", obs.base_url],
         cwd=ROOT,
@@ -98,7 +102,7 @@ def test_metrics_move_by_exactly_the_jobs_run(obs: Stack) -> None:
     )
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
-    assert state["lanes"][LANE]["depth"] == 10
+    assert state["lanes"][FULL_LANE]["depth"] == 10
     assert [w["model"] for w in state["workers"]] == ["tiny"]
 
     with obs.client() as c:
@@ -150,7 +154,9 @@ def test_metrics_move_by_exactly_the_jobs_run(obs: Stack) -> None:
         revoked, timeout=20, interval=0.3, message=lambda: f"REVOKED in Flower: {flower_tasks().get(blocker)}"
     )
     assert tasks[blocker]["state"] == "REVOKED", tasks.get(blocker)
-    assert f"'lane': '{LANE}'" in tasks[blocker]["kwargs"] and "'model': 'tiny'" in tasks[blocker]["kwargs"]
+    assert (
+        f"'lane': '{FULL_LANE}'" in tasks[blocker]["kwargs"] and "'model': 'tiny'" in tasks[blocker]["kwargs"]
+    )
 
     # the audit log: one line per finished job, its facts, no text
     lines = audit_lines(obs, {blocker, *jobs})

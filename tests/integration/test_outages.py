@@ -21,10 +21,10 @@ import redis
 from cli.processes import Supervisor, api_argv, free_port, port_open, valkey_argv, worker_argv
 from core import keys
 from tests.support import ROOT, procs
-from tests.support.stack import FINISHED, stack_env, wait_ready
+from tests.support.stack import FINISHED, stack_env, wait_ready, worker_lanes
 from tests.support.wait import eventually
 
-QUEUES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+QUEUES = worker_lanes({})  # the model "tiny"'s
 
 
 @dataclass
@@ -288,10 +288,10 @@ def test_worker_killed_while_its_parent_holds_queued_jobs_messages(own: Own) -> 
         )
         ids = [c.post("/v1/jobs", json={**body, "max_tokens": 8}).json()["id"] for _ in range(6)]
     eventually(  # all held by the parent
-        lambda: not r.llen("inferq.jobs") and r.hlen("unacked") >= len(ids) + 1,
+        lambda: not r.llen(QUEUES[1]) and r.hlen("unacked") >= len(ids) + 1,
         timeout=10,
         interval=0.005,
-        message=lambda: f"queue {r.llen('inferq.jobs')}, unacked {r.hlen('unacked')}",
+        message=lambda: f"queue {r.llen(QUEUES[1])}, unacked {r.hlen('unacked')}",
     )
     assert _statuses(own.base, [blocker]) == ["running"]
     worker = next(p for n, p in own.sup.procs if n == "worker")

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import keys
-from tests.support.stack import Stack
+from tests.support.stack import Stack, worker_lanes
 from tests.support.wait import eventually
 
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # qwen2_5 default
@@ -131,7 +131,7 @@ def test_penalties_change_greedy_output(any_stack: Stack) -> None:
 
 
 def _queue_depth(r: redis.Redis) -> int:
-    return sum(int(r.llen(q)) for q in ("inferq.interactive", "inferq.jobs", "inferq.batch"))
+    return sum(int(r.llen(q)) for q in worker_lanes({}))
 
 
 def _job_keys(r: redis.Redis) -> int:

@@ -248,14 +248,14 @@ def test_active_jobs_per_key_are_capped_and_batches_count_their_lines(secure: St
 def test_celery_refuses_pickled_messages(echo_stack: Stack) -> None:
     store = JobStore(redis.Redis.from_url(echo_stack.redis_url, decode_responses=True), ttl=600)
     req = ChatCompletionRequest.model_validate(_job_body("pickled") | {"max_tokens": 4})
-    job_id = store.create(req, "inferq.jobs", 3)  # a record, but no JSON message for it
+    job_id = store.create(req, "inferq.jobs@tiny", 3)  # a record, but no JSON message for it
     with Connection(echo_stack.redis_url) as conn:
         producer = Producer(conn.channel())
         producer.publish(  # what an attacker who reached the broker would send
             {"task": "inferq.run_job", "id": job_id, "args": [job_id], "kwargs": {}},
             serializer="pickle",
-            exchange=Exchange("inferq.jobs", type="direct"),
-            routing_key="inferq.jobs",
+            exchange=Exchange("inferq.jobs@tiny", type="direct"),
+            routing_key="inferq.jobs@tiny",
             headers={"task": "inferq.run_job", "id": job_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""},
         )
     time.sleep(3)  # time passing is the point: long enough to have run it, had it been accepted

@@ -13,6 +13,7 @@ import httpx
 import redis
 
 from cli.processes import Supervisor, api_argv, flower_argv, free_port, worker_argv
+from core.config import Settings
 from models.demo import DEMO_MODEL_TYPE, DEMO_TEMPLATE
 from tests.support import ROOT
 from tests.support.procs import supervisor
@@ -114,6 +115,11 @@ def stack_env(redis_url: str, model: Path, home: Path, **extra: str) -> dict[str
     return env
 
 
+def worker_lanes(env: dict[str, str]) -> list[str]:
+    """The lanes a worker started with `env` consumes: its model's (core.lanes)."""
+    return Settings().lanes(env.get("INFERQ_SERVED_MODEL_NAME") or "tiny")
+
+
 def wait_ready(base_url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
     def ok() -> bool:
         return httpx.get(f"{base_url}/ready", timeout=2, headers=headers).status_code == 200
@@ -128,7 +134,7 @@ def start_stack(env: dict[str, str], home: Path, ready_headers: dict[str, str] |
     with log.open("wb") as fh:
         sup.start(
             "worker",
-            worker_argv(["inferq.interactive", "inferq.jobs", "inferq.batch"]),
+            worker_argv(worker_lanes(env)),
             env=env,
             cwd=ROOT,
             stdout=fh.fileno(),

@@ -16,7 +16,7 @@ from core import metrics
 from tests.support import ROOT
 
 DEPLOY = ROOT / "docs" / "deploy"
-LANES = ["inferq.interactive", "inferq.jobs", "inferq.batch"]
+LANES = ["inferq.interactive@m", "inferq.jobs@m", "inferq.batch@m"]  # model "m"'s (core.lanes)
 
 
 def _exposed(view: SystemView) -> set[str]:
@@ -33,8 +33,8 @@ def test_the_dashboard_and_keda_query_exposed_series() -> None:
     exposed = _exposed(_view()) | {"http_requests_total"}  # the instrumentator's, in the API
     board = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
-    keda = yaml.safe_load((DEPLOY / "keda-scaledobject.yaml").read_text())
-    exprs += [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
+    for keda in yaml.safe_load_all((DEPLOY / "keda-scaledobject.yaml").read_text()):
+        exprs += [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
     used = {m for e in exprs for m in re.findall(r"\b(?:inferq|http)_[a-z_]+", e)}
     assert used and used <= exposed, used - exposed
     for name in ("inferq_queue_depth", "inferq_jobs_finished_total", "inferq_engine_batch_rows_bucket"):
@@ -44,10 +44,25 @@ def test_the_dashboard_and_keda_query_exposed_series() -> None:
 def test_an_empty_store_renders_zeros_for_every_lane() -> None:
     text = render(_view(), CollectorRegistry()).decode()
     for lane in LANES:
-        assert f'inferq_queue_depth{{lane="{lane}"}} 0.0' in text
-        assert f'inferq_jobs_finished_total{{lane="{lane}",status="failed"}} 0.0' in text
+        queue = lane.removesuffix("@m")
+        assert f'inferq_queue_depth{{lane="{queue}",model="m"}} 0.0' in text
+        assert f'inferq_jobs_finished_total{{lane="{queue}",model="m",status="failed"}} 0.0' in text
     state = status(_view())
-    assert state["lanes"]["inferq.jobs"]["wait_p50_s"] is None and state["rows_per_call"] is None
+    assert state["lanes"]["inferq.jobs@m"]["wait_p50_s"] is None and state["rows_per_call"] is None
+
+
+def test_every_model_has_its_own_depth_for_a_scaler() -> None:
+    """KEDA scales each model's pool on its own depth: the model is a label of its own."""
+    raw = {"depth|inferq.jobs@chat": "7", "depth|inferq.batch@coder": "3"}
+    view = SystemView(metrics.decode(raw, LANES), [], [])
+    depth = {
+        (s.labels["lane"], s.labels["model"]): s.value
+        for f in text_string_to_metric_families(render(view, CollectorRegistry()).decode())
+        for s in f.samples
+        if s.name == "inferq_queue_depth"
+    }
+    assert depth[("inferq.jobs", "chat")] == 7 and depth[("inferq.batch", "coder")] == 3
+    assert depth[("inferq.jobs", "m")] == 0
 
 
 def test_histograms_decode_to_cumulative_buckets_and_quantiles() -> None:
@@ -90,7 +105,7 @@ def test_inferq_top_renders_the_status_it_reads() -> None:
 
     from cli.top import QUIT, render
 
-    raw = {f"h|queue_wait|inferq.jobs|{metrics.bucket_index('queue_wait', 4.0)}": "2"}
+    raw = {f"h|queue_wait|inferq.jobs@m|{metrics.bucket_index('queue_wait', 4.0)}": "2"}
     state = status(SystemView(metrics.decode(raw, LANES), _view().workers, []))
     state["workers"][0]["tokens_per_s"] = 200.0  # the worker's own rate, from its heartbeat
     out = io.StringIO()
