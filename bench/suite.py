@@ -3,7 +3,7 @@ side by side in one run on this machine. Results go to bench/results/*.json; `re
 renders docs/benchmarks.md and its plot from them.
 
     inferq bench all | efficiency | interference | ordering | floor | latency | ingest | scaling
-                 | mixed | engines | structured | report
+                 | mixed | engines | structured | fleet | report
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from bench.common import last_finish, post_all, prompts, wait_done
 from bench.dashboard import dashboard
 from bench.efficiency import efficiency, interference, ordering, queue_tps
 from bench.engines import engines
+from bench.fleet import fleet
 from bench.lora import lora
 from bench.mixed import mixed
 from bench.stepcost import stepcost
@@ -254,6 +255,7 @@ BENCHES: dict[str, Callable[[], dict[str, Any]]] = {
     "cpu": cpu,
     "lora": lora,
     "structured": structured,
+    "fleet": fleet,
 }
 #: run only when named (not by `all`): diagnostics with no figure in the report
 DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -261,6 +263,17 @@ DIAGNOSTICS: dict[str, Callable[[], dict[str, Any]]] = {
     "stepcost": stepcost,
     "dashboard": dashboard,
 }
+
+
+def _fleet_run(args: argparse.Namespace) -> dict[str, Any]:
+    return fleet(
+        workers=tuple(int(w) for w in args.workers.split(",")),
+        n=args.jobs,
+        batch=args.batch,
+        batch_api=not args.no_batch_api,
+        monitor_n=args.monitor_jobs,
+        aof=not args.no_aof,
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -282,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="tiny", help="efficiency, timeline: demo model size (tiny, 0.5b)")
     ap.add_argument("--n", type=int, default=256, help="efficiency, timeline: requests")
     ap.add_argument("--max-tokens", type=int, default=32, help="efficiency, timeline")
-    ap.add_argument("--batch", type=int, default=8, help="efficiency, timeline: MAX_BATCH_SIZE")
+    ap.add_argument("--batch", type=int, default=8, help="efficiency, timeline, fleet: MAX_BATCH_SIZE")
     ap.add_argument("--rounds", type=int, default=3, help="efficiency, timeline: rounds")
     ap.add_argument("--sizes", default="tiny,small", help="engines: demo model sizes, comma-separated")
+    ap.add_argument("--workers", default="1,2,4,8", help="fleet: worker counts, comma-separated")
+    ap.add_argument("--jobs", type=int, default=2000, help="fleet: jobs per backlog")
+    ap.add_argument("--monitor-jobs", type=int, default=300, help="fleet: jobs of the MONITOR pass (0: none)")
+    ap.add_argument("--no-batch-api", action="store_true", help="fleet: /v1/jobs only, no OpenAI batch")
+    ap.add_argument("--no-aof", action="store_true", help="fleet: Valkey without its append-only file")
     ap.add_argument("--out", default="", help="results file name (default: the benchmark's name)")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -301,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             run = partial(fn, args.n, args.max_tokens, args.batch, args.size, args.rounds)
         if name == "engines":
             run = partial(engines, sizes=tuple(args.sizes.split(",")))
+        if name == "fleet":
+            run = partial(_fleet_run, args)
         res = {"bench": name, "machine": machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S"), **run()}
         (RESULTS / f"{args.out or name}.json").write_text(json.dumps(res, indent=2, default=str))
     return 0
