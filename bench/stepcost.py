@@ -73,6 +73,8 @@ def _one(
     for t in targets:
         r.xadd(keys.job_events(t.job_id), {"type": "status"}, maxlen=10)
         r.expire(keys.job_events(t.job_id), 300)
+        r.hset(keys.job(t.job_id), "attempts", 1)  # the fence xadd_tokens checks
+        r.expire(keys.job(t.job_id), 300)
     before = variant == "before this change"
     sink = (PipelineSink if before else StreamSink)(r, targets)
     sink.background = variant == "shipped"

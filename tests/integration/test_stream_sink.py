@@ -11,15 +11,20 @@ from workers.streaming import StreamSink, Target
 
 
 def test_flush_writes_one_token_event_per_job_in_one_command(r: redis.Redis) -> None:
-    jobs = [f"unit-{uuid.uuid4().hex}" for _ in range(3)]
-    for j in jobs[:2]:  # the third job's stream is gone (its job expired)
+    jobs = [f"unit-{uuid.uuid4().hex}" for _ in range(4)]
+    # the third job's stream is gone (its job expired); the fourth runs again elsewhere
+    for j, attempts in ((jobs[0], 1), (jobs[1], 3), (jobs[3], 2)):
         r.xadd(keys.job_events(j), {"type": "status"})
         r.expire(keys.job_events(j), 100)
-    sink = StreamSink(r, [Target(jobs[0], 0), Target(jobs[1], 2, attempt=3), Target(jobs[2], 0)])
+        r.hset(keys.job(j), "attempts", attempts)  # the job's current attempt (the fence)
+        r.expire(keys.job(j), 100)
+    targets = [Target(jobs[0], 0), Target(jobs[1], 2, attempt=3), Target(jobs[2], 0), Target(jobs[3], 0)]
+    sink = StreamSink(r, targets)
     sink.on_delta(0, "Hel")  # the first delta goes out at once (time to first token)
     sink.on_delta(1, "a")  # the others wait for the flush period ...
     sink.on_delta(0, "lo")
     sink.on_delta(2, "x")
+    sink.on_delta(3, "late")  # attempt 1 of a job on its attempt 2: fenced off
     sink.flush()  # ... and go out together
     sink.wait_written()  # written by the writer thread by now
 
@@ -32,6 +37,7 @@ def test_flush_writes_one_token_event_per_job_in_one_command(r: redis.Redis) -> 
     ]
     assert events(jobs[1]) == [{"type": "token", "index": "2", "text": "a", "attempt": "3"}]
     assert not r.exists(keys.job_events(jobs[2]))  # not re-created without a TTL
+    assert events(jobs[3]) == []
     assert 0 < r.ttl(keys.job_events(jobs[0])) <= 100
     sink.flush()  # nothing pending: nothing written
     sink.wait_written()
@@ -43,6 +49,8 @@ def test_writer_keeps_order_and_a_reset_follows_the_tokens_it_voids(r: redis.Red
     job = f"unit-{uuid.uuid4().hex}"
     r.xadd(keys.job_events(job), {"type": "status"})
     r.expire(keys.job_events(job), 100)
+    r.hset(keys.job(job), "attempts", 1)
+    r.expire(keys.job(job), 100)
     sink = StreamSink(r, [Target(job, 0)], flush_interval_s=0)  # every delta flushes
     for k in range(50):
         sink.on_delta(0, f"{k},")
