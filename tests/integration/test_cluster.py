@@ -266,11 +266,14 @@ def test_a_cut_off_workers_jobs_end_once_on_the_spare(net: Net) -> None:
     """A batch mid-generation on "a" when its cable is pulled: after the liveness window the
     spare runs those jobs, each ends exactly once; "a", back, changes none of them."""
     a, spare = net.start_workers(("a", TINY), ("spare", TINY))
-    jobs = [net.submit(TINY, f"long {i}", max_tokens=LONG_TOKENS // 2) for i in range(BATCH)]
-    before = net.tokens(a)
+    before = net.tokens(a)  # before the jobs: on a quiet machine they start at once
+    jobs = [net.submit(TINY, f"long {i}", max_tokens=LONG_TOKENS) for i in range(BATCH)]
 
     def mid_batch_on_a() -> list[str]:
-        on_a = [j for j in jobs if net.job(j).get("worker") == a.worker_id]
+        """The jobs "a" is generating now (none ended: the cut must land mid-generation)."""
+        recs = {j: net.job(j) for j in jobs}
+        assert all(r.get("status") not in FINISHED for r in recs.values()), recs
+        on_a = [j for j, r in recs.items() if r.get("status") == "running" and r.get("worker") == a.worker_id]
         return on_a if on_a and net.tokens(a) > before + 50 else []
 
     on_a = eventually(mid_batch_on_a, timeout=60, interval=0.05, message=lambda: f"{net._statuses(jobs)}")
