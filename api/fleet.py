@@ -33,7 +33,6 @@ import anyio
 import redis.asyncio as aredis
 
 from api.errors import APIError
-from api.served_adapters import refused_error
 from api.status_view import live_workers
 from core import keys
 from core.config import Settings
@@ -234,6 +233,19 @@ class Fleet:
                 self.settings, lambda: counter_for(base, seen, self.settings)
             )
         return await holder.get()
+
+
+def refused_error(name: str, reason: str) -> APIError:
+    """A request for an adapter the workers refused: 404 (no retry makes it servable; its
+    files must change), with a code of its own and the reason: a worker found the adapter in
+    INFERQ_ADAPTERS_DIR and refused it (broken files, another base model), and a client told
+    "does not exist" would look for a typo."""
+    return APIError(
+        404,
+        f"The adapter '{name}' was found but refused: {reason}",
+        param="model",
+        code="adapter_refused",
+    )
 
 
 def _id(served: Served) -> str:

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from api.auth import OwnerDep
 from api.deps import AppState, StateDep
 from api.errors import APIError, error_responses
-from api.fleet import Served
-from api.served_adapters import refused_error
+from api.fleet import Served, refused_error
 from api.status_view import live_workers
 from schemas.openai import ModelCard, ModelList
 

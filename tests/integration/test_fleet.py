@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -36,6 +36,26 @@ def _workers_by_model(r: redis.Redis) -> dict[str, str]:  # decode_responses
 
 def _models(c: httpx.Client) -> dict[str, int]:
     return {m["id"]: m.get("workers") for m in c.get("/v1/models").json()["data"]}
+
+
+def _create_batch(c: httpx.Client, lines: list[dict[str, Any]]) -> str:
+    """An OpenAI batch of `lines`, uploaded and created; its id."""
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    f = c.post("/v1/files", files={"file": ("lines.jsonl", data)}, data={"purpose": "batch"}).json()
+    body = {"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    return str(c.post("/v1/batches", json=body).json()["id"])
+
+
+def _completed(c: httpx.Client, batch_id: str, message: str) -> dict[str, Any]:
+    """The batch once completed."""
+    return dict(
+        eventually(
+            lambda: (b := c.get(f"/v1/batches/{batch_id}").json())["status"] == "completed" and b,
+            timeout=60,
+            interval=0.2,
+            message=message,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +120,7 @@ def test_a_batch_routes_each_line_to_its_model(fleet: Stack) -> None:
         for model in ("tiny", OTHER)
     ]
     with fleet.client() as c:
-        data = "\n".join(json.dumps(line) for line in lines).encode()
-        f = c.post("/v1/files", files={"file": ("two.jsonl", data)}, data={"purpose": "batch"}).json()
-        body = {"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
-        batch = c.post("/v1/batches", json=body).json()
-        done = eventually(
-            lambda: (b := c.get(f"/v1/batches/{batch['id']}").json())["status"] == "completed" and b,
-            timeout=60,
-            interval=0.2,
-            message="the batch completed",
-        )
+        done = _completed(c, _create_batch(c, lines), "the batch completed")
         assert done["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
         out = c.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()
     models = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]["model"] for line in out}
@@ -138,24 +149,13 @@ def test_a_model_nobody_serves_any_more_is_unavailable_not_stuck(fleet: Stack) -
         assert "'tiny'" in never.json()["error"]["message"]  # says what is served
         # a batch line waits for a worker instead (its window bounds the wait), then runs
         line = {"custom_id": "late", "method": "POST", "url": "/v1/chat/completions", "body": body}
-        f = c.post(
-            "/v1/files", files={"file": ("late.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"}
-        ).json()
-        batch = c.post(
-            "/v1/batches",
-            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
-        ).json()
+        batch_id = _create_batch(c, [line])
         eventually(
-            lambda: c.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress",
+            lambda: c.get(f"/v1/batches/{batch_id}").json()["status"] == "in_progress",
             timeout=30,
             interval=0.1,
             message="the batch in progress",
         )
         fleet.sup.restart("worker-b")  # a worker of the model comes back: the line runs
-        done = eventually(
-            lambda: (b := c.get(f"/v1/batches/{batch['id']}").json())["status"] == "completed" and b,
-            timeout=60,
-            interval=0.2,
-            message="the waiting line run once tiny-b is back",
-        )
+        done = _completed(c, batch_id, "the waiting line run once tiny-b is back")
         assert done["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
