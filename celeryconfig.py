@@ -7,8 +7,15 @@ Choices, each deliberate:
 - prefetch above 1, yet no job parked on a busy worker: the parent holds the messages of
   unfinished jobs back from its busy child and acknowledges those a batch-mate ran
   (tasks/parent_gate.py); the child takes its work from the shared ready lists.
-- visibility_timeout above the job time limit: on Redis a message not acknowledged within
-  it is delivered again, so a long job must never outlive it.
+- no ack emulation: kombu's Redis transport would keep every fetched message in an
+  "unacked" hash (a MULTI to fetch, another to acknowledge: two round trips and eight
+  commands a job, a fifth of the broker's work in `inferq bench fleet`) only to bring it back
+  after `visibility_timeout` if the whole worker died. inferq does not need that: a job's id
+  waits in its lane's ready list (core.recovery) until a worker takes it, what a dead worker
+  took goes back through its processing list, and an idle worker child that sees ready jobs
+  with no message left in their broker queue sends one (`tasks.child`). A pool child that
+  dies still has its message given back by the parent (reject_on_worker_lost), and a warm
+  shutdown gives back every message the parent held.
 """
 
 from kombu import Exchange, Queue
@@ -21,7 +28,7 @@ _s = get_settings()
 broker_url = _s.redis_url
 broker_connection_retry_on_startup = True
 broker_transport_options = {
-    "visibility_timeout": _s.visibility_timeout_s,
+    "ack_emulation": False,
     "socket_timeout": 30,
     "socket_connect_timeout": 5,
     "health_check_interval": 30,

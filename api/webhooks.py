@@ -121,6 +121,8 @@ class WebhookDispatcher:
                 raise
         # MKSTREAM makes the key without a TTL; the writers refresh it from then on
         await self.r.expire(keys.WEBHOOK_EVENTS, self.settings.result_ttl_s, nx=True)
+        if self.store.configured:  # the transition script announces ends while this is set
+            await self.r.set(keys.WEBHOOKS_CONFIGURED, "1", ex=self.settings.result_ttl_s)
 
     async def _consume(self) -> None:
         reclaim_at = 0.0
@@ -158,13 +160,19 @@ class WebhookDispatcher:
                 await self.r.xgroup_delconsumer(keys.WEBHOOK_EVENTS, GROUP, info["name"])
 
     async def _handle(self, entries: Sequence[tuple[str, dict[str, str] | None]]) -> None:
+        """The endpoints are read once for what one read returned, and the entries are
+        acknowledged together once their deliveries exist."""
+        if not entries:
+            return
+        endpoints = [*self.store.configured, *await self.store.stored()]
         for entry_id, fields in entries:
             if fields:  # None: trimmed from the stream while pending
-                await self.fan_out(entry_id, fields)
-            await self.r.xack(keys.WEBHOOK_EVENTS, GROUP, entry_id)
+                await self.fan_out(entry_id, fields, endpoints)
+        await self.r.xack(keys.WEBHOOK_EVENTS, GROUP, *[entry_id for entry_id, _ in entries])
 
-    async def fan_out(self, entry_id: str, fields: dict[str, str]) -> int:
-        """One delivery per endpoint that hears of this event; returns how many were new."""
+    async def fan_out(self, entry_id: str, fields: dict[str, str], candidates: list[Endpoint]) -> int:
+        """One delivery per endpoint of `candidates` that hears of this event; returns how
+        many were new."""
         kind, oid, status = fields.get("kind", ""), fields.get("id", ""), fields.get("status", "")
         result = None
         if kind == "response" and status == "succeeded":
@@ -173,9 +181,7 @@ class WebhookDispatcher:
         if etype is None:
             return 0
         owner = fields.get("owner", "")
-        endpoints = [
-            ep for ep in [*self.store.configured, *await self.store.stored()] if ep.hears(owner, etype)
-        ]
+        endpoints = [ep for ep in candidates if ep.hears(owner, etype)]
         if not endpoints:
             return 0
         eid, created = event_id(entry_id), int(float(fields.get("at") or time.time()))

@@ -169,10 +169,6 @@ class Settings(BaseSettings):
     worker_proc_alive_timeout_s: float = 600.0
     #: Hard per-job limit in seconds (a job past it is failed and the child recycled).
     job_time_limit_s: int = 900
-    #: Seconds before an unacknowledged message is handed to another worker when its
-    #: worker vanished without rejecting it. Must exceed the job time limit, or a long
-    #: job that is still running is delivered twice.
-    visibility_timeout_s: int = 1200
     heartbeat_interval_s: float = 2.0
     #: A worker child's heartbeat lasts this long unless renewed: the one sign that it is
     #: alive. Once it lapses (the worker died) the reaper puts back the jobs it had taken and

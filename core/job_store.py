@@ -13,7 +13,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -312,11 +312,21 @@ class JobStore:
         return self.statuses([job_id])[0]
 
     def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
-        """Several statuses in one round trip (the worker parent re-checks held messages)."""
+        """Several statuses in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hget(keys.job(job_id), "status")
         return [JobStatus(raw) if raw else None for raw in cast(list[str | None], pipe.execute())]
+
+    def fields_of(self, job_ids: list[str], names: Sequence[str]) -> list[dict[str, str]]:
+        """Some fields of several records in one round trip (the worker parent's checks of
+        job messages: the status and what Flower is told, in one read); a missing record or
+        field is absent from its dict."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), list(names))
+        rows = cast(list[list[str | None]], pipe.execute())
+        return [{k: v for k, v in zip(names, row, strict=True) if v} for row in rows]
 
     def transition(
         self,
@@ -331,16 +341,15 @@ class JobStore:
     ) -> TransitionResult:
         return self.apply([Move(job_id, to, result, error, batch_line, worker, extra)])[0]
 
-    def apply(self, moves: list[Move]) -> list[TransitionResult]:
-        """Each move is atomic (one script call); a batch's moves share one round trip."""
+    def apply(self, moves: list[Move], also: Callable[[Any], None] | None = None) -> list[TransitionResult]:
+        """Each move is atomic (one script call); a batch's moves share one round trip, with
+        whatever `also` adds to its pipeline (an engine call's metrics)."""
         if not moves:
             return []
-        pipe = self.r.pipeline(transaction=False)
         now = time.time()
-        for m in moves:
-            job_keys, args = _move_call(m, now, self.ttl)
-            self._transition(keys=job_keys, args=args, client=pipe)
-        done = [_parse(reply, m, now) for reply, m in zip(pipe.execute(), moves, strict=True)]
+        calls = [_move_call(m, now, self.ttl) for m in moves]
+        replies = scripts.run_pipelined(self.r, self._transition, calls, also)
+        done = [_parse(reply, m, now) for reply, m in zip(replies, moves, strict=True)]
         for m, d in zip(moves, done, strict=True):
             if d.finished is not None and self.audit_log is not None:
                 _audit(self.audit_log, m, d, self._messages(m.job_id) if self.audit_log.content else None)

@@ -154,6 +154,12 @@ def webhook(endpoint_id: str) -> str:
 #: delivery.
 WEBHOOK_INDEX = f"{PREFIX}webhooks"
 
+#: String: set while some API process has webhook endpoints by setting (INFERQ_WEBHOOKS).
+#: With it or WEBHOOK_INDEX present, the transition script announces ends into
+#: WEBHOOK_EVENTS; with neither, nobody could hear of them and it writes nothing.
+#: TTL: result_ttl_s, refreshed by every API process with such endpoints every few seconds.
+WEBHOOKS_CONFIGURED = f"{PREFIX}webhooks-configured"
+
 
 def webhook_delivery(delivery_id: str) -> str:
     """Hash: one event to one endpoint (its body, attempts, status, next attempt); the id is

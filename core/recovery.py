@@ -33,15 +33,16 @@ class Recovery:
     def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
         """The next ready job id from the first of `queues` (priority order) that has one,
         kept in `worker`'s processing list (see `pop_window`)."""
-        ids = self.pop_window(queues, 1, worker)
+        ids = [job_id for lane in self.pop_window(queues, 1, worker) for job_id in lane]
         return ids[0] if ids else None
 
-    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[str]:
-        """Up to `count` ready ids off the first of `queues` that has any, into `worker`'s
-        processing list: until `end_claim` (those it does not run) or their job ends (those
-        it runs). If `worker` dies first, `reap` puts them back."""
+    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[list[str]]:
+        """Up to `count` ready ids off `queues`, in priority order (what the first lacks is
+        taken from the next), into `worker`'s processing list: until `end_claim` (those it
+        does not run) or their job ends (those it runs). If `worker` dies first, `reap` puts
+        them back. One list of ids per queue, in their order."""
         pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
-        return cast(list[str], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
+        return cast(list[list[str]], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
 
     def end_claim(self, worker: str) -> None:
         """The batch is filled: the ids `worker` took and does not run go back to the head
@@ -54,11 +55,14 @@ class Recovery:
     def reap(self) -> int:
         """For every worker whose heartbeat lapsed: its queued ids back at the head of their
         lanes, the jobs it was running to RESEND; returns how many it moved there."""
-        moved = 0
-        for worker in cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)):
-            if not self.r.exists(keys.worker(worker)):
-                moved += self._reap_one(worker, own=False)
-        return moved
+        workers = sorted(cast(set[str], self.r.smembers(keys.PROCESSING_WORKERS)))
+        if not workers:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for worker in workers:  # one round trip: every worker does this every reap interval
+            pipe.exists(keys.worker(worker))
+        alive = cast(list[int], pipe.execute())
+        return sum(self._reap_one(w, own=False) for w, up in zip(workers, alive, strict=True) if not up)
 
     def settle(self, worker: str) -> int:
         """The same for a live worker between two tasks, whose list should be empty then: a
@@ -77,3 +81,38 @@ class Recovery:
 
     def resent(self, job_id: str, lane: str) -> None:
         self.r.lrem(keys.RESEND, 0, f"{job_id}|{lane}")
+
+    def unwoken(self, lanes: Sequence[str], look: int = 16) -> list[tuple[str, str]]:
+        """(lane, job id): for each of `lanes` whose broker queue (the Celery list named as
+        the lane) is empty while its ready list is not, the first queued job of the ready
+        list. Such a job may have no message left anywhere: the broker keeps no copy of a
+        message a worker fetched, so one a dead worker parent held is gone (celeryconfig).
+        Ids of ended or vanished jobs met on the way leave the ready list. One round trip
+        when every lane is quiet."""
+        pipe = self.r.pipeline(transaction=False)
+        for lane in lanes:
+            pipe.llen(lane)
+            pipe.lrange(keys.ready(lane), 0, look - 1)
+        replies = pipe.execute()
+        found: list[tuple[str, str]] = []
+        for lane, waiting, ids in zip(lanes, replies[::2], replies[1::2], strict=True):
+            if waiting or not ids:
+                continue
+            first = self._first_queued(lane, cast(list[str], ids))
+            if first is not None:
+                found.append((lane, first))
+        return found
+
+    def _first_queued(self, lane: str, ids: list[str]) -> str | None:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "status")
+        statuses = cast(list[str | None], pipe.execute())
+        first = next((j for j, st in zip(ids, statuses, strict=True) if st == "queued"), None)
+        ended = [j for j, st in zip(ids, statuses, strict=True) if st not in ("queued", "running")]
+        if ended:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ended:
+                pipe.lrem(keys.ready(lane), 0, job_id)
+            pipe.execute()
+        return first

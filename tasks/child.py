@@ -83,6 +83,10 @@ class WorkerState:
         #: held by a task for as long as it runs: between tasks the heartbeat settles this
         #: worker's processing list (`JobStore.settle`)
         self.task_lock = threading.Lock()
+        #: a task ran since this worker's list was last settled (the end of a task settles
+        #: it; if Redis was away then, the reap loop does, and only then: one script call
+        #: less per idle worker and reap interval)
+        self.unsettled = True
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="inferq-heartbeat", daemon=True)
         self._reaper = threading.Thread(target=self._reap_loop, name="inferq-reaper", daemon=True)
@@ -216,6 +220,7 @@ class WorkerState:
     def busy(self) -> Iterator[None]:
         """Around a task: the heartbeat reports the share of time spent in them."""
         self._busy_since = time.monotonic()
+        self.unsettled = True
         try:
             yield
         finally:
@@ -310,15 +315,19 @@ class WorkerState:
                 logger.exception("heartbeat failed")
 
     def _reap_loop(self) -> None:
-        """Every reap interval: dead workers' lists, this worker's own between tasks, then one
-        pass over what waits to be sent again."""
+        """Every reap interval: dead workers' lists, this worker's own between tasks (and,
+        idle, the ready jobs no message would wake), then one pass over what waits to be
+        sent again."""
         while not self._stop.wait(self.settings.reap_interval_s):
             try:
                 if self.may_reap():
                     self.store.recovery.reap()
                 if self.task_lock.acquire(blocking=False):
                     try:
-                        self._settle_own()
+                        if self.unsettled:
+                            self._settle_own()
+                            self.unsettled = False
+                        self.wake_unwoken()
                     finally:
                         self.task_lock.release()
                 self.send_pending()
@@ -348,7 +357,22 @@ class WorkerState:
         """Between tasks: jobs this worker took and no longer runs (its task ended without
         ending them) are put back or sent again. Call with `task_lock` held. At the end of
         every task, so nothing is read beyond the one script when there is nothing to send."""
-        return self.send_pending() if self._settle_own() else 0
+        moved = self._settle_own()
+        self.unsettled = False
+        return self.send_pending() if moved else 0
+
+    def wake_unwoken(self) -> int:
+        """Idle, with ready jobs in a lane whose broker queue is empty: send a message for
+        the first, which this worker (or another idle one) takes, and its task drains the
+        lane. Why: the broker keeps no copy of a fetched message (celeryconfig), so a worker
+        parent that died holding messages leaves their jobs' ids in the ready lists with
+        nothing to wake a worker. Otherwise it is a spare wake-up, skipped if needless."""
+        sent = 0
+        for lane, job_id in self.store.recovery.unwoken(self.settings.queues):
+            send_job(job_id, lane, events.job_facts(self.redis, job_id).get("model", ""))
+            logger.info("job %s waited in lane %s with no message to wake a worker; sent one", job_id, lane)
+            sent += 1
+        return sent
 
     def _settle_own(self) -> int:
         moved = self.store.recovery.settle(self.worker_id)

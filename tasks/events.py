@@ -12,15 +12,18 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis
+from celery.events.event import Event
+from celery.utils.time import utcoffset
 
 from core import keys
 
-_FIELDS = ("model", "queue", "started_at", "finished_at", "error", "status")
+#: the record fields Flower is told of (the worker parent reads them with the status)
+FIELDS = ("model", "queue", "started_at", "finished_at", "error", "status")
 
 
 def job_facts(client: redis.Redis, job_id: str) -> dict[str, str]:
-    values = cast(list[str | None], client.hmget(keys.job(job_id), _FIELDS))
-    return {k: v for k, v in zip(_FIELDS, values, strict=True) if v}
+    values = cast(list[str | None], client.hmget(keys.job(job_id), FIELDS))
+    return {k: v for k, v in zip(FIELDS, values, strict=True) if v}
 
 
 def kwargs_repr(model: str, lane: str) -> str:
@@ -49,3 +52,26 @@ def final_event(job_id: str, facts: dict[str, str]) -> tuple[str, dict[str, Any]
         "traceback": "",
         "runtime": runtime,
     }
+
+
+def send_all(dispatcher: Any, outbox: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish the events in `outbox` (type, fields) as one message, as Celery's own
+    dispatcher does for a buffered group (`task.multi`, a list that Flower's receiver takes
+    event by event), and empty it. Why: the worker parent sends two events for each message
+    it acknowledges; one PUBLISH each was a round trip to the broker per event."""
+    if not outbox:
+        return
+    batch = [
+        Event(
+            kind,
+            hostname=dispatcher.hostname,
+            utcoffset=utcoffset(),
+            pid=dispatcher.pid,
+            clock=dispatcher.clock.forward(),
+            **fields,
+        )
+        for kind, fields in outbox
+    ]
+    outbox.clear()
+    with dispatcher.mutex:
+        dispatcher._publish(batch, dispatcher.producer, "task.multi")

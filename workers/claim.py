@@ -71,8 +71,7 @@ def claim_more(
     try:
         for attempt in itertools.count():
             before = rows
-            for lane in opts.lanes:
-                rows += _claim_lane(store, lane, first, opts, rows, compatible, claimed, seen)
+            rows += _claim_window(store, first, opts, rows, compatible, claimed, seen)
             # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
             # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
             # `collect_s` once; the first call of a burst does not start nearly empty.
@@ -87,9 +86,8 @@ def claim_more(
     return claimed
 
 
-def _claim_lane(
+def _claim_window(
     store: JobStore,
-    lane: str,
     first: JobRecord,
     opts: RunOptions,
     rows: int,
@@ -97,24 +95,26 @@ def _claim_lane(
     claimed: list[JobRecord],
     seen: set[str],
 ) -> int:
-    """Pop a window of `lane`'s ready jobs and claim the closest fits; returns the rows
-    claimed. An id seen twice (a duplicate in the ready list) counts once."""
+    """Pop a window of ready jobs off the lanes (one call for all: an earlier lane's jobs
+    come first) and claim the closest fits, an earlier lane's before a later one's; returns
+    the rows claimed. An id seen twice (a duplicate in a ready list) counts once."""
     free = opts.max_batch_size - rows
     if free <= 0:
         return 0
-    popped = store.recovery.pop_window([lane], free * opts.length_window, opts.worker_id)
-    ids = [i for i in popped if i not in seen]
-    seen.update(ids)
+    groups = [
+        [i for i in ids if i not in seen]
+        for ids in store.recovery.pop_window(opts.lanes, free * opts.length_window, opts.worker_id)
+    ]
+    popped = [i for ids in groups for i in ids]
+    seen.update(popped)
+    records = dict(zip(popped, store.get_many(popped), strict=True))
     now = time.time()
-    fits: list[JobRecord] = []
-    for rec in store.get_many(ids):
-        if rec is None or rec.status is not JobStatus.QUEUED:
-            continue  # gone, cancelled or taken: its own message ends it
-        if rec.expires_at and now > rec.expires_at:
-            continue  # its own message will end it `expired`
-        if compatible(rec):
-            fits.append(rec)
-    chosen = closest_fits(first, fits, free, opts.default_max_tokens)
+    chosen: list[JobRecord] = []
+    for ids in groups:
+        fits = [rec for i in ids if (rec := records[i]) is not None and _may_join(rec, now, compatible)]
+        picked = closest_fits(first, fits, free, opts.default_max_tokens)
+        free -= sum(rec.request.n for rec in picked)
+        chosen += picked
     moves = [Move(rec.job.id, JobStatus.RUNNING, worker=opts.worker_id) for rec in chosen]
     taken = 0
     for rec, res in zip(chosen, store.apply(moves), strict=True):
@@ -122,3 +122,11 @@ def _claim_lane(
             claimed.append(rec)
             taken += rec.request.n
     return taken
+
+
+def _may_join(rec: JobRecord, now: float, compatible: Callable[[JobRecord], bool]) -> bool:
+    if rec.status is not JobStatus.QUEUED:
+        return False  # gone, cancelled or taken: its own message ends it
+    if rec.expires_at and now > rec.expires_at:
+        return False  # its own message will end it `expired`
+    return compatible(rec)

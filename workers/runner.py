@@ -238,9 +238,8 @@ def run_call(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> 
         outs = [exc] * len(requests)
     finally:
         sink.stop()
-    count_call(store, len(requests))
     runs = [(rec, outs[a:b]) for rec, a, b in spans]
-    return finish_all(store, runs, sink, len(requests), opts.hooks)
+    return finish_all(store, runs, sink, len(requests), opts.hooks, count=True)
 
 
 def drain(
@@ -283,9 +282,11 @@ def finish_all(
     sink: StreamSink,
     rows: int,
     hooks: Hooks | None = None,
+    count: bool = False,
 ) -> list[RunOutcome]:
-    """Every job of the call ends on its own terms, in one round trip for the whole call.
-    The after-hooks run here, the one place a finished job's result is made (static and
+    """Every job of the call ends on its own terms, in one round trip for the whole call
+    (`count`: with the call's metrics, `count_call`'s, in the same round trip). The
+    after-hooks run here, the one place a finished job's result is made (static and
     continuous calls alike), so the record, the `done` event and a batch line agree."""
     ids = [rec.job.id for rec, _ in runs]
     flagged = cast(list[str | None], store.r.mget([keys.cancel(j) for j in ids]))
@@ -297,7 +298,8 @@ def finish_all(
     ]
     _record_hooks(store, after[1])
     outcomes = []
-    for move, done in zip(moves, store.apply(moves), strict=True):
+    also = (lambda pipe: metrics.observe_rows(pipe, rows, 1, store.ttl)) if count else None
+    for move, done in zip(moves, store.apply(moves, also), strict=True):
         if done.fenced:
             logger.warning(
                 "job %s runs again elsewhere (this worker lost Redis past its heartbeat): "

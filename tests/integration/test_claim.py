@@ -134,6 +134,22 @@ def test_claim_with_window_one_is_arrival_order(r: redis.Redis) -> None:
     assert _ready(r) == ids[2:]
 
 
+def test_one_claim_fills_from_the_lanes_in_priority_order(r: redis.Redis) -> None:
+    """One pop for all lanes (a call per lane cost a round trip each, empty or not): what the
+    first lane lacks comes from the next, its jobs claimed before a later lane's."""
+    store = JobStore(r, ttl=100)
+    urgent = f"{LANE}-urgent"
+    r.delete(keys.ready(urgent))
+    first_id = store.create(_req(), LANE, prompt_tokens=10)
+    later = _enqueue(store, [10, 10, 10, 10])
+    early = store.create(_req(), urgent, prompt_tokens=90)
+    r.rpush(keys.ready(urgent), early)
+    opts = RunOptions(max_batch_size=3, lanes=(urgent, LANE), length_window=1, collect_s=0)
+    claimed = claim_more(store, _record(store, first_id), opts, 1, lambda rec: True)
+    assert [c.job.id for c in claimed] == [early, later[0]]
+    assert _ready(r) == later[1:] and not r.exists(keys.ready(urgent))
+
+
 def test_claim_leaves_incompatible_and_drops_finished(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     first_id = store.create(_req(), LANE, prompt_tokens=10)

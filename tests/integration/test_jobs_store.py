@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from core import keys
-from core.job_store import JobStore
+from core.job_store import JobStore, Move
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import ChatCompletionRequest
 from tests.support.stack import with_db
@@ -111,6 +111,50 @@ def test_a_cut_off_worker_is_fenced_once_its_job_runs_again(r: redis.Redis) -> N
     rec = store.get(job_id)
     assert rec is not None and rec.worker == b and rec.job.error is not None
     assert rec.job.error.message == "B's end"
+
+
+def test_an_end_is_announced_only_while_some_endpoint_could_hear_it(r: redis.Redis) -> None:
+    """With no webhook endpoint (none made through the API, none by setting) a job that asked
+    to be announced writes nothing to the webhook stream; with either, its end is there."""
+    store = JobStore(r, ttl=100)
+    r.delete(keys.WEBHOOK_EVENTS, keys.WEBHOOK_INDEX, keys.WEBHOOKS_CONFIGURED)
+
+    def end_one() -> str:
+        job_id = store.create(_req(), "q", 5)
+        r.hset(keys.job(job_id), "notify", "job")
+        assert store.transition(job_id, JobStatus.CANCELLED).ok
+        return job_id
+
+    end_one()
+    assert r.xlen(keys.WEBHOOK_EVENTS) == 0
+    r.sadd(keys.WEBHOOK_INDEX, "we_1")
+    stored = end_one()
+    r.delete(keys.WEBHOOK_INDEX)
+    r.set(keys.WEBHOOKS_CONFIGURED, "1", ex=100)
+    configured = end_one()
+    entries: list[tuple[str, dict[str, str]]] = r.xrange(keys.WEBHOOK_EVENTS)  # type: ignore[assignment]
+    assert [f["id"] for _, f in entries] == [stored, configured]
+    r.delete(keys.WEBHOOK_EVENTS, keys.WEBHOOKS_CONFIGURED)
+
+
+def test_moves_are_sent_without_script_checks_and_survive_a_script_flush(r: redis.Redis) -> None:
+    """A call's moves are one round trip: no `SCRIPT EXISTS` before them (redis-py's pipelined
+    scripts send one per pipeline); a script Redis lost (a restart, SCRIPT FLUSH) is loaded
+    again and the moves still happen, once each."""
+
+    def script_exists_calls() -> int:
+        stats = r.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    store = JobStore(r, ttl=100)
+    ids = [store.create(_req(), "q", 5) for _ in range(3)]
+    worker = "no-checks:1"
+    before = script_exists_calls()
+    r.script_flush()
+    assert all(d.ok for d in store.apply([Move(j, JobStatus.RUNNING, worker=worker) for j in ids]))
+    assert all(d.ok for d in store.apply([Move(j, JobStatus.CANCELLED) for j in ids]))
+    assert script_exists_calls() == before
+    assert [_statuses(r, j) for j in ids] == [["queued", "running", "cancelled"]] * 3
 
 
 def test_missing_job_is_reported(r: redis.Redis) -> None:

@@ -12,6 +12,8 @@ import httpx
 import redis
 
 from core import keys
+from core.job_store import JobStore
+from schemas.openai import ChatCompletionRequest
 from tests.support.sse import read_job_events
 from tests.support.stack import Stack
 from tests.support.wait import eventually
@@ -142,3 +144,25 @@ def test_batch_mates_messages_are_acked_by_the_parent_and_shown_in_flower(echo_s
     acked_in_parent = [j for j in jobs if tasks[j]["started"] is None]
     assert len(acked_in_parent) >= 3, {j: tasks[j] for j in jobs}
     assert client.llen("inferq.jobs@tiny") == 0
+
+
+def test_a_ready_job_whose_message_is_gone_still_runs(echo_stack: Stack) -> None:
+    """The broker keeps no copy of a fetched message (celeryconfig: no ack emulation), so a
+    worker parent that dies holding messages leaves their jobs in the ready lists with
+    nothing to wake a worker. An idle worker child that sees such a lane sends a message
+    itself (tasks.child `wake_unwoken`): the job runs. Here the message is taken off the
+    broker before any worker fetches it, and ids of ended jobs met on the way leave."""
+    client = redis.Redis.from_url(echo_stack.redis_url, decode_responses=True)
+    lane = "inferq.jobs@tiny"
+    with echo_stack.client() as api:
+        ended = echo_stack.submit("ended before it ran")
+        api.post(f"/v1/jobs/{ended}/cancel")
+    store = JobStore(client, 600)
+    request = ChatCompletionRequest.model_validate(
+        {"model": "tiny", "messages": [{"role": "user", "content": "no message"}], "max_tokens": 4}
+    )
+    job_id = store.create(request, lane, prompt_tokens=3)  # a record, no message
+    client.rpush(keys.ready(lane), ended, job_id)
+    assert not client.llen(lane)
+    assert echo_stack.wait_job(job_id)["status"] == "succeeded"
+    eventually(lambda: ended not in client.lrange(keys.ready(lane), 0, -1), message="the ended id gone")

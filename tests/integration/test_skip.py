@@ -6,7 +6,7 @@ order, when it is idle."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from core import keys
 from core.job_store import JobStore
 from schemas.jobs import JobStatus
 from schemas.openai import ChatCompletionRequest
-from tasks.parent_gate import CHECK_S, ParentGate
+from tasks.parent_gate import CHECK_S, READ_EVERY, ParentGate
 
 LANE = "inferq.test-skip"
 
@@ -57,8 +57,8 @@ class Pool:
         self.handed.append(message.headers.get("id", "?"))
         self.busy = True  # the child took it
 
-    def finished(self, job_id: str, status: JobStatus, ack: Any) -> None:
-        self.acked.append((job_id, status))
+    def finished(self, job_id: str, facts: dict[str, str], ack: Any) -> None:
+        self.acked.append((job_id, JobStatus(facts["status"])))
 
     def wake(self, delay: float = 0.0) -> None:
         self.wakes += 1
@@ -175,12 +175,16 @@ def test_idle_child_gets_messages_at_once_but_never_ahead_of_held_ones(r: redis.
 def test_what_the_parent_cannot_judge_goes_to_the_child(r: redis.Redis) -> None:
     pool = Pool(busy=True)
     gate = _gate(JobStore(r, 60), pool)
-    _send(gate, "job_missing")  # no record: the child logs and drops it
-    gate.on_message(Message({}), {}, None, None, None)  # not one of ours
+    _send(gate, "job_missing")  # held while the child is busy, read with the others
+    gate.on_message(Message({}), {}, None, None, None)  # not one of ours: to the pool at once
+    assert pool.handed == ["?"] and [h.job_id for h in gate.held] == ["job_missing"]
+    pool.busy = False
+    gate.tick()  # no record: to the child, which logs and drops it
+    pool.busy = False
     dead = JobStore(redis.Redis(unix_socket_path="/nonexistent/inferq.sock", decode_responses=True), 60)
-    unreachable = ParentGate(dead, pool.handler, pool.finished, pool.requeue, busy=lambda: True)
+    unreachable = ParentGate(dead, pool.handler, pool.finished, pool.requeue, busy=lambda: pool.busy)
     unreachable.on_message(Message({"id": "job_x"}), {}, None, None, None)
-    assert pool.handed == ["job_missing", "?", "job_x"] and not gate.held and not unreachable.held
+    assert pool.handed == ["?", "job_missing", "job_x"] and not gate.held and not unreachable.held
 
 
 def test_a_busy_child_costs_one_slow_check_and_its_end_moves_held_messages_at_once(r: redis.Redis) -> None:
@@ -198,3 +202,26 @@ def test_a_busy_child_costs_one_slow_check_and_its_end_moves_held_messages_at_on
     assert pool.delays[-1] == 0.0
     gate.tick()
     assert pool.handed == [first]
+
+
+def test_a_busy_childs_messages_are_read_together(r: redis.Redis) -> None:
+    """While the child works, arriving messages are held unread and their jobs read in one
+    round trip per READ_EVERY (one read each cost the broker a round trip per job); finished
+    ones are acknowledged then, the others stay held."""
+    reads: list[int] = []
+
+    class Counting(JobStore):
+        def fields_of(self, job_ids: list[str], names: Sequence[str]) -> list[dict[str, str]]:
+            reads.append(len(job_ids))
+            return super().fields_of(job_ids, names)
+
+    store, pool = Counting(r, 60), Pool(busy=True)
+    gate = _gate(store, pool)
+    jobs = _jobs(store, 2 * READ_EVERY)
+    for job_id in jobs[:-1]:
+        store.transition(job_id, JobStatus.CANCELLED)
+    for job_id in jobs:
+        _send(gate, job_id)
+    assert reads == [READ_EVERY, READ_EVERY]
+    assert [j for j, _ in pool.acked] == jobs[:-1]
+    assert [h.job_id for h in gate.held] == jobs[-1:] and pool.handed == []
