@@ -13,7 +13,7 @@ rq keeps the same idea in one small class (`rq/intermediate_queue.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -33,16 +33,26 @@ class Recovery:
     def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
         """The next ready job id from the first of `queues` (priority order) that has one,
         kept in `worker`'s processing list (see `pop_window`)."""
-        ids = [job_id for lane in self.pop_window(queues, 1, worker) for job_id in lane]
+        ids = [job_id for lane in self.pop_window(queues, 1, worker) for job_id, _ in lane]
         return ids[0] if ids else None
 
-    def pop_window(self, queues: Sequence[str], count: int, worker: str) -> list[list[str]]:
+    def pop_window(
+        self, queues: Sequence[str], count: int, worker: str
+    ) -> list[list[tuple[str, dict[str, str]]]]:
         """Up to `count` ready ids off `queues`, in priority order (what the first lacks is
         taken from the next), into `worker`'s processing list: until `end_claim` (those it
         does not run) or their job ends (those it runs). If `worker` dies first, `reap` puts
-        them back. One list of ids per queue, in their order."""
+        them back. Only queued jobs are taken; per queue, in order, each job's id and record
+        (its raw fields, `core.job_store.decode` reads them)."""
         pop_keys = [keys.processing(worker), keys.PROCESSING_WORKERS, *(keys.ready(q) for q in queues)]
-        return cast(list[list[str]], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
+        lanes = cast(list[list[Any]], self._pop(keys=pop_keys, args=[count, self.ttl, worker]))
+        return [
+            [
+                (lane[i], dict(zip(lane[i + 1][::2], lane[i + 1][1::2], strict=True)))
+                for i in range(0, len(lane), 2)
+            ]
+            for lane in lanes
+        ]
 
     def end_claim(self, worker: str) -> None:
         """The batch is filled: the ids `worker` took and does not run go back to the head

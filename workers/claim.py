@@ -16,7 +16,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from core.job_store import JobRecord, JobStore, Move
+from core.job_store import JobRecord, JobStore, Move, decode
 from schemas.jobs import JobStatus
 from workers.options import RunOptions
 
@@ -50,15 +50,34 @@ def closest_fits(
     return [rec for i, rec in enumerate(candidates) if i in chosen]
 
 
+#: jobs popped off the lanes, one list per lane in priority order
+Window = list[list[JobRecord]]
+
+
+def pop_window(store: JobStore, opts: RunOptions, count: int, seen: set[str]) -> Window:
+    """Up to `count` queued jobs off the lanes, with their records, into this worker's
+    processing list (core.recovery); ids already `seen` (a duplicate in a ready list) are
+    dropped, the others added to it."""
+    window: Window = []
+    for lane in store.recovery.pop_window(opts.lanes, count, opts.worker_id):
+        records = [rec for job_id, raw in lane if job_id not in seen and (rec := decode(raw)) is not None]
+        seen.update(job_id for job_id, _ in lane)
+        window.append(records)
+    return window
+
+
 def claim_more(
     store: JobStore,
     first: JobRecord,
     opts: RunOptions,
     rows: int,
     compatible: Callable[[JobRecord], bool],
+    window: Window | None = None,
+    seen: set[str] | None = None,
 ) -> list[JobRecord]:
     """Pull queued jobs that can share `first`'s generate call (`compatible`), up to
-    `max_batch_size` rows, and end this worker's claim (`JobStore.end_claim`).
+    `max_batch_size` rows, and end this worker's claim (`JobStore.end_claim`). `window`:
+    jobs this claim already popped (with `first`), looked at before any more are popped.
 
     Their own Celery messages stay in the queue: when they arrive later, the job is already
     finished and the message is skipped, so each job still has its own task in Flower.
@@ -66,12 +85,18 @@ def claim_more(
     then go back to the head of their lane once, in order (popping and pushing them back on
     every wait would only ever see them again, never the jobs arriving behind them)."""
     claimed: list[JobRecord] = []
-    seen: set[str] = {first.job.id}
+    seen = seen if seen is not None else {first.job.id}
     deadline = time.monotonic() + opts.collect_max_s
     try:
         for attempt in itertools.count():
             before = rows
-            rows += _claim_window(store, first, opts, rows, compatible, claimed, seen)
+            free = opts.max_batch_size - rows
+            if free > 0:
+                popped = (
+                    window if window is not None else pop_window(store, opts, free * opts.length_window, seen)
+                )
+                window = None
+                rows += _claim_from(store, first, opts, free, compatible, popped, claimed)
             # A shallow queue: give more jobs `collect_s` to arrive, and again while they keep
             # arriving (a burst being submitted), up to `collect_max_s`. A lone request waits
             # `collect_s` once; the first call of a burst does not start nearly empty.
@@ -86,32 +111,21 @@ def claim_more(
     return claimed
 
 
-def _claim_window(
+def _claim_from(
     store: JobStore,
     first: JobRecord,
     opts: RunOptions,
-    rows: int,
+    free: int,
     compatible: Callable[[JobRecord], bool],
+    window: Window,
     claimed: list[JobRecord],
-    seen: set[str],
 ) -> int:
-    """Pop a window of ready jobs off the lanes (one call for all: an earlier lane's jobs
-    come first) and claim the closest fits, an earlier lane's before a later one's; returns
-    the rows claimed. An id seen twice (a duplicate in a ready list) counts once."""
-    free = opts.max_batch_size - rows
-    if free <= 0:
-        return 0
-    groups = [
-        [i for i in ids if i not in seen]
-        for ids in store.recovery.pop_window(opts.lanes, free * opts.length_window, opts.worker_id)
-    ]
-    popped = [i for ids in groups for i in ids]
-    seen.update(popped)
-    records = dict(zip(popped, store.get_many(popped), strict=True))
+    """Claim the closest fits of `window` for `free` rows, an earlier lane's before a later
+    one's, in one round trip; returns the rows claimed."""
     now = time.time()
     chosen: list[JobRecord] = []
-    for ids in groups:
-        fits = [rec for i in ids if (rec := records[i]) is not None and _may_join(rec, now, compatible)]
+    for records in window:
+        fits = [rec for rec in records if _may_join(rec, now, compatible)]
         picked = closest_fits(first, fits, free, opts.default_max_tokens)
         free -= sum(rec.request.n for rec in picked)
         chosen += picked

@@ -23,7 +23,6 @@ from workers.runner import (
     fill_call,
     finish_all,
     gen_requests,
-    next_ready,
 )
 from workers.streaming import StreamSink, Target
 
@@ -132,9 +131,9 @@ def drain_continuous(
             if admit and now - last_admit >= ADMIT_INTERVAL_S:
                 last_admit = now
                 lane_opts = replace(opts, lanes=lanes, max_batch_size=rows, collect_s=0.0)
-                if (nxt := next_ready(store, lane_opts)) is not None:
-                    # the job and more that fit, without the static path's collect wait
-                    d.admit(fill_call(store, nxt, lane_opts))
+                if records := fill_call(store, None, lane_opts):
+                    # the first ready job and more that fit, without the static path's collect wait
+                    d.admit(records)
                     continue
             d.step(ADMIT_INTERVAL_S if admit else 0.1)
     except Exception:

@@ -20,7 +20,7 @@ from schemas.jobs import JobError, JobStatus
 from schemas.openai import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from schemas.structured import ChoiceLogprobs, TokenLogprob, ToolCall
 from schemas.tool_calls import parse_tool_calls
-from workers.claim import claim_more
+from workers.claim import Window, claim_more, pop_window
 from workers.engine import AdapterMissing, Engine, GenParams, GenRequest, GenResult
 from workers.options import RunOptions
 from workers.streaming import StreamSink, Target
@@ -152,6 +152,13 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     if record is None:
         logger.warning("job %s has no record (expired or deleted); dropping its message", job_id)
         return None
+    return _start_record(store, record, opts)
+
+
+def _start_record(store: JobStore, record: JobRecord, opts: RunOptions) -> JobRecord | None:
+    """The job as this call's first, running on this worker; None if it is not to run (ended,
+    expired, poison, or running on a live worker)."""
+    job_id = record.job.id
     if record.status.terminal:
         logger.debug("job %s is already %s; skipping its message", job_id, record.status)
         return None
@@ -184,13 +191,19 @@ def _start(store: JobStore, job_id: str, opts: RunOptions) -> JobRecord | None:
     return record if started.ok else None
 
 
-def fill_call(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]:
-    """This message's job (none if it is not to run) and the queued jobs that can share its
-    `generate` call. Ends this process's claim on the lanes in every case: `drain` may have
-    claimed the job's id."""
+def fill_call(store: JobStore, job_id: str | None, opts: RunOptions) -> list[JobRecord]:
+    """This message's job (`job_id`; None: the first queued job off the lanes) and the
+    queued jobs that can share its `generate` call; none if there is nothing to run. Ends
+    this process's claim on the lanes in every case."""
     ended = False
+    seen: set[str] = set()
     try:
-        first = _start(store, job_id, opts)
+        window = None
+        if job_id is not None:
+            first = _start(store, job_id, opts)
+            seen.add(job_id)
+        else:
+            first, window = _first_off_lanes(store, opts, seen)
         if first is None:
             return []
         # A job that was already tried (its worker died) runs alone: it may be what killed it.
@@ -202,19 +215,39 @@ def fill_call(store: JobStore, job_id: str, opts: RunOptions) -> list[JobRecord]
             return not rec.job.attempts
 
         ended = True  # claim_more ends the claim, however it returns
-        return [first, *claim_more(store, first, opts, first.request.n, compatible)]
+        return [first, *claim_more(store, first, opts, first.request.n, compatible, window, seen)]
     finally:
         if not ended:
             store.recovery.end_claim(opts.worker_id)
 
 
-def run_call(job_id: str, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
-    """Run the job of this message together with compatible queued jobs, in one `generate`.
+def _first_off_lanes(
+    store: JobStore, opts: RunOptions, seen: set[str]
+) -> tuple[JobRecord | None, Window | None]:
+    """The call's first job, started, and the rest of the window it came in (one pop for
+    both: a drain used to pop the first job alone, read it, then pop the others, three round
+    trips for what one does); (None, None) when the lanes are empty."""
+    while True:
+        window = pop_window(store, opts, opts.max_batch_size * opts.length_window, seen)
+        if not any(window):
+            return None, None
+        for lane, records in enumerate(window):
+            for i, record in enumerate(records):
+                first = _start_record(store, record, opts)
+                if first is not None:  # those before it did not start (ended, expired, ...)
+                    window[:lane] = [[] for _ in range(lane)]
+                    window[lane] = records[i + 1 :]
+                    return first, window
+
+
+def run_call(job_id: str | None, store: JobStore, engine: Engine, opts: RunOptions) -> list[RunOutcome]:
+    """Run the job of this message (None: the first queued one; nothing run, no outcome)
+    together with compatible queued jobs, in one `generate`.
     Token deltas go to each job's stream as they are produced; a cancel flag stops a job's
     rows within a step; each job ends on its own (one failing request fails alone)."""
     records = fill_call(store, job_id, opts)
     if not records:
-        return [RunOutcome(None, skipped=True)]
+        return [RunOutcome(None, skipped=True)] if job_id is not None else []
     if opts.running is not None:
         opts.running[:] = [rec.job.id for rec in records]
     requests: list[GenRequest] = []
@@ -252,21 +285,11 @@ def drain(
     outcomes = run_call(job_id, store, engine, opts)
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
-        nxt = next_ready(store, opts)
-        if nxt is None:
+        more = run_call(None, store, engine, opts)
+        if not more:
             break
-        outcomes += run_call(nxt, store, engine, opts)
+        outcomes += more
     return outcomes
-
-
-def next_ready(store: JobStore, opts: RunOptions) -> str | None:
-    """The next queued job off the lanes, kept in this worker's processing list (a worker
-    killed before `run_call` has started it loses nothing: the reaper puts it back)."""
-    while job_id := store.recovery.pop_ready(opts.lanes, opts.worker_id):
-        if store.status(job_id) is JobStatus.QUEUED:
-            return job_id
-    store.recovery.end_claim(opts.worker_id)
-    return None
 
 
 def count_call(store: JobStore, rows: int, calls: int = 1) -> None:

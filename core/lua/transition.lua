@@ -84,13 +84,18 @@ local function hand_over(worker, new_worker)
   if worker and worker ~= new_worker then redis.call('LREM', '{processing}' .. worker, 0, id) end
 end
 
+-- A job the worker took off a lane is in its list already (core/lua/pop.lua wrote the list,
+-- its TTL and the worker's membership of KEYS[3] together, and they leave together): only a
+-- job started from its own message is added here.
 local function claim(new_worker)
   local mine = '{processing}' .. (new_worker or '')
   put('worker', new_worker or '')
-  if not redis.call('LPOS', mine, id) then redis.call('RPUSH', mine, id) end
-  redis.call('EXPIRE', mine, ttl)
-  redis.call('SADD', KEYS[3], new_worker)
-  redis.call('EXPIRE', KEYS[3], ttl)
+  if not redis.call('LPOS', mine, id) then
+    redis.call('RPUSH', mine, id)
+    redis.call('EXPIRE', mine, ttl)
+    redis.call('SADD', KEYS[3], new_worker)
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
 end
 
 -- Attempts: a start counts one; a second start is a redelivery, whose subscribers drop
