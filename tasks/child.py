@@ -355,8 +355,9 @@ class WorkerState:
 
     def settle(self) -> int:
         """Between tasks: jobs this worker took and no longer runs (its task ended without
-        ending them) are put back or sent again. Call with `task_lock` held. At the end of
-        every task, so nothing is read beyond the one script when there is nothing to send."""
+        ending them) are put back or sent again. Call with `task_lock` held: at the end of a
+        task that failed, and from the reap loop once idle after any task. Nothing is read
+        beyond the one script when there is nothing to send."""
         moved = self._settle_own()
         self.unsettled = False
         return self.send_pending() if moved else 0

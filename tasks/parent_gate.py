@@ -250,13 +250,14 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
         health_check_interval=30,
     )
 
-    outbox: list[tuple[str, dict[str, Any]]] = []
+    outbox = events.Outbox(
+        eventer if eventer is not None and eventer.enabled and task.send_events else None, consumer.timer
+    )
 
     def finished(job_id: str, facts: dict[str, str], ack: Any) -> None:
         ack(logger, consumer.connection_errors)
-        if eventer is not None and eventer.enabled and task.send_events:
-            outbox.append(("task-received", events.received_fields(task.name, job_id, facts)))
-            outbox.append(events.final_event(job_id, facts))
+        outbox.add("task-received", events.received_fields(task.name, job_id, facts))
+        outbox.add(*events.final_event(job_id, facts))
         logger.debug(
             "job %s is already %s; its message was acknowledged in the parent", job_id, facts["status"]
         )
@@ -296,7 +297,7 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
         requeue,
         wake=wake,
         waiting=lambda queue: int(client.llen(queue)) if queue else 0,
-        done=lambda: events.send_all(eventer, outbox),
+        done=outbox.settle,
     )
     global _current
     if _current is not None:  # the consumer restarted (reconnect) or reloaded

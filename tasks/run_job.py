@@ -1,7 +1,7 @@
 """The one Celery task, `inferq.run_job(job_id)`: it runs the worker's drain (static or
-continuous) from that job, under the task lock the heartbeat's settling waits on; then it
-settles this worker's processing list, counts what ran for the heartbeat, and sends
-Flower the job's own final event. It also connects the pool child's start and stop
+continuous) from that job, under the task lock the heartbeat's settling waits on (a drain
+that fails settles this worker's processing list at once), counts what ran for the
+heartbeat, and sends Flower the job's own final event. It also connects the pool child's start and stop
 (tasks.child) to Celery's signals."""
 
 from __future__ import annotations
@@ -58,10 +58,14 @@ def run_job(self: Task, job_id: str) -> None:
                 outcomes = drain_continuous(job_id, st.store, engine, opts, s.continuous_drain_s)
             else:
                 outcomes = runner.drain(job_id, st.store, st.engine, opts, s.drain_s)
+        except BaseException:
+            # jobs may be left running on this worker: put back or sent again now (a drain
+            # that returns has ended every job it took; the reap loop settles once idle)
+            with contextlib.suppress(redis.RedisError):  # else the reap loop does it, later
+                st.settle()
+            raise
         finally:
             st.current.clear()
-            with contextlib.suppress(redis.RedisError):  # else the heartbeat does it, later
-                st.settle()
     st.jobs_done += sum(1 for o in outcomes if not o.skipped)
     # Flower: this job's own run time and end (a drain's length, a cancel as a success, would
     # mislead), sent here; Ignore then acknowledges the message without Celery's own event
