@@ -289,6 +289,7 @@ class Monitor:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self.chunks: list[bytes] = []
+        self.scanned = 0
         self.sock.sendall(b"MONITOR\r\n")
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -301,7 +302,13 @@ class Monitor:
             pass
 
     def seen(self, text: str) -> bool:
-        return text.encode() in b"".join(self.chunks[-4:])
+        """`text` came through since the last time it was looked for (the chunks after the
+        one it was in, each time: idle workers' traffic after the mark can be many chunks)."""
+        start = max(self.scanned - 1, 0)  # a chunk back: the text may straddle two
+        end = len(self.chunks)
+        found = text.encode() in b"".join(self.chunks[start:end])
+        self.scanned = end
+        return found
 
     def stop(self) -> list[str]:
         self.sock.shutdown(socket.SHUT_RDWR)
