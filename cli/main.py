@@ -200,7 +200,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if quiet:
             env = quiet_env(env)
         since = time.time()
-        sup.start("worker", worker_argv(preflight.child_lanes(env), quiet=quiet), env=env)
+        # SIGKILL if `inferq run` is killed (Celery then kills its pool child): a warm or cold
+        # shutdown waits for the running task, or for a child still warming its engine (10 s
+        # and more), though the supervisor, and the embedded Valkey with it, is gone. The
+        # worker's jobs are recovered as after any kill -9 of a worker (docs/reliability.md).
+        worker = worker_argv(preflight.child_lanes(env), quiet=quiet)
+        sup.start("worker", worker, env=env, death_signal=signal.SIGKILL)
         sup.start("api", api_argv(args.host, args.port, quiet=quiet), env=env)
         base = f"http://{args.host}:{args.port}"
         _wait_ready(base, redis_url, since, sup, lambda: stopping)

@@ -176,18 +176,23 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-#: Runs a command with PR_SET_PDEATHSIG (Linux): the kernel sends it SIGTERM when the
-#: supervisor dies, even by SIGKILL, so no orphan keeps the model or the ports. A wrapper
-#: that execs rather than a `preexec_fn`: that runs in the forked child of a threaded
-#: parent, where taking any lock (an import, malloc) can deadlock.
+#: Runs a command with PR_SET_PDEATHSIG (Linux): the kernel sends it a signal (argv[2]) when
+#: the supervisor (argv[1]) dies, even by SIGKILL, so no orphan keeps the model or the ports.
+#: A wrapper that execs rather than a `preexec_fn`: that runs in the forked child of a
+#: threaded parent, where taking any lock (an import, malloc) can deadlock.
 DIE_WITH_PARENT = [
     sys.executable,
     "-c",
-    "import ctypes, os, signal, sys; "
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # 1: PR_SET_PDEATHSIG
+    "import ctypes, os, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[2])); "  # 1: PR_SET_PDEATHSIG
     "os.getppid() == int(sys.argv[1]) or sys.exit(1); "  # the parent died before prctl
-    "os.execvp(sys.argv[2], sys.argv[2:])",
+    "os.execvp(sys.argv[3], sys.argv[3:])",
 ]
+
+
+def dying_with_this_process(argv: Sequence[str], sig: int = signal.SIGTERM) -> list[str]:
+    """`argv` run through DIE_WITH_PARENT: it gets `sig` when this process dies."""
+    return [*DIE_WITH_PARENT, str(os.getpid()), str(int(sig)), *argv]
 
 
 @dataclass
@@ -196,6 +201,7 @@ class _Spec:
     env: dict[str, str] | None
     cwd: Path | None
     stdout: int | None
+    death_signal: int
 
 
 class Supervisor:
@@ -214,8 +220,11 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stdout: int | None = None,
+        death_signal: int = signal.SIGTERM,
     ) -> subprocess.Popen[bytes]:
-        spec = _Spec(list(argv), dict(env) if env is not None else None, cwd, stdout)
+        """`death_signal`: what the process gets if this supervisor dies without stopping it
+        (with `die_with_parent`)."""
+        spec = _Spec(list(argv), dict(env) if env is not None else None, cwd, stdout, death_signal)
         self._specs[name] = spec
         proc = self._spawn(spec)
         self.procs.append((name, proc))
@@ -223,9 +232,9 @@ class Supervisor:
         return proc
 
     def _spawn(self, spec: _Spec) -> subprocess.Popen[bytes]:
-        wrap = [*DIE_WITH_PARENT, str(os.getpid())] if self.die_with_parent else []
+        argv = dying_with_this_process(spec.argv, spec.death_signal) if self.die_with_parent else spec.argv
         return subprocess.Popen(
-            [*wrap, *spec.argv],
+            argv,
             env=spec.env,
             cwd=spec.cwd,
             start_new_session=True,

@@ -20,6 +20,7 @@ from models.demo import build_demo_model
 from tests.support import ROOT, procs
 from tests.support.stack import cli_env, proc_file, wait_ready, with_db
 from tests.support.wait import eventually
+from workers.engines.echo import STALL_TRIGGER
 
 
 def _procs_with(marker: str) -> list[int]:
@@ -30,6 +31,18 @@ def _procs_with(marker: str) -> list[int]:
         if marker.encode() in proc_file(int(entry.name), "environ"):
             found.append(int(entry.name))
     return found
+
+
+def _described(pids: list[int]) -> list[str]:
+    """Each process with its state and command line, to tell which one outlived the run."""
+    out = []
+    for pid in pids:
+        argv = proc_file(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace")[:160]
+        state = next(
+            (line for line in proc_file(pid, "status").decode().splitlines() if line.startswith("State")), ""
+        )
+        out.append(f"{pid} {state} {argv}")
+    return out
 
 
 def _start_run(home: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -226,7 +239,7 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
         lambda: not _procs_with(f"INFERQ_HOME={home}"),
         timeout=30,
         interval=0.2,
-        message=lambda: f"processes left: {_procs_with(f'INFERQ_HOME={home}')}",
+        message=lambda: f"processes left: {_described(_procs_with(f'INFERQ_HOME={home}'))}",
     )
     # started again on the same home at once: the lock died with the run, and READY waits for
     # this run's own worker, not the ghost's beat
@@ -239,6 +252,32 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_a_killed_run_leaves_no_worker_finishing_its_task(tmp_path: Path) -> None:
+    """kill -9 of `inferq run` while its worker runs a job that never ends (the echo engine's
+    stall prompt, which only the 120 s stall watchdog would end): the worker does not wait for
+    it in a graceful shutdown; every process goes at once."""
+    home = tmp_path / "inferq-home"
+    api_port = free_port()
+    log_path = tmp_path / "run.log"
+    proc = _start_run(home, log_path, "--engine", "echo", "--port", str(api_port), "--no-flower")
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        _wait_banner(proc, log_path)
+        body = {"model": "inferq-demo", "messages": [{"role": "user", "content": STALL_TRIGGER}]}
+        job = httpx.post(f"{base}/v1/jobs", json=body).json()["id"]
+        _wait_status(base, job, ("running",))
+        assert _procs_with(f"INFERQ_HOME={home}")  # the check below can see them
+    finally:
+        proc.kill()
+        proc.wait()
+    eventually(
+        lambda: not _procs_with(f"INFERQ_HOME={home}"),
+        timeout=30,
+        interval=0.2,
+        message=lambda: f"processes left: {_described(_procs_with(f'INFERQ_HOME={home}'))}",
+    )
 
 
 def test_worker_and_api_started_on_their_own_serve_a_job(

@@ -8,7 +8,7 @@ stops it as a group, a Celery worker's pool children with it) and with PR_SET_PD
 (Linux): the kernel sends it SIGTERM when the test process dies, whatever killed it. A
 Celery pool child gets SIGKILL when its worker parent dies (Celery sets that itself), so a
 stack goes down from the top. `Supervisor(die_with_parent=True)` and
-`cli.processes.DIE_WITH_PARENT` are the product's own, as `inferq run` uses them.
+`cli.processes.dying_with_this_process` are the product's own, as `inferq run` uses them.
 tests/integration/test_no_leftovers.py kills a session holding a stack and checks.
 """
 
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cli.processes import DIE_WITH_PARENT, Supervisor
+from cli.processes import Supervisor, dying_with_this_process
 
 
 def supervisor() -> Supervisor:
@@ -35,7 +35,9 @@ Argv = Sequence[str | os.PathLike[str]]
 def dying_with_us(argv: Argv) -> list[str | os.PathLike[str]]:
     """`argv` run through the product's wrapper that sets the parent-death signal, then execs
     it (same pid, same command line afterwards)."""
-    return [*DIE_WITH_PARENT, str(os.getpid()), *argv] if sys.platform == "linux" else list(argv)
+    if sys.platform != "linux":
+        return list(argv)
+    return list(dying_with_this_process([os.fspath(a) for a in argv]))
 
 
 def popen(argv: Argv, **kwargs: Any) -> subprocess.Popen[Any]:
