@@ -36,9 +36,9 @@ What holding must not break:
 - crash recovery: a parent holds messages only while its child is busy, that is running a
   job it took into its processing list; if the whole worker dies, its heartbeat lapses, the
   reaper sends that job again and puts back the ids it had taken, and the task that runs
-  it drains the ready lists, where the held jobs' ids are again (their messages
-  stay unacknowledged on the dead worker until the broker's visibility timeout, and are
-  then skipped as finished);
+  it drains the ready lists, where the held jobs' ids are again (their messages died with
+  the parent: without kombu's ack emulation a fetched message is off the broker, and an
+  idle worker sends a message for ready jobs left with none, `Recovery.unwoken`);
 - the runner's judgement: anything the parent cannot judge (missing record, Redis
   unreachable) goes the normal way to the child. This is a shortcut, never a second source
   of truth.
@@ -119,7 +119,6 @@ class ParentGate:
         wake: Callable[[float], None] = lambda delay: None,
         hold_queued_s: float = HOLD_QUEUED_S,
         waiting: Callable[[str], int] = lambda queue: 0,
-        done: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.handler = handler
@@ -133,20 +132,12 @@ class ParentGate:
         self.hold_queued_s = hold_queued_s
         #: messages waiting in a broker queue (its name: the message's routing key)
         self.waiting = waiting
-        #: called once each message and each tick is dealt with (sends Flower's events)
-        self.done = done
         self.held: deque[_Held] = deque()
         #: messages held since the last read of the held ones' jobs
         self.unread = 0
         self.closed = False
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
-        try:
-            return self._on_message(message, body, ack, reject, callbacks, **kw)
-        finally:
-            self.done()
-
-    def _on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
         job_id = headers.get("id")
         args = (message, body, ack, reject, callbacks)
@@ -174,12 +165,6 @@ class ParentGate:
         too long, feed an idle child."""
         if not self.held or self.closed:
             return
-        try:
-            self._tick()
-        finally:
-            self.done()
-
-    def _tick(self) -> None:
         self.unread = 0
         facts = read_facts(self.store, [h.job_id for h in self.held])
         now = time.monotonic()
@@ -250,14 +235,16 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
         health_check_interval=30,
     )
 
-    outbox = events.Outbox(
-        eventer if eventer is not None and eventer.enabled and task.send_events else None, consumer.timer
-    )
+    send = eventer.send if eventer is not None and eventer.enabled and task.send_events else None
+    if eventer is not None and eventer.enabled:
+        events.send_later(eventer, consumer.timer)
 
     def finished(job_id: str, facts: dict[str, str], ack: Any) -> None:
         ack(logger, consumer.connection_errors)
-        outbox.add("task-received", events.received_fields(task.name, job_id, facts))
-        outbox.add(*events.final_event(job_id, facts))
+        if send is not None:
+            send("task-received", **events.received_fields(task.name, job_id, facts))
+            kind, fields = events.final_event(job_id, facts)
+            send(kind, **fields)
         logger.debug(
             "job %s is already %s; its message was acknowledged in the parent", job_id, facts["status"]
         )
@@ -297,7 +284,6 @@ def skip_finished(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable
         requeue,
         wake=wake,
         waiting=lambda queue: int(client.llen(queue)) if queue else 0,
-        done=outbox.settle,
     )
     global _current
     if _current is not None:  # the consumer restarted (reconnect) or reloaded
