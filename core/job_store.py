@@ -278,6 +278,16 @@ def _move_call(m: Move, now: float, ttl: int) -> tuple[list[str], list[str]]:
     return job_keys, args
 
 
+def _moves_call(moves: Sequence[Move], now: float, ttl: int) -> tuple[list[str], list[str]]:
+    """One call of the transition script for all `moves`: their counts of keys and args, then
+    each move's keys and args in turn (core/lua/transition.lua's header)."""
+    calls = [_move_call(m, now, ttl) for m in moves]
+    head = [str(len(calls))]
+    for call_keys, args in calls:
+        head += [str(len(call_keys)), str(len(args))]
+    return [k for call_keys, _ in calls for k in call_keys], head + [a for _, args in calls for a in args]
+
+
 class JobStore:
     """Blocking store, used by the worker child."""
 
@@ -342,13 +352,15 @@ class JobStore:
         return self.apply([Move(job_id, to, result, error, batch_line, worker, extra)])[0]
 
     def apply(self, moves: list[Move], also: Callable[[Any], None] | None = None) -> list[TransitionResult]:
-        """Each move is atomic (one script call); a batch's moves share one round trip, with
-        whatever `also` adds to its pipeline (an engine call's metrics)."""
+        """Each move is atomic; an engine call's moves are one script call (their metrics
+        summed), in one round trip with whatever `also` adds to its pipeline (the call's own
+        metrics)."""
         if not moves:
             return []
         now = time.time()
-        calls = [_move_call(m, now, self.ttl) for m in moves]
-        replies = scripts.run_pipelined(self.r, self._transition, calls, also)
+        (replies,) = scripts.run_pipelined(
+            self.r, self._transition, [_moves_call(moves, now, self.ttl)], also
+        )
         done = [_parse(reply, m, now) for reply, m in zip(replies, moves, strict=True)]
         for m, d in zip(moves, done, strict=True):
             if d.finished is not None and self.audit_log is not None:
@@ -441,8 +453,9 @@ class AsyncJobStore:
         batch_line: BatchLine | None = None,
     ) -> TransitionResult:
         move, now = Move(job_id, to, error=error, batch_line=batch_line), time.time()
-        job_keys, args = _move_call(move, now, self.ttl)
-        done = _parse(await self._transition(keys=job_keys, args=args), move, now)
+        job_keys, args = _moves_call([move], now, self.ttl)
+        (reply,) = await self._transition(keys=job_keys, args=args)
+        done = _parse(reply, move, now)
         if done.finished is not None and self.audit_log is not None:
             messages = None
             if self.audit_log.content:

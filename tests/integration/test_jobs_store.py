@@ -1,11 +1,12 @@
 """The job record and state machine on a real Valkey/Redis, and the runner with the fake engine."""
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 import redis
 
-from core import keys
+from core import keys, scripts
 from core.job_store import JobStore, Move
 from schemas.jobs import JobError, JobStatus
 from schemas.openai import ChatCompletionRequest
@@ -155,6 +156,47 @@ def test_moves_are_sent_without_script_checks_and_survive_a_script_flush(r: redi
     assert all(d.ok for d in store.apply([Move(j, JobStatus.CANCELLED) for j in ids]))
     assert script_exists_calls() == before
     assert [_statuses(r, j) for j in ids] == [["queued", "running", "cancelled"]] * 3
+
+
+def test_an_engine_calls_moves_are_one_script_call_with_their_metrics_summed(r: redis.Redis) -> None:
+    """Eight jobs' moves each way are one EVALSHA, and the metrics they add land summed: one
+    command per metrics field for the call, not one per job (56 for these moves before)."""
+    store, lane, worker = JobStore(r, ttl=100), "lane-summed", "summed:1"
+    ids = [store.create(_req(), lane, 5) for _ in range(8)]
+    sent: list[str] = []
+    pipeline = r.pipeline
+
+    def spied(*args: Any, **kw: Any) -> Any:
+        pipe: Any = pipeline(*args, **kw)
+        evalsha = pipe.evalsha
+
+        def counted(*a: Any) -> Any:
+            sent.append(str(a[0]))
+            return evalsha(*a)
+
+        pipe.evalsha = counted
+        return pipe
+
+    def calls(command: str) -> int:
+        return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    r.script_load(scripts.transition())  # loaded: no NOSCRIPT, no second send
+    before = calls("hincrby") + calls("hincrbyfloat")
+    r.pipeline = spied  # type: ignore[method-assign]
+    assert all(d.ok for d in store.apply([Move(j, JobStatus.RUNNING, worker=worker) for j in ids]))
+    tokens = {"_prompt_tokens": "5", "_completion_tokens": "3", "_attempt": "1"}
+    assert all(d.ok for d in store.apply([Move(j, JobStatus.SUCCEEDED, extra=tokens) for j in ids]))
+    assert len(sent) == 2  # one script call per apply
+    # other tests' idle workers share this server: a margin for theirs, far below 56
+    assert calls("hincrby") + calls("hincrbyfloat") - before < 24
+    m = cast(dict[str, str], r.hgetall(keys.METRICS))
+    assert int(m[f"depth|{lane}"]) == 0
+    assert int(m[f"finished|{lane}|succeeded"]) == 8
+    assert (int(m[f"prompt_tokens|{lane}"]), int(m[f"generated_tokens|{lane}"])) == (40, 24)
+    for name in ("queue_wait", "run"):
+        assert sum(int(v) for k, v in m.items() if k.startswith(f"h|{name}|{lane}|")) == 8
+        assert float(m[f"s|{name}|{lane}"]) >= 0
+    assert [_statuses(r, j) for j in ids] == [["queued", "running", "succeeded"]] * 8
 
 
 def test_missing_job_is_reported(r: redis.Redis) -> None:
