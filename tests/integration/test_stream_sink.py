@@ -1,6 +1,7 @@
 """The worker child's token sink on a real Valkey, without a worker: one command writes each
 flush's token events, in order, and a reset follows the tokens it voids."""
 
+import threading
 import uuid
 from typing import Any, cast
 
@@ -58,4 +59,44 @@ def test_writer_keeps_order_and_a_reset_follows_the_tokens_it_voids(r: redis.Red
     fields = [dict(f) for _, f in cast(list[Any], r.xrange(keys.job_events(job)))][1:]
     assert "".join(f["text"] for f in fields[:-1]) == "".join(f"{k}," for k in range(50))
     assert fields[-1]["type"] == "reset"
+    sink.stop()
+
+
+def test_flushes_that_queue_behind_a_write_go_as_one(r: redis.Redis) -> None:
+    """Rows that end one by one each flush; while a write is out, the flushes behind it wait
+    and then go together, one script call, their events still in order."""
+    jobs = [f"unit-{uuid.uuid4().hex}" for _ in range(5)]
+    for j in jobs:
+        r.xadd(keys.job_events(j), {"type": "status"})
+        r.expire(keys.job_events(j), 100)
+        r.hset(keys.job(j), "attempts", 1)
+        r.expire(keys.job(j), 100)
+    sink = StreamSink(r, [Target(j, 0) for j in jobs])
+    script, out, release = sink._xadd_tokens, threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow_first(keys: list[str], args: list[Any]) -> Any:
+        calls.append(len(keys) // 2)
+        if len(calls) == 1:
+            out.set()
+            release.wait(10)  # the first write is slow to come back
+        return script(keys=keys, args=args)
+
+    sink._xadd_tokens = slow_first  # type: ignore[assignment]
+    sink.on_delta(0, "first")
+    sink.flush()
+    assert out.wait(10)
+    for i in range(1, 5):  # four rows end while the first write is out
+        sink.on_delta(i, f"row {i}")
+        sink.flush()
+    sink.on_delta(4, " more")
+    sink.flush()
+    release.set()
+    sink.wait_written()
+    assert calls == [1, 5]  # the five flushes behind the first: one call
+
+    def texts(job: str) -> list[str]:
+        return [dict(f)["text"] for _, f in cast(list[Any], r.xrange(keys.job_events(job)))[1:]]
+
+    assert [texts(j) for j in jobs] == [["first"], ["row 1"], ["row 2"], ["row 3"], ["row 4", " more"]]
     sink.stop()
