@@ -1,14 +1,20 @@
--- The metrics hash (core.metrics), summed over one script call: count(field, n) and
--- observe(name, lane, v) add to tables that flush_metrics() writes at the end, one HINCRBY
--- or HINCRBYFLOAT per field. Why: an engine call's moves share their lane and mostly their
+-- The metrics hash (core.metrics), and any other counters, summed over one script call:
+-- count(field, n), count_in(key, field, n) and observe(name, lane, v) add to tables that
+-- flush_metrics() writes at the end, one HINCRBY or HINCRBYFLOAT per key and field. Why: an engine call's moves share their lane and mostly their
 -- buckets, so eight jobs' eleven metric commands each become about eleven for the call (a
 -- command called from Lua costs Valkey microseconds whatever it does). Prepended to the
 -- transition script, after the BUCKETS table core.metrics writes from its HISTOGRAMS.
 -- Histogram fields: h|<name>|<lane>|<bucket index> (count) and s|<name>|<lane> (sum).
-local counts, sums = {}, {}
+local counts, sums = {}, {}  -- counts: per hash key, field -> n; sums: metrics field -> v
+
+local function count_in(key, field, n)
+  local c = counts[key]
+  if not c then c = {}; counts[key] = c end
+  c[field] = (c[field] or 0) + n
+end
 
 local function count(field, n)
-  counts[field] = (counts[field] or 0) + n
+  count_in('{metrics}', field, n)
 end
 
 local function observe(name, lane, v)
@@ -22,8 +28,8 @@ local function observe(name, lane, v)
 end
 
 local function flush_metrics()
-  for field, n in pairs(counts) do
-    if n ~= 0 then redis.call('HINCRBY', '{metrics}', field, n) end
+  for key, c in pairs(counts) do
+    for field, n in pairs(c) do redis.call('HINCRBY', key, field, n) end
   end
   for field, v in pairs(sums) do redis.call('HINCRBYFLOAT', '{metrics}', field, v) end
 end

@@ -37,6 +37,7 @@
 local K, A = nil, nil
 local job, events, to, now, ttl, maxlen, id
 local rec, writes = nil, nil  -- the record's fields read; field, value pairs for the one HSET
+local expired = {}  -- batch output lists given their TTL in this script call
 
 -- Why one read and one write of the record: a command called from Lua costs Valkey a few
 -- microseconds whatever it does, and two moves a job ran ~24 of them each (11 HGETs, 7
@@ -173,17 +174,22 @@ local function append_events(attempts, lane, facts)
   redis.call('EXPIRE', events, ttl)
 end
 
--- A batch line: its output or error line and the batch's counters move with the job.
+-- A batch line: its output or error line and the batch's counters move with the job (the
+-- counters summed over the call with the metrics; a call's lines share their batch, and
+-- their list's EXPIRE is sent once).
 local function write_batch_line(facts)
   if not facts['_line'] or #K < 6 then return end
   local list = K[5]
   if facts['_list'] == 'out' then list = K[4] end
   redis.call('RPUSH', list, facts['_line'])
-  redis.call('EXPIRE', list, facts['_ttl'])
-  redis.call('HINCRBY', K[6], 'done_lines', 1)
-  if facts['_count'] ~= '' then redis.call('HINCRBY', K[6], facts['_count'], 1) end
-  redis.call('HINCRBY', K[6], 'input_tokens', facts['_in'] or 0)
-  redis.call('HINCRBY', K[6], 'output_tokens', facts['_out'] or 0)
+  if not expired[list] then
+    redis.call('EXPIRE', list, facts['_ttl'])
+    expired[list] = true
+  end
+  count_in(K[6], 'done_lines', 1)
+  if facts['_count'] ~= '' then count_in(K[6], facts['_count'], 1) end
+  count_in(K[6], 'input_tokens', tonumber(facts['_in'] or 0))
+  count_in(K[6], 'output_tokens', tonumber(facts['_out'] or 0))
 end
 
 -- One move: check, write, then each part in order. The metrics hash gets no EXPIRE here:
