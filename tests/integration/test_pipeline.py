@@ -197,11 +197,13 @@ def test_flower_shows_job_tasks(stack: Stack) -> None:
     stack.wait_job(job["id"])
 
     def succeeded_in_flower() -> dict | None:
+        """The task's end comes from the child at once, its receipt from the parent's event
+        buffer up to tasks.events.AFTER_S later: Flower has the whole task once both came."""
         task: dict | None = httpx.get(f"{stack.flower_url}/api/tasks", timeout=5).json().get(job["id"])
-        return task if task and task["state"] == "SUCCESS" else None
+        return task if task and task["state"] == "SUCCESS" and task["received"] else None
 
     task = eventually(
-        succeeded_in_flower, timeout=20, interval=0.5, message="the job's task SUCCESS in Flower"
+        succeeded_in_flower, timeout=20, interval=0.25, message="the job's task SUCCESS in Flower"
     )
     assert task["name"] == "inferq.run_job" and job["id"] in task["args"]
     workers = httpx.get(f"{stack.flower_url}/api/workers?refresh=1", timeout=10).json()
