@@ -316,18 +316,6 @@ class JobStore:
             pipe.hgetall(keys.job(job_id))
         return [decode(cast(dict[str, str], raw)) for raw in pipe.execute()]
 
-    def status(self, job_id: str) -> JobStatus | None:
-        """Just the status: cheaper than `get` for the many messages that find their job
-        already run by a batch-mate."""
-        return self.statuses([job_id])[0]
-
-    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
-        """Several statuses in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(keys.job(job_id), "status")
-        return [JobStatus(raw) if raw else None for raw in cast(list[str | None], pipe.execute())]
-
     def fields_of(self, job_ids: list[str], names: Sequence[str]) -> list[dict[str, str]]:
         """Some fields of several records in one round trip (the worker parent's checks of
         job messages: the status and what Flower is told, in one read); a missing record or

@@ -30,12 +30,6 @@ class Recovery:
         self._tidy = client.register_script(scripts.source("tidy"))
         self._reap = client.register_script(scripts.source("reap"))
 
-    def pop_ready(self, queues: Sequence[str], worker: str) -> str | None:
-        """The next ready job id from the first of `queues` (priority order) that has one,
-        kept in `worker`'s processing list (see `pop_window`)."""
-        ids = [job_id for lane in self.pop_window(queues, 1, worker) for job_id, _ in lane]
-        return ids[0] if ids else None
-
     def pop_window(
         self, queues: Sequence[str], count: int, worker: str
     ) -> list[list[tuple[str, dict[str, str]]]]:

@@ -75,6 +75,10 @@ def _record(store: JobStore, job_id: str) -> JobRecord:
     return rec
 
 
+def _status(store: JobStore, job_id: str) -> JobStatus:
+    return _record(store, job_id).job.status
+
+
 def test_closest_fits_prefers_near_lengths_and_counts_rows(r: redis.Redis) -> None:
     store = JobStore(r, ttl=100)
     ids = _enqueue(store, [100, 12, 9, 50, 11])
@@ -171,8 +175,8 @@ def test_apply_runs_many_moves_in_one_call(r: redis.Redis) -> None:
     a, b = (store.create(_req(), LANE, 5) for _ in range(2))
     res = store.apply([Move(a, JobStatus.RUNNING, worker=WORKER), Move(b, JobStatus.SUCCEEDED)])
     assert res[0].ok and not res[1].ok and res[1].previous == "queued"
-    assert store.status(a) is JobStatus.RUNNING and store.status(b) is JobStatus.QUEUED
-    assert store.status("job_missing") is None
+    assert _status(store, a) is JobStatus.RUNNING and _status(store, b) is JobStatus.QUEUED
+    assert store.get("job_missing") is None
     assert store.apply([]) == []
 
 
@@ -202,7 +206,7 @@ def test_drain_ends_its_claims_whatever_it_finds(r: redis.Redis) -> None:
     store.transition(stale[0], JobStatus.CANCELLED)
     outcomes = drain(first, store, EchoEngine("echo"), opts, budget_s=5)
     assert [o.status for o in outcomes] == [JobStatus.SUCCEEDED] * 4
-    assert all(store.status(j) is JobStatus.SUCCEEDED for j in [first, *mates, seeded])
+    assert all(_status(store, j) is JobStatus.SUCCEEDED for j in [first, *mates, seeded])
     assert _ready(r) == []
     _assert_no_claim(r, opts.worker_id)
 

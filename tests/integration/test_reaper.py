@@ -23,6 +23,12 @@ def _req() -> ChatCompletionRequest:
     )
 
 
+def _pop_one(store: JobStore, worker: str) -> str | None:
+    """The next ready "inferq.jobs" id, taken into `worker`'s processing list."""
+    ids = [job_id for lane in store.recovery.pop_window(["inferq.jobs"], 1, worker) for job_id, _ in lane]
+    return ids[0] if ids else None
+
+
 def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = with_db(redis_url, 12)  # apart from the test stacks' workers, whose reapers would race ours
     r = redis.Redis.from_url(url, decode_responses=True)
@@ -33,9 +39,9 @@ def test_reaper_survives_a_job_it_cannot_send(redis_url: str, monkeypatch: pytes
     for job_id in (bad, good):  # running on a worker that never beat: it is dead
         assert store.transition(job_id, JobStatus.RUNNING, worker="dead-host:7").ok
     queued = store.create(_req(), "inferq.jobs", 3)
-    assert store.recovery.pop_ready(["inferq.jobs"], "dead-host:7") is None  # the lane's list is empty...
+    assert _pop_one(store, "dead-host:7") is None  # the lane's list is empty...
     r.rpush(keys.ready("inferq.jobs"), queued)
-    assert store.recovery.pop_ready(["inferq.jobs"], "dead-host:7") == queued  # ...now it took one
+    assert _pop_one(store, "dead-host:7") == queued  # ...now it took one
     sent: list[tuple[str, str]] = []
 
     def resend(job_id: str, queue: str, model: str) -> None:
@@ -89,7 +95,7 @@ def test_a_live_worker_settles_jobs_its_ended_task_left_running(redis_url: str) 
     assert store.transition(left, JobStatus.RUNNING, worker=worker).ok
     waiting = store.create(_req(), "inferq.jobs", 3)
     r.rpush(keys.ready("inferq.jobs"), waiting)
-    assert store.recovery.pop_ready(["inferq.jobs"], worker) == waiting
+    assert _pop_one(store, worker) == waiting
     assert store.recovery.reap() == 0  # alive: not the reaper's
     refused = store.transition(left, JobStatus.RUNNING, worker="other:9")
     assert refused.alive  # a redelivery would be skipped...
