@@ -208,16 +208,20 @@ def test_an_end_while_the_api_is_down_is_delivered_after_its_restart(
 ) -> None:
     endpoint = _create(extras_stack, endpoints, receiver.url, ["job.cancelled"])
     receiver.secrets = [endpoint["secret"]]
-    job = extras_stack.submit("a long one", max_tokens=600, temperature=0.9)
+    # long enough to outlast the API's graceful stop (the model never emits EOS: conftest)
+    job = extras_stack.submit("a long one", max_tokens=1900, temperature=0.9)
     extras_stack.wait_running(job)
     r = redis.Redis.from_url(extras_stack.redis_url, decode_responses=True)
     try:
         extras_stack.sup.stop("api")
         try:
+            assert r.hget(keys.job(job), "status") == "running", "the job ended before the API did"
             # with the API down, the job ends: its worker sees the cancel flag the API would set
             r.set(keys.cancel(job), "1", ex=3600)
             eventually(
-                lambda: r.hget(keys.job(job), "status") == "cancelled", timeout=60, message="cancelled"
+                lambda: r.hget(keys.job(job), "status") == "cancelled",
+                timeout=60,
+                message=lambda: f"cancelled: {r.hmget(keys.job(job), ['status', 'worker', 'error'])}",
             )
             assert not receiver.about(job), "delivered although no API runs"
         finally:
