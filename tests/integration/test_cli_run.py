@@ -79,6 +79,22 @@ def _wait_status(base: str, job: str, wanted: tuple[str, ...], timeout: float = 
     return eventually(reached, timeout=timeout, message=lambda: f"job {job} is {_status(base, job)}")
 
 
+def _kill_9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL: `inferq run` gets no chance to clean up after itself."""
+    proc.kill()
+    proc.wait()
+
+
+def _wait_all_gone(home: Path) -> None:
+    """Until no process started for `home` (its environment names it) is left."""
+    eventually(
+        lambda: not _procs_with(f"INFERQ_HOME={home}"),
+        timeout=30,
+        interval=0.2,
+        message=lambda: f"processes left: {_described(_procs_with(f'INFERQ_HOME={home}'))}",
+    )
+
+
 def test_run_command_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     """Also the console a newcomer reads: the READY banner comes last, no start-up noise
     (ms-swift's trust_remote_code notices, Flower's failed inspects, Celery's banner), and
@@ -233,14 +249,8 @@ def test_run_heals_a_killed_worker_and_dies_with_no_orphans(tmp_path: Path) -> N
         ghost = {"worker_id": "ghost", "pid": 1, "started_at": time.time() - 100, "at": time.time()}
         redis.Redis.from_url(url).set("inferq:worker:ghost", json.dumps(ghost), px=120_000)
     finally:
-        proc.kill()  # SIGKILL: no clean-up of its own
-        proc.wait()
-    eventually(
-        lambda: not _procs_with(f"INFERQ_HOME={home}"),
-        timeout=30,
-        interval=0.2,
-        message=lambda: f"processes left: {_described(_procs_with(f'INFERQ_HOME={home}'))}",
-    )
+        _kill_9(proc)
+    _wait_all_gone(home)
     # started again on the same home at once: the lock died with the run, and READY waits for
     # this run's own worker, not the ghost's beat
     again = tmp_path / "again.log"
@@ -270,14 +280,8 @@ def test_a_killed_run_leaves_no_worker_finishing_its_task(tmp_path: Path) -> Non
         _wait_status(base, job, ("running",))
         assert _procs_with(f"INFERQ_HOME={home}")  # the check below can see them
     finally:
-        proc.kill()
-        proc.wait()
-    eventually(
-        lambda: not _procs_with(f"INFERQ_HOME={home}"),
-        timeout=30,
-        interval=0.2,
-        message=lambda: f"processes left: {_described(_procs_with(f'INFERQ_HOME={home}'))}",
-    )
+        _kill_9(proc)
+    _wait_all_gone(home)
 
 
 def test_worker_and_api_started_on_their_own_serve_a_job(
